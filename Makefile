@@ -1,0 +1,45 @@
+# uap_lightning: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-slow test-all bench bench-smoke tensorboard clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the package (editable) with its dev and bench extras
+
+run: $(STAMP) ## Run the default experiment (digits, cnn, deepfool_uap); extra overrides: make run ARGS="attack.eps=64"
+	$(BIN)/python -m uap_lightning.run $(ARGS)
+
+test: $(STAMP) ## Run the test suite (offline, CPU; slow tests deselected)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## Run only the slow tests (use the CIFAR-10 copy when UAP_DATA_DIR points at it)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## Run every test, slow ones included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) ## Benchmark ART, the naive reference and the project's engines side by side
+	$(BIN)/python -m uap_lightning.bench $(ARGS)
+
+bench-smoke: $(STAMP) ## The benchmark on digits, in under a minute
+	$(BIN)/python -m uap_lightning.bench bench=smoke $(ARGS)
+
+tensorboard: $(STAMP) ## Serve TensorBoard over outputs/ and multirun/
+	$(BIN)/tensorboard --logdir . --bind_all
+
+clean: ## Remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun .cache .pytest_cache .hypothesis

@@ -1,0 +1,195 @@
+"""Images in class folders: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val/``).
+
+Every file is decoded once to RGB, its shorter side resized to ``data.resize`` (when set)
+and the center ``data.image_size`` square cropped; the uint8 result is cached on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import cache
+from .base import Splits, UAPDataModule, config_value
+from .decode import decode_images
+from .errors import DataNotFoundError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CACHE_FORMAT = 1  # bump when the decoding changes, so older cache files are not reused
+LAYOUT = "root/train/<class>/*.jpg and root/test/<class>/*.jpg (or root/val/<class>/)"
+
+FileEntry = Tuple[str, int, int]  # path relative to root, size in bytes, mtime in ns
+
+
+def _shown(names: Sequence[str], limit: int = 100) -> str:
+    listed = ", ".join(names[:limit])
+    return listed if len(names) <= limit else f"{listed}, ... ({len(names)} in all)"
+
+
+def _class_folders(split_dir: Path) -> List[str]:
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_names(class_dir: Path) -> List[str]:
+    with os.scandir(class_dir) as entries:
+        return sorted(
+            e.name
+            for e in entries
+            if e.is_file()
+            and not e.name.startswith(".")
+            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+        )
+
+
+class ImageFolderDataModule(UAPDataModule):
+    """Any class-folder dataset as uint8 3×S×S tensors (S = ``data.image_size``).
+
+    ``data.class_subset`` keeps only the named class folders (labels follow their sorted
+    order); ``data.images_per_class`` keeps the first files, in sorted order, of each class
+    and split. ``folder_class_indices[label]`` is that class's position among all class
+    folders of ``train/`` (for ImageNet's synset folders: the usual 1000-class index).
+    Decoded splits are cached in ``cache_dir/datasets/`` when ``cache_dir`` is given.
+    """
+
+    def __init__(self, cfg: Any, *, augment: bool = False, cache_dir: Optional[str] = None):
+        super().__init__(cfg, augment=augment)
+        self.cache_dir = cache_dir
+        image_size = config_value(cfg, "image_size")
+        if image_size is None or int(image_size) <= 0:
+            raise ValueError(f"data.image_size must be a positive pixel count, got {image_size}")
+        self.image_size = int(image_size)
+        resize = config_value(cfg, "resize")
+        self.resize: Optional[int] = None if resize is None else int(resize)
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(
+                f"data.resize={self.resize} is smaller than data.image_size={self.image_size}"
+            )
+        subset = config_value(cfg, "class_subset")
+        self.class_subset = None if subset is None else [str(name) for name in subset]
+        if self.class_subset is not None and not self.class_subset:
+            raise ValueError("data.class_subset is empty; use null to keep every class")
+        per_class = config_value(cfg, "images_per_class")
+        self.images_per_class: Optional[int] = None if per_class is None else int(per_class)
+        if self.images_per_class is not None and self.images_per_class <= 0:
+            raise ValueError(
+                f"data.images_per_class must be positive or null, got {self.images_per_class}"
+            )
+        self.folder_class_indices: Optional[List[int]] = None
+
+    # -- listing ------------------------------------------------------------------------
+
+    def _root(self) -> Path:
+        root = config_value(self.cfg, "root")
+        if root is None:
+            raise ValueError(f"data.root is not set: point it at a folder laid out as {LAYOUT}")
+        path = Path(os.path.expanduser(str(root))).absolute()
+        if not path.is_dir():
+            raise DataNotFoundError(f"data.root {path} does not exist; expected {LAYOUT}")
+        return path
+
+    @staticmethod
+    def _split_dirs(root: Path) -> Tuple[Path, Path]:
+        train_dir = root / "train"
+        if not train_dir.is_dir():
+            raise DataNotFoundError(f"data.root {root} has no train/ folder; expected {LAYOUT}")
+        for name in ("test", "val"):
+            if (root / name).is_dir():
+                return train_dir, root / name
+        raise DataNotFoundError(
+            f"data.root {root} has neither a test/ nor a val/ folder; expected {LAYOUT}"
+        )
+
+    def _classes(self, train_dir: Path, test_dir: Path) -> List[str]:
+        """The kept class folder names, sorted; sets ``folder_class_indices``."""
+        available = _class_folders(train_dir)
+        if not available:
+            raise DataNotFoundError(f"{train_dir} has no class folders; expected {LAYOUT}")
+        in_test = _class_folders(test_dir)
+        if in_test != available:
+            only_train = sorted(set(available) - set(in_test))
+            only_test = sorted(set(in_test) - set(available))
+            raise ValueError(
+                f"class folders of {train_dir} and {test_dir} differ: only in "
+                f"{train_dir.name}/: [{_shown(only_train)}]; only in {test_dir.name}/: "
+                f"[{_shown(only_test)}]"
+            )
+        kept = available
+        if self.class_subset is not None:
+            unknown = sorted(set(self.class_subset) - set(available))
+            if unknown:
+                raise ValueError(
+                    f"data.class_subset names classes not found in {train_dir}: "
+                    f"[{_shown(unknown)}]; available classes: [{_shown(available)}]"
+                )
+            kept = sorted(set(self.class_subset))
+        position = {name: i for i, name in enumerate(available)}
+        self.folder_class_indices = [position[name] for name in kept]
+        return kept
+
+    def _list_split(self, root: Path, split_dir: Path, classes: List[str]) -> List[FileEntry]:
+        """(relative path, size, mtime) of the kept files, class by class."""
+        files: List[FileEntry] = []
+        for name in classes:
+            class_dir = split_dir / name
+            names = _image_names(class_dir)
+            if not names:
+                raise DataNotFoundError(
+                    f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            for file_name in names[: self.images_per_class]:
+                path = class_dir / file_name
+                stat = path.stat()
+                files.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
+        return files
+
+    # -- loading ------------------------------------------------------------------------
+
+    def load_splits(self) -> Splits:
+        root = self._root()
+        train_dir, test_dir = self._split_dirs(root)
+        classes = self._classes(train_dir, test_dir)
+        listing = {
+            "train": self._list_split(root, train_dir, classes),
+            "test": self._list_split(root, test_dir, classes),
+        }
+        self.check_sizes(len(listing["train"]), len(listing["test"]))
+        cache_path = None
+        if self.cache_dir is not None:
+            key = {
+                "format": CACHE_FORMAT,
+                "root": str(root),
+                "files": listing,
+                "image_size": self.image_size,
+                "resize": self.resize,
+            }
+            cache_path = cache.cache_file(self.cache_dir, key)
+            cached = cache.load(cache_path)
+            if cached is not None:
+                log.info("loaded decoded images of %s from %s", root, cache_path)
+                return Splits(**cached)
+        label_of = {name: label for label, name in enumerate(classes)}
+        tensors: Dict[str, Any] = {"class_names": classes}
+        start = time.perf_counter()
+        for split, files in listing.items():
+            paths = [str(root / rel) for rel, _, _ in files]
+            tensors[f"{split}_images"] = decode_images(paths, self.image_size, self.resize)
+            tensors[f"{split}_labels"] = torch.tensor(
+                [label_of[Path(rel).parent.name] for rel, _, _ in files], dtype=torch.int64
+            )
+        log.info(
+            "decoded %d images of %s in %.1f s",
+            sum(len(f) for f in listing.values()),
+            root,
+            time.perf_counter() - start,
+        )
+        if cache_path is not None:
+            cache.save(tensors, cache_path)
+        return Splits(**tensors)

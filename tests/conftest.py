@@ -1,0 +1,40 @@
+"""Shared fixtures: configs composed with Hydra into a temporary directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+import uap_lightning
+from uap_lightning.config import register_configs
+
+CONF_DIR = Path(uap_lightning.__file__).parent / "conf"
+
+# Quiet, small settings every composed test config gets.
+QUIET = ("logger.progress_bar=false", "trainer.enable_progress_bar=false")
+
+
+def compose_config(overrides: Sequence[str], root: Path) -> DictConfig:
+    """The run config for ``overrides``, with every path inside ``root``."""
+    register_configs()
+    paths = (
+        f"paths.root_dir={root}",
+        f"paths.data_dir={root / 'data'}",
+        f"paths.cache_dir={root / 'cache'}",
+        f"paths.output_dir={root / 'run'}",
+    )
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*paths, *QUIET, *overrides])
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg("attack.eps=64", ...)`` composes a config rooted in this test's tmp_path."""
+    return lambda *overrides: compose_config(overrides, tmp_path)

@@ -1,0 +1,100 @@
+"""Every preset composes and validates; typos and wrong types fail at composition."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF_DIR
+from uap_lightning.run import ConfigError, resolve_threat, validate
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("data", group_options("data"))
+def test_every_data_preset_composes(make_cfg, data):
+    cfg = make_cfg(f"data={data}")
+    assert cfg.data.image_size > 0 and cfg.data.in_channels in (1, 3)
+    assert len(cfg.data.mean) == len(cfg.data.std) == cfg.data.in_channels
+    # every preset has a default ε for the required norms
+    assert {"inf", "2"} <= set(cfg.data.default_eps)
+    validate(cfg)
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_model_preset_composes(make_cfg, model):
+    cfg = make_cfg(f"model={model}")
+    assert cfg.model.name == model
+
+
+@pytest.mark.parametrize("attack", group_options("attack"))
+@pytest.mark.parametrize("p", ["inf", "2", "1"])
+def test_every_attack_preset_validates(make_cfg, attack, p):
+    cfg = make_cfg(f"attack={attack}", f"attack.p={p}")
+    assert cfg.attack.method == attack
+    validate(cfg)
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_composes(make_cfg, experiment):
+    cfg = make_cfg(f"experiment={experiment}")
+    validate(cfg)
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger"])
+def test_other_groups_compose(make_cfg, group):
+    for option in group_options(group):
+        make_cfg(f"{group}={option}")
+
+
+def test_default_eps_comes_from_the_data_preset(make_cfg):
+    assert resolve_threat(make_cfg("data=cifar10", "attack.p=inf")).eps == 8
+    assert resolve_threat(make_cfg("data=imagenet", "attack.p=2")).eps == 2000
+    assert resolve_threat(make_cfg("data=imagenet", "attack.p=inf")).eps == 10
+    assert resolve_threat(make_cfg("data=digits", "attack.p=inf")).eps > 8
+    assert resolve_threat(make_cfg("attack.eps=10", "attack.p=inf")).eps == 10
+
+
+def test_unknown_key_names_the_key(make_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg("data.imgae_size=3")
+    assert "Key 'imgae_size' not in 'DataConfig'" in str(err.value.__cause__)
+
+
+def test_wrong_type_names_the_key(make_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg("attack.max_passes=many")
+    assert "max_passes" in str(err.value) + str(err.value.__cause__)
+
+
+def test_unknown_group_option_lists_the_choices(make_cfg):
+    with pytest.raises(MissingConfigException) as err:
+        make_cfg("data=imagenette")
+    assert "digits" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("attack.p=3", "attack.p"),
+        ("attack.eps=-1", "eps"),
+        ("attack.delta=1.5", "attack.delta"),
+        ("attack.max_passes=0", "attack.max_passes"),
+        ("attack.method=pgd", "pgd"),
+        ("attack.target_class=10", "attack.target_class"),
+        ("model.checkpoint=/nonexistent/weights.pt", "model.checkpoint"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(make_cfg, override, fragment):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(override))
+    assert fragment in str(err.value)
+
+
+def test_schema_rejects_assignment_of_wrong_type(make_cfg):
+    cfg = make_cfg()
+    with pytest.raises((ValidationError, ConfigKeyError)):
+        cfg.attack.max_passes = "many"

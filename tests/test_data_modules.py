@@ -8,7 +8,6 @@ from omegaconf import OmegaConf
 
 from uap_lightning.config import DataConfig
 from uap_lightning.data import DigitsDataModule, build_datamodule
-from uap_lightning.data.augment import random_crop_flip
 from uap_lightning.data.sampling import balanced_indices
 
 
@@ -136,22 +135,8 @@ def test_balanced_indices_fills_from_the_larger_classes():
         balanced_indices(labels, 18, seed=0)
 
 
-def test_random_crop_flip_shifts_and_mirrors_each_image():
-    torch.manual_seed(0)
-    images = torch.rand(64, 3, 6, 6)
-    mirrored = random_crop_flip(images, padding=0)
-    same = (mirrored == images).flatten(1).all(1)
-    flipped = (mirrored == images.flip(-1)).flatten(1).all(1)
-    assert (same | flipped).all() and same.any() and flipped.any()
-
-    shifted = random_crop_flip(torch.ones(64, 1, 8, 8), padding=4)
-    assert shifted.shape == (64, 1, 8, 8)
-    assert set(shifted.unique().tolist()) == {0.0, 1.0}
-    assert (shifted.flatten(1).sum(1) >= 16).all()  # at least a 4×4 corner of the image
-
-
-def test_augmented_training_batches_keep_shape_and_range():
-    dm = build_datamodule(digits_cfg(batch_size=32), augment=True)
+def test_training_batches_keep_shape_and_range():
+    dm = build_datamodule(digits_cfg(batch_size=32))
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (32, 1, 8, 8) and labels.shape == (32,)
     assert 0.0 <= images.min() and images.max() <= 1.0

@@ -25,20 +25,18 @@ IN_MEMORY_DATASETS: Dict[str, Type[UAPDataModule]] = {
 DATASET_NAMES = tuple(IN_MEMORY_DATASETS) + ("imagefolder",)
 
 
-def build_datamodule(
-    cfg: Any, *, cache_dir: Optional[str] = None, augment: bool = False
-) -> UAPDataModule:
+def build_datamodule(cfg: Any, *, cache_dir: Optional[str] = None) -> UAPDataModule:
     """The datamodule named by ``cfg.name`` (a DataConfig or its DictConfig).
 
-    ``cache_dir`` holds decoded imagefolder datasets; ``augment`` turns on random crop and
-    flip for training batches.
+    ``cache_dir`` holds decoded imagefolder datasets. Training augmentation belongs to the
+    victim (``model.augment``), which applies it on the device.
     """
     name = config_value(cfg, "name")
     if name == "imagefolder":
-        return ImageFolderDataModule(cfg, augment=augment, cache_dir=cache_dir)
+        return ImageFolderDataModule(cfg, cache_dir=cache_dir)
     if name not in IN_MEMORY_DATASETS:
         raise ValueError(f"unknown data.name={name!r}; known: {', '.join(DATASET_NAMES)}")
-    return IN_MEMORY_DATASETS[name](cfg, augment=augment)
+    return IN_MEMORY_DATASETS[name](cfg)
 
 
 __all__ = [

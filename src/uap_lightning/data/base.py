@@ -50,13 +50,11 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
 
     ``val_fraction`` of the training split is held out for validation (seeded by
     ``split_seed``); the rest is the fit set used for training and for the attack set.
-    ``augment`` turns on random crop (4-pixel padding) and horizontal flip for training.
     """
 
-    def __init__(self, cfg: Any, *, augment: bool = False) -> None:
+    def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.cfg = cfg
-        self.augment = augment
         self.attack_images = int(config_value(cfg, "attack_images", 500))
         eval_images = config_value(cfg, "eval_images")
         self.eval_images: Optional[int] = None if eval_images is None else int(eval_images)
@@ -192,9 +190,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of the fit set: (float B×C×H×W in [0,1], int64 B)."""
         splits = self.splits
-        dataset = TensorImageDataset(
-            splits.train_images, splits.train_labels, self._fit_index, augment=self.augment
-        )
+        dataset = TensorImageDataset(splits.train_images, splits.train_labels, self._fit_index)
         return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

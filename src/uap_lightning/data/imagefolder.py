@@ -59,8 +59,8 @@ class ImageFolderDataModule(UAPDataModule):
     Decoded splits are cached in ``cache_dir/datasets/`` when ``cache_dir`` is given.
     """
 
-    def __init__(self, cfg: Any, *, augment: bool = False, cache_dir: Optional[str] = None):
-        super().__init__(cfg, augment=augment)
+    def __init__(self, cfg: Any, *, cache_dir: Optional[str] = None):
+        super().__init__(cfg)
         self.cache_dir = cache_dir
         image_size = config_value(cfg, "image_size")
         if image_size is None or int(image_size) <= 0:

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .augment import random_crop_flip
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -31,12 +30,10 @@ class TensorImageDataset(Dataset):
         images: Tensor,
         labels: Tensor,
         indices: Optional[Tensor] = None,
-        augment: bool = False,
     ) -> None:
         self.images = images
         self.labels = labels
         self.indices = torch.arange(len(labels)) if indices is None else indices
-        self.augment = augment
 
     def __len__(self) -> int:
         return self.indices.numel()
@@ -47,10 +44,7 @@ class TensorImageDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Tuple[Tensor, Tensor]:
         rows = self.indices[torch.as_tensor(indices, dtype=torch.int64)]
-        images = to_float(self.images[rows])
-        if self.augment:
-            images = random_crop_flip(images)
-        return images, self.labels[rows]
+        return to_float(self.images[rows]), self.labels[rows]
 
 
 def keep_batch(batch: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:

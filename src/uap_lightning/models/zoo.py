@@ -1,0 +1,57 @@
+"""Model zoo: build a backbone (normalised N×C×H×W → logits) from a ``ModelConfig``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+from torch import nn
+
+from .cifar_resnet import resnet18_cifar, resnet_cifar
+from .small import LeNet, SmallCNN
+from .torchvision_zoo import IMAGENET_CLASSES, mobilenet_v2_small, torchvision_classifier
+from .vgg import VGG
+
+# (cfg, num_classes k, in_channels c, image_size s) -> backbone
+_Builder = Callable[[Any, int, int, int], nn.Module]
+
+_BUILDERS: Dict[str, _Builder] = {
+    "cnn": lambda cfg, k, c, s: SmallCNN(c, k, width=int(cfg.width)),
+    "lenet": lambda cfg, k, c, s: LeNet(c, k, s, width=int(cfg.width)),
+    "resnet20": lambda cfg, k, c, s: resnet_cifar(20, c, k),
+    "resnet56": lambda cfg, k, c, s: resnet_cifar(56, c, k),
+    "resnet18": lambda cfg, k, c, s: resnet18_cifar(c, k),
+    "vgg11": lambda cfg, k, c, s: VGG(11, c, k, s),
+    "vgg16": lambda cfg, k, c, s: VGG(16, c, k, s),
+    "mobilenet_v2": lambda cfg, k, c, s: mobilenet_v2_small(c, k, s),
+    "torchvision": lambda cfg, k, c, s: torchvision_classifier(
+        _require_arch(cfg), num_classes=k, in_channels=c, pretrained=bool(cfg.pretrained)
+    ),
+}
+
+MODEL_NAMES = tuple(_BUILDERS)
+
+
+def _require_arch(cfg: Any) -> str:
+    if not getattr(cfg, "arch", None):
+        raise ValueError("model=torchvision needs model.arch, e.g. model.arch=resnet50")
+    return str(cfg.arch)
+
+
+def output_classes(cfg: Any, num_classes: int) -> int:
+    """Number of logits the backbone of ``cfg`` gives: 1000 for a pretrained torchvision
+    model (its ImageNet head is kept), else ``num_classes``."""
+    if cfg.name == "torchvision" and bool(cfg.pretrained):
+        return IMAGENET_CLASSES
+    return num_classes
+
+
+def build_backbone(cfg: Any, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """Backbone named ``cfg.name`` for in_channels×image_size×image_size inputs.
+
+    Maps normalised N×C×H×W to N×``output_classes(cfg, num_classes)`` logits.
+    ``cfg`` is a ``ModelConfig`` or a DictConfig with its fields.
+    """
+    name = cfg.name
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model.name={name!r}; known: {', '.join(MODEL_NAMES)}")
+    return _BUILDERS[name](cfg, num_classes, in_channels, image_size)

@@ -1,0 +1,134 @@
+"""The public Python API: compute a universal perturbation, measure its fooling rate.
+
+Images are float tensors in [0,1], N×C×H×W (or a DataLoader yielding such batches, alone
+or as the first item of a tuple); ``eps`` is in 0–255 pixel units for every p; the
+perturbation is C×H×W in [0,1] scale.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from uap_lightning import metrics
+from uap_lightning.attacks.driver import UAPResult, run_passes
+from uap_lightning.attacks.engines import build_engine, engine_options
+from uap_lightning.attacks.model_state import frozen_eval, model_device
+from uap_lightning.attacks.threat import ThreatModel
+
+Images = Union[Tensor, Iterable]
+RANGE_TOLERANCE = 1e-4
+
+
+def compute_uap(
+    model: nn.Module,
+    images: Images,
+    *,
+    eps: float,
+    p: Union[str, float] = "inf",
+    delta: float = 0.2,
+    max_passes: int = 10,
+    method: str = "deepfool_uap",
+    seed: int = 0,
+    clip: bool = True,
+    target_class: Optional[int] = None,
+    eval_batch_size: int = 512,
+    **options,
+) -> UAPResult:
+    """A universal perturbation of ``model`` (images in [0,1] → logits) on the attack set ``images``.
+
+    Stops when the fooling rate on ``images`` (targeted: the targeted success rate) reaches
+    1 − ``delta`` or after ``max_passes`` passes. ``method`` is deepfool_uap,
+    deepfool_uap_batched or sgd_uap; ``options`` go to the engine (e.g. overshoot,
+    batch_size, step_size). Runs on the model's device (images stay where they are and move
+    batch by batch); the model's mode and parameter flags are restored afterwards; the
+    result depends only on the inputs and ``seed``.
+    """
+    threat = ThreatModel.parse(eps, p)
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), e.g. delta=0.2 to stop at 80% fooling rate; got {delta!r}")
+    if isinstance(max_passes, bool) or not isinstance(max_passes, numbers.Integral) or max_passes < 1:
+        raise ValueError(f"max_passes must be an integer >= 1; got {max_passes!r}")
+    if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, numbers.Integral) or eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size must be an integer >= 1; got {eval_batch_size!r}")
+    if "max_passes" in engine_options(method) and "max_passes" not in options:
+        options["max_passes"] = max_passes
+    engine = build_engine(method, threat, clip=clip, target_class=target_class, **options)
+    x = as_images(images)
+    generator = torch.Generator().manual_seed(int(seed))
+    with frozen_eval(model):
+        if target_class is not None:
+            _check_target(model, x, target_class)
+        clean = metrics.predict(model, x, batch_size=eval_batch_size, clip=clip)
+        return run_passes(
+            model,
+            engine,
+            x,
+            clean,
+            delta=float(delta),
+            max_passes=int(max_passes),
+            generator=generator,
+            eval_batch_size=int(eval_batch_size),
+            clip=clip,
+            target_class=target_class,
+        )
+
+
+def fooling_rate(
+    model: nn.Module, images: Images, perturbation: Tensor, *, clip: bool = True, batch_size: int = 512
+) -> float:
+    """Share of ``images`` whose predicted label changes when ``perturbation`` (C×H×W) is added."""
+    x = as_images(images)
+    if tuple(perturbation.shape) != tuple(x.shape[1:]):
+        raise ValueError(
+            f"perturbation has shape {tuple(perturbation.shape)}; "
+            f"expected C×H×W = {tuple(x.shape[1:])} like the images"
+        )
+    with frozen_eval(model):
+        clean = metrics.predict(model, x, batch_size=batch_size, clip=clip)
+        perturbed = metrics.predict(model, x, perturbation, batch_size=batch_size, clip=clip)
+    return metrics.fooling_rate(clean, perturbed)
+
+
+def as_images(images: Images) -> Tensor:
+    """An N×C×H×W float tensor in [0,1] from a tensor or an iterable of batches; ValueError otherwise."""
+    if not isinstance(images, Tensor):
+        if not isinstance(images, Iterable):
+            raise TypeError(f"images must be an N×C×H×W tensor or a DataLoader; got {type(images).__name__}")
+        batches = [_images_of(batch) for batch in images]
+        if not batches:
+            raise ValueError("images: the DataLoader yielded no batches")
+        images = torch.cat(batches)
+    if images.dim() != 4:
+        raise ValueError(f"images must be N×C×H×W (4 dims); got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty: give at least one image")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floats in [0,1]; got dtype {images.dtype} (divide uint8 images by 255)")
+    low, high = float(images.min()), float(images.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise ValueError(
+            f"images must lie in [0,1] (normalisation belongs inside the model); got values in [{low:.4g}, {high:.4g}]"
+        )
+    return images.detach()
+
+
+def _images_of(batch) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(f"DataLoader batches must be image tensors or (images, labels); got {type(batch).__name__}")
+
+
+def _check_target(model: nn.Module, images: Tensor, target_class: int) -> None:
+    with torch.no_grad():
+        classes = model(images[:1].to(model_device(model))).shape[1]
+    valid = isinstance(target_class, numbers.Integral) and not isinstance(target_class, bool)
+    if not valid or not 0 <= target_class < classes:
+        raise ValueError(f"target_class must be an integer in [0, {classes - 1}]; got {target_class!r}")

@@ -1,0 +1,36 @@
+"""Universal adversarial perturbation engines, pure torch (no Lightning, no Hydra)."""
+
+from uap_lightning.attacks.base import PassStats, UniversalAttack
+from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
+from uap_lightning.attacks.deepfool_uap import BatchedDeepFoolUAP, DeepFoolUAP
+from uap_lightning.attacks.driver import UAPResult, attack_set_rate, run_passes
+from uap_lightning.attacks.engines import ENGINES, build_engine, engine_options
+from uap_lightning.attacks.model_state import frozen_eval, model_device
+from uap_lightning.attacks.projections import dual_norm, dual_step, lp_norm, project_lp
+from uap_lightning.attacks.sgd_uap import SGDUAP
+from uap_lightning.attacks.threat import ThreatModel, parse_p
+
+__all__ = [
+    "BatchedDeepFoolUAP",
+    "DeepFoolResult",
+    "DeepFoolUAP",
+    "ENGINES",
+    "PassStats",
+    "SGDUAP",
+    "ThreatModel",
+    "UAPResult",
+    "UniversalAttack",
+    "attack_set_rate",
+    "build_engine",
+    "deepfool_batched",
+    "deepfool_single",
+    "dual_norm",
+    "dual_step",
+    "engine_options",
+    "frozen_eval",
+    "lp_norm",
+    "model_device",
+    "parse_p",
+    "project_lp",
+    "run_passes",
+]

@@ -1,0 +1,84 @@
+"""ℓp norms, projections onto ℓp balls, and the dual-norm step DeepFool takes.
+
+``p`` is 1.0, 2.0 or ``math.inf`` throughout; radii are in the tensor's own scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_DUAL = {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}
+
+
+def dual_exponent(p: float) -> float:
+    """q with 1/p + 1/q = 1."""
+    try:
+        return _DUAL[float(p)]
+    except KeyError:
+        raise ValueError(f"p must be one of 1, 2, inf; got {p!r}") from None
+
+
+def lp_norm(x: Tensor, p: float) -> Tensor:
+    """Per-sample ℓp norm of an N×... tensor over all dims but the first: shape (N,)."""
+    return torch.linalg.vector_norm(x.flatten(1), ord=p, dim=1)
+
+
+def dual_norm(w: Tensor, p: float) -> Tensor:
+    """Per-sample ℓq norm (q dual to ``p``) of an N×... tensor: shape (N,)."""
+    return lp_norm(w, dual_exponent(p))
+
+
+def project_lp(v: Tensor, radius: float, p: float) -> Tensor:
+    """Euclidean projection of ``v`` (any shape, one vector) onto {‖u‖_p ≤ radius}."""
+    p = float(p)
+    if p == math.inf:
+        return v.clamp(-radius, radius)
+    if p == 2.0:
+        norm = torch.linalg.vector_norm(v)
+        scale = (radius / norm.clamp_min(torch.finfo(v.dtype).tiny)).clamp(max=1.0)
+        return v * scale
+    if p == 1.0:
+        return _project_l1(v, radius)
+    raise ValueError(f"p must be one of 1, 2, inf; got {p!r}")
+
+
+def _project_l1(v: Tensor, radius: float) -> Tensor:
+    """Sort-based projection onto the ℓ1 ball (Duchi et al., ICML 2008), computed in float64."""
+    if radius <= 0:
+        return torch.zeros_like(v)
+    flat = v.detach().flatten().double()
+    magnitude = flat.abs()
+    if float(magnitude.sum()) <= radius:
+        return v
+    sorted_mag = magnitude.sort(descending=True).values
+    cumulative = sorted_mag.cumsum(0)
+    ranks = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype)
+    support = int(((sorted_mag - (cumulative - radius) / ranks) > 0).sum())
+    theta = (cumulative[support - 1] - radius) / support
+    projected = flat.sign() * (magnitude - theta).clamp_min(0.0)
+    return projected.to(v.dtype).view_as(v)
+
+
+def dual_step(w: Tensor, f_abs: Tensor, p: float) -> Tensor:
+    """Smallest ℓp step r (N×..., like ``w``) with ⟨w_n, r_n⟩ = f_abs_n, for each sample n.
+
+    p=2: f/‖w‖₂² · w;  p=inf: f/‖w‖₁ · sign(w);  p=1: f/‖w‖∞ along the largest |w_j| only.
+    """
+    p = float(p)
+    tiny = torch.finfo(w.dtype).tiny
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    if p == 2.0:
+        return (f_abs / lp_norm(w, 2.0).square().clamp_min(tiny)).view(shape) * w
+    if p == math.inf:
+        return (f_abs / lp_norm(w, 1.0).clamp_min(tiny)).view(shape) * w.sign()
+    if p == 1.0:
+        flat = w.flatten(1)
+        peak, index = flat.abs().max(dim=1)
+        step = torch.zeros_like(flat)
+        rows = torch.arange(flat.shape[0], device=w.device)
+        step[rows, index] = f_abs / peak.clamp_min(tiny) * flat[rows, index].sign()
+        return step.view_as(w)
+    raise ValueError(f"p must be one of 1, 2, inf; got {p!r}")

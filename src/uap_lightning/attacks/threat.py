@@ -1,0 +1,73 @@
+"""The threat model: an ℓp ball of radius ε, with ε in 0–255 pixel units for every p."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Union
+
+NORMS = (1.0, 2.0, math.inf)
+_P_NAMES = {1.0: "1", 2.0: "2", math.inf: "inf"}
+_EPS_HINT = "attack.eps must be a positive finite number in 0-255 pixel units (e.g. attack.eps=10)"
+
+
+def parse_p(value: Union[str, float, int]) -> float:
+    """The norm order as 1.0, 2.0 or ``math.inf`` from "inf"/"Infinity"/2/"2.0"/1/... ."""
+    error = ValueError(f"attack.p must be one of 1, 2, inf; got {value!r}")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("inf", "infinity", "+inf", "linf"):
+            return math.inf
+        try:
+            number = float(text)
+        except ValueError:
+            raise error from None
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        raise error
+    if number not in NORMS:
+        raise error
+    return number
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """‖v‖_p ≤ eps, eps in 0–255 pixel units; ``p`` is 1.0, 2.0 or ``math.inf``."""
+
+    eps: float
+    p: float
+
+    def __post_init__(self) -> None:
+        if self.p not in NORMS:
+            raise ValueError(f"attack.p must be one of 1, 2, inf; got {self.p!r}")
+        eps = self.eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"{_EPS_HINT}; got {eps!r}")
+
+    @classmethod
+    def parse(cls, eps: Union[float, int, str], p: Union[str, float, int]) -> "ThreatModel":
+        """Validate user input; ``eps`` may be a numeric string, ``p`` anything :func:`parse_p` accepts."""
+        norm = parse_p(p)
+        value = eps
+        if isinstance(eps, str):
+            try:
+                value = float(eps)
+            except ValueError:
+                raise ValueError(f"{_EPS_HINT}; got {eps!r}") from None
+        elif isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+            value = float(eps)
+        return cls(eps=value, p=norm)
+
+    @property
+    def radius(self) -> float:
+        """The radius in [0,1] image scale: eps / 255."""
+        return self.eps / 255.0
+
+    @property
+    def p_name(self) -> str:
+        """The norm as text: "inf", "2" or "1"."""
+        return _P_NAMES[self.p]

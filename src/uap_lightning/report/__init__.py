@@ -1,0 +1,1 @@
+"""Pictures and files a run writes."""

@@ -28,7 +28,7 @@ def _train_counting(cache_dir: str, counter: str, seconds: float) -> float:
         return {"test_accuracy": 1.0}
 
     load_or_train(cache_entry(cache_dir, "linear", {"spec": 1}), net, train)
-    return float(net.weight[0, 0])
+    return float(net.weight[0, 0].detach())
 
 
 def test_key_depends_on_content_not_order():
@@ -67,7 +67,8 @@ def test_failed_training_leaves_no_entry(tmp_path):
 
 
 def test_victim_trained_once_and_reused(make_cfg, tmp_path):
-    cfg = make_cfg("trainer.max_epochs=2", "logger=none")
+    base = ("trainer.max_epochs=2", "logger=none")
+    cfg = make_cfg(*base)
     datamodule = build_datamodule(cfg.data, cache_dir=cfg.paths.cache_dir)
     datamodule.setup("fit")
     first = obtain_victim(cfg, datamodule, log_dir=None)
@@ -77,6 +78,6 @@ def test_victim_trained_once_and_reused(make_cfg, tmp_path):
     for a, b in zip(first.module.net.state_dict().values(), second.module.net.state_dict().values()):
         assert torch.equal(a, b)
     # attack settings do not change the victim; training settings do
-    assert victim_spec(make_cfg("attack.eps=3", "data.attack_images=10"), datamodule) == victim_spec(cfg, datamodule)
-    assert victim_spec(make_cfg("seed=1"), datamodule) != victim_spec(cfg, datamodule)
-    assert victim_spec(make_cfg("model.lr=0.5"), datamodule) != victim_spec(cfg, datamodule)
+    assert victim_spec(make_cfg(*base, "attack.eps=3", "data.attack_images=10"), datamodule) == victim_spec(cfg, datamodule)
+    assert victim_spec(make_cfg(*base, "seed=1"), datamodule) != victim_spec(cfg, datamodule)
+    assert victim_spec(make_cfg(*base, "model.lr=0.5"), datamodule) != victim_spec(cfg, datamodule)

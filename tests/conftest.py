@@ -18,8 +18,8 @@ CONF_DIR = Path(uap_lightning.__file__).parent / "conf"
 QUIET = ("logger.progress_bar=false", "trainer.enable_progress_bar=false")
 
 
-def compose_config(overrides: Sequence[str], root: Path) -> DictConfig:
-    """The run config for ``overrides``, with every path inside ``root``."""
+def compose_config(overrides: Sequence[str], root: Path, config_name: str = "config") -> DictConfig:
+    """The run (or ``config_name="bench"``) config for ``overrides``, with every path inside ``root``."""
     register_configs()
     paths = (
         f"paths.root_dir={root}",
@@ -28,7 +28,7 @@ def compose_config(overrides: Sequence[str], root: Path) -> DictConfig:
         f"paths.output_dir={root / 'run'}",
     )
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*paths, *QUIET, *overrides])
+        cfg = compose(config_name, overrides=[*paths, *QUIET, *overrides])
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg

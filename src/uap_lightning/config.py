@@ -133,6 +133,37 @@ class RunConfig:
     tags: List[str] = field(default_factory=list)
 
 
+BENCH_ROWS = ("naive", "art", "deepfool_uap", "deepfool_uap_batched", "sgd_uap")
+
+
+@dataclass
+class BenchSettings:
+    """What ``python -m uap_lightning.bench`` runs side by side on one victim and one X."""
+
+    rows: List[str] = field(default_factory=lambda: list(BENCH_ROWS))  # any of BENCH_ROWS, in order
+    # per-engine options over the shared ``attack`` settings, e.g. {sgd_uap: {max_passes: 5}}
+    engines: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    art_batch_size: int = 128  # ART's prediction batch size (its end-of-pass check runs at 1)
+    efficiency_batches: int = 4  # batches of X timed for the batched engine's efficiency
+
+
+@dataclass
+class BenchConfig:
+    """The benchmark: the run's data, model, trainer and shared attack settings, plus the rows."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    bench: BenchSettings = field(default_factory=BenchSettings)
+    seed: int = 0
+    task_name: str = "bench"
+
+
 def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml`` can name it in its defaults list."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    """Register the schemas so ``conf/config.yaml`` and ``conf/bench.yaml`` can name them."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(name="bench_schema", node=BenchConfig)

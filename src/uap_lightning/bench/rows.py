@@ -1,0 +1,143 @@
+"""Benchmark rows: the naive reference, ART and this project's engines on one victim and one X.
+
+Every row is timed from the clean images of X to its perturbation (clean predictions
+included) and scored on the evaluation set by the same function, :func:`eval_fooling_rate`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from uap_lightning import metrics
+from uap_lightning.attacks import ThreatModel, build_engine, frozen_eval, run_passes
+from uap_lightning.bench.art_peer import art_uap
+from uap_lightning.bench.naive import naive_uap
+
+
+@dataclass
+class BenchProblem:
+    """What every row attacks: the victim, X (N×C×H×W, [0,1]) and the eval set with its clean labels."""
+
+    model: nn.Module
+    attack_images: Tensor
+    eval_images: Tensor
+    clean_eval_labels: Tensor
+    num_classes: int
+    threat: ThreatModel
+    delta: float
+    max_passes: int
+    clip: bool
+    seed: int
+    deepfool: Dict[str, Any]  # overshoot, num_candidates, max_deepfool_iters (shared by naive, ART, engines)
+
+
+@dataclass
+class BenchRow:
+    """One row of the table; fooling rates are shares in [0,1], seconds are wall seconds."""
+
+    method: str
+    seconds: float
+    fooling_rate: float  # on the eval set, the paper's definition
+    fooling_rate_attack_set: float  # as the method measured it on X
+    passes: int
+    norm_linf: float  # 0–255 units
+    norm_l2: float
+    speedup_vs_art: Optional[float] = None
+    speedup_vs_naive: Optional[float] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def eval_fooling_rate(problem: BenchProblem, perturbation: Tensor) -> float:
+    """The fooling rate of ``perturbation`` on the eval set: the one score every row gets."""
+    perturbed = metrics.predict(problem.model, problem.eval_images, perturbation, clip=problem.clip)
+    return metrics.fooling_rate(problem.clean_eval_labels, perturbed)
+
+
+def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) -> BenchRow:
+    """Time ``method`` (naive | art | an engine name) from X to v, then score v on the eval set."""
+    generator = torch.Generator().manual_seed(problem.seed)
+    started = time.perf_counter()
+    if method == "naive":
+        with frozen_eval(problem.model):
+            v, rate, passes = naive_uap(
+                problem.model,
+                problem.attack_images,
+                problem.threat,
+                delta=problem.delta,
+                max_passes=problem.max_passes,
+                generator=generator,
+                clip=problem.clip,
+                **problem.deepfool,
+            )
+    elif method == "art":
+        with frozen_eval(problem.model):
+            v, rate, passes = art_uap(
+                problem.model,
+                problem.attack_images,
+                problem.threat,
+                num_classes=problem.num_classes,
+                delta=problem.delta,
+                max_passes=problem.max_passes,
+                overshoot=problem.deepfool["overshoot"],
+                num_candidates=problem.deepfool["num_candidates"],
+                max_deepfool_iters=problem.deepfool["max_deepfool_iters"],
+                clip=problem.clip,
+                seed=problem.seed,
+                batch_size=engine_options.get("batch_size", 128),
+            )
+    else:
+        engine = build_engine(method, problem.threat, clip=problem.clip, **engine_options)
+        clean = metrics.predict(problem.model, problem.attack_images)
+        result = run_passes(
+            problem.model,
+            engine,
+            problem.attack_images,
+            clean,
+            delta=problem.delta,
+            max_passes=problem.max_passes,
+            generator=generator,
+            clip=problem.clip,
+        )
+        v, rate, passes = result.perturbation, result.fooling_rate, result.passes
+    seconds = time.perf_counter() - started
+    return BenchRow(
+        method=method,
+        seconds=seconds,
+        fooling_rate=eval_fooling_rate(problem, v),
+        fooling_rate_attack_set=float(rate),
+        passes=int(passes),
+        norm_linf=float(v.abs().max()) * 255.0,
+        norm_l2=float(v.norm()) * 255.0,
+    )
+
+
+def add_speedups(rows: List[BenchRow]) -> None:
+    """Fill each row's speed-up over the ART and naive rows (their seconds / its seconds)."""
+    by_method = {row.method: row for row in rows}
+    for row in rows:
+        for peer, attribute in (("art", "speedup_vs_art"), ("naive", "speedup_vs_naive")):
+            if peer in by_method and row.seconds > 0:
+                setattr(row, attribute, by_method[peer].seconds / row.seconds)
+
+
+def format_table(rows: List[BenchRow]) -> str:
+    """The rows as a fixed-width text table."""
+    header = f"{'method':<22}{'seconds':>9}{'fooling':>9}{'on X':>8}{'passes':>8}{'vs ART':>9}{'vs naive':>10}"
+    lines = [header, "-" * len(header)]
+
+    def times(value: Optional[float]) -> str:
+        return f"{value:.2f}x" if value is not None else "-"
+
+    for row in rows:
+        lines.append(
+            f"{row.method:<22}{row.seconds:>9.1f}{row.fooling_rate:>9.3f}{row.fooling_rate_attack_set:>8.3f}"
+            f"{row.passes:>8d}{times(row.speedup_vs_art):>9}{times(row.speedup_vs_naive):>10}"
+        )
+    return "\n".join(lines)

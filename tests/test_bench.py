@@ -1,0 +1,122 @@
+"""The benchmark: its naive reference, its checks, and the smoke preset end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attack_helpers import random_conv_net, single_thread
+from conftest import compose_config
+from uap_lightning import metrics
+from uap_lightning.attacks import DeepFoolUAP, ThreatModel, frozen_eval, run_passes
+from uap_lightning.bench.cli import validate_bench
+from uap_lightning.bench.naive import naive_deepfool, naive_uap
+from uap_lightning.attacks import deepfool_single
+from uap_lightning.validation import ConfigError
+
+ROW_FIELDS = {"method", "seconds", "fooling_rate", "passes", "speedup_vs_art", "speedup_vs_naive"}
+
+
+@pytest.mark.parametrize("p", [math.inf, 2.0])
+def test_naive_deepfool_equals_the_engine_deepfool(p):
+    model = random_conv_net(seed=3)
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    options = dict(num_candidates=6, overshoot=0.02, max_iters=10, norm=p)
+    with frozen_eval(model):
+        naive_step, naive_iters, naive_changed = naive_deepfool(model, x, **options)
+        reference = deepfool_single(model, x, **options)
+    assert naive_changed == reference.converged and naive_iters == reference.iterations
+    torch.testing.assert_close(naive_step, reference.perturbation)
+
+
+@pytest.mark.parametrize("p, eps", [(math.inf, 24.0), (2.0, 200.0)])
+def test_naive_reference_computes_the_same_v_as_deepfool_uap(p, eps):
+    model = random_conv_net(seed=5)
+    images = torch.rand(24, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    threat = ThreatModel(eps, p)
+    with single_thread(), frozen_eval(model):
+        naive_v, naive_rate, naive_passes = naive_uap(
+            model, images, threat, delta=0.1, max_passes=2, generator=torch.Generator().manual_seed(0)
+        )
+        result = run_passes(
+            model,
+            DeepFoolUAP(threat),
+            images,
+            metrics.predict(model, images),
+            delta=0.1,
+            max_passes=2,
+            generator=torch.Generator().manual_seed(0),
+        )
+    assert float(naive_v.abs().sum()) > 0
+    torch.testing.assert_close(naive_v, result.perturbation)
+    assert naive_passes == result.passes and naive_rate == pytest.approx(result.fooling_rate)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bench.rows=[naive,pgd]", "bench.rows"),
+        ("bench.rows=[naive,naive]", "bench.rows"),
+        ("+bench.engines.pgd={}", "unknown engine"),
+        ("+bench.engines.sgd_uap.optimizer=lbfgs", "sgd_uap"),
+        ("bench.art_batch_size=1", "art_batch_size"),
+        ("attack.target_class=3", "target_class"),
+        ("attack.p=7", "attack.p"),
+    ],
+)
+def test_bad_bench_settings_fail_with_the_setting_named(tmp_path, override, message):
+    cfg = compose_config(["bench=smoke", override], tmp_path, config_name="bench")
+    with pytest.raises(ConfigError, match=message):
+        validate_bench(cfg)
+
+
+def test_cifar_preset_shares_the_experiment_victim(tmp_path):
+    from uap_lightning.training import victim_spec
+
+    class Folder:  # what victim_spec reads from a datamodule
+        num_classes = 10
+        class_names = [str(i) for i in range(10)]
+
+    bench = compose_config([], tmp_path, config_name="bench")
+    experiment = compose_config(["experiment=cifar10_resnet20"], tmp_path)
+    assert victim_spec(bench, Folder()) == victim_spec(experiment, Folder())
+    assert (bench.data.attack_images, bench.data.eval_images, bench.attack.eps) == (500, 2000, 8)
+    assert (bench.attack.max_passes, bench.attack.delta, bench.attack.p) == (5, 0.2, "inf")
+
+
+def test_smoke_benchmark_writes_bench_json(tmp_path):
+    env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("UAP_DATA_DIR", None)
+    run_dir = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "uap_lightning.bench", "bench=smoke", f"hydra.run.dir={run_dir}",
+         "trainer.enable_progress_bar=false"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((run_dir / "bench.json").read_text())
+    rows = report["rows"]
+    assert [row["method"] for row in rows] == ["naive", "art", "deepfool_uap", "deepfool_uap_batched", "sgd_uap"]
+    by_method = {row["method"]: row for row in rows}
+    for row in rows:
+        assert ROW_FIELDS <= row.keys()
+        assert row["seconds"] > 0 and 0.0 <= row["fooling_rate"] <= 1.0 and row["passes"] >= 1
+        assert row["norm_linf"] <= 96 + 1e-3
+        assert row["speedup_vs_art"] == pytest.approx(by_method["art"]["seconds"] / row["seconds"])
+        assert row["speedup_vs_naive"] == pytest.approx(by_method["naive"]["seconds"] / row["seconds"])
+    # the naive reference and deepfool_uap run the same algorithm from the same order
+    assert by_method["naive"]["fooling_rate"] == by_method["deepfool_uap"]["fooling_rate"]
+    efficiency = report["efficiency"]
+    assert efficiency["efficiency"] > 0 and efficiency["candidates"] == 10
+    assert 0.0 <= report["random_fooling_rate"] <= 1.0
+    assert "vs naive" in done.stdout and "efficiency" in done.stdout

@@ -119,7 +119,7 @@ def deepfool_batched(
     norm: Union[float, str] = 2.0,
     target: Optional[int] = None,
 ) -> DeepFoolResult:
-    """DeepFool on a batch ``x`` (N×C×H×W): one forward and one backward per candidate per iteration.
+    """DeepFool on a batch ``x`` (N×C×H×W): per iteration one forward and one batched backward pass.
 
     Images leave the batch as soon as they cross the boundary; per image the result equals
     :func:`deepfool_single` when the model treats samples independently (eval mode).
@@ -164,26 +164,31 @@ def deepfool_batched(
 def _nearest_boundary(
     logits: Tensor, xa: Tensor, rows: Tensor, candidates: Tensor, norm: float
 ) -> Tuple[Tensor, Tensor]:
-    """w (m×C×H×W) and f (m,) of the nearest linearised boundary among the candidate classes."""
+    """w (m×C×H×W) and f (m,) of the nearest linearised boundary among the candidate classes.
+
+    The gradients of all K−1 margins f_k − f_label come from one batched backward pass
+    (``is_grads_batched``): the K−1 vector-Jacobian products run as one batch of K−1 images.
+    """
     selected = logits[rows].gather(1, candidates)  # m×K, column 0 is the label
-    grads = [
-        torch.autograd.grad(selected[:, k].sum(), xa, retain_graph=True)[0][rows] for k in range(selected.shape[1])
-    ]
-    w = torch.stack(grads[1:], dim=1) - grads[0].unsqueeze(1)  # m×(K−1)×C×H×W
+    m, k = selected.shape
     f = (selected[:, 1:] - selected[:, :1]).detach()  # m×(K−1)
-    m, others = f.shape
-    lengths = dual_norm(w.flatten(0, 1), norm).view(m, others).clamp_min(torch.finfo(w.dtype).tiny)
+    # cotangent j selects margin j: +1 on candidate j+1, −1 on the label, for every row
+    cotangents = torch.zeros(k - 1, m, k, dtype=selected.dtype, device=selected.device)
+    margin = torch.arange(k - 1, device=selected.device)
+    cotangents[margin, :, margin + 1] = 1.0
+    cotangents[:, :, 0] = -1.0
+    w = torch.autograd.grad(selected, xa, grad_outputs=cotangents, is_grads_batched=True)[0]
+    w = w[:, rows].transpose(0, 1)  # m×(K−1)×C×H×W
+    lengths = dual_norm(w.flatten(0, 1), norm).view(m, k - 1).clamp_min(torch.finfo(w.dtype).tiny)
     best = (f.abs() / lengths).argmin(dim=1)
     index = torch.arange(m, device=w.device)
     return w[index, best], f[index, best]
 
 
 def _towards_target(logits: Tensor, xa: Tensor, rows: Tensor, target: int) -> Tuple[Tensor, Tensor]:
-    """w (m×C×H×W) and f (m,) of the margin f_target − f_current."""
+    """w (m×C×H×W) and f (m,) of the margin f_target − f_current, from one backward pass."""
     active_logits = logits[rows]
     current = active_logits.detach().argmax(1, keepdim=True)
-    target_logit = active_logits[:, target]
-    current_logit = active_logits.gather(1, current)[:, 0]
-    grad_target = torch.autograd.grad(target_logit.sum(), xa, retain_graph=True)[0][rows]
-    grad_current = torch.autograd.grad(current_logit.sum(), xa, retain_graph=True)[0][rows]
-    return grad_target - grad_current, (target_logit - current_logit).detach()
+    margin = active_logits[:, target] - active_logits.gather(1, current)[:, 0]
+    w = torch.autograd.grad(margin.sum(), xa)[0][rows]
+    return w, margin.detach()

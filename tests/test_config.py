@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR
-from uap_lightning.run import ConfigError, resolve_threat, validate
+from uap_lightning.validation import ConfigError, resolve_threat, validate
 
 
 def group_options(group: str) -> list[str]:

@@ -17,6 +17,7 @@ from uap_lightning.attacks import (
     UniversalAttack,
     build_engine,
     engine_options,
+    folded_copy,
     frozen_eval,
     run_passes,
 )
@@ -248,6 +249,27 @@ def test_frozen_eval_restores_modes_and_flags_even_on_error():
             raise RuntimeError("boom")
     assert [m.training for m in model.modules()] == [True, True, True, False]
     assert [p.requires_grad for p in model.parameters()] == [True, False, True, True]
+
+
+def test_folded_copy_is_the_same_function_without_batch_norm():
+    from uap_lightning.models.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)
+    model = CifarResNet(3, 10, widths=[8, 16], blocks=[1, 1], option="A")
+    for module in model.modules():  # non-trivial running statistics
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.train()
+    folded = folded_copy(model)
+    assert folded is not model and model.training  # the original is untouched
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters())
+    x = torch.rand(4, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    assert folded_copy(plain) is plain  # nothing to fold
 
 
 def test_build_engine_registry_and_errors():

@@ -97,7 +97,7 @@ class AttackConfig:
     max_deepfool_iters: int = 10
     deepfool_norm: Optional[str] = None  # None: same as p; "2" keeps the authors' code's ℓ2 steps
     batch_size: int = 32  # deepfool_uap_batched / sgd_uap: images per update
-    aggregate: str = "mean"  # deepfool_uap_batched: how a batch's steps combine (mean | sum)
+    aggregate: str = "sum"  # deepfool_uap_batched: how a batch's steps combine (sum | mean)
     # SGD-UAP
     optimizer: str = "sign"  # sign | adam
     step_size: Optional[float] = None  # first step, 0–255 units; None: eps / 10

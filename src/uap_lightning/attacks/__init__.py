@@ -5,7 +5,7 @@ from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, dee
 from uap_lightning.attacks.deepfool_uap import BatchedDeepFoolUAP, DeepFoolUAP
 from uap_lightning.attacks.driver import UAPResult, attack_set_rate, run_passes
 from uap_lightning.attacks.engines import ENGINES, build_engine, engine_options
-from uap_lightning.attacks.model_state import frozen_eval, model_device
+from uap_lightning.attacks.model_state import folded_copy, frozen_eval, model_device
 from uap_lightning.attacks.projections import dual_norm, dual_step, lp_norm, project_lp
 from uap_lightning.attacks.sgd_uap import SGDUAP
 from uap_lightning.attacks.threat import ThreatModel, parse_p
@@ -27,6 +27,7 @@ __all__ = [
     "dual_norm",
     "dual_step",
     "engine_options",
+    "folded_copy",
     "frozen_eval",
     "lp_norm",
     "model_device",

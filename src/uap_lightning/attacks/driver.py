@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from uap_lightning import metrics
 from uap_lightning.attacks.base import PassStats, UniversalAttack
-from uap_lightning.attacks.model_state import frozen_eval, model_device
+from uap_lightning.attacks.model_state import folded_copy, frozen_eval, model_device
 
 PassCallback = Callable[[int, Tensor, PassStats, float], None]
 
@@ -75,7 +75,8 @@ def run_passes(
     ``max_passes`` in all. After each pass the rate on X is measured, a history entry
     (pass, fooling_rate_attack_set, updates, mean_deepfool_iterations, seconds of the pass and
     its evaluation) appended and ``on_pass_end(pass, v, stats, rate)`` called. The model is
-    kept in eval mode with frozen parameters meanwhile.
+    kept in eval mode with frozen parameters meanwhile; the engine runs on its batch-norm-folded
+    copy (:func:`folded_copy`).
     """
     if engine.clip != clip or engine.target_class != target_class:
         raise ValueError(
@@ -96,6 +97,7 @@ def run_passes(
     history: List[dict] = []
     passes = start_pass
     with frozen_eval(model):
+        model = folded_copy(model)
         rate = attack_set_rate(
             model, images, clean_labels, v, clip=clip, target_class=target_class, batch_size=eval_batch_size
         )

@@ -1,4 +1,5 @@
-"""Freezing a victim for an attack: eval mode, no parameter gradients, both restored after."""
+"""Preparing a victim for an attack: eval mode and frozen parameters (restored after), and an
+attack copy with batch norm folded into the layers before it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 
 @contextlib.contextmanager
@@ -33,3 +35,24 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with each BatchNorm folded into the convolution or linear
+    layer before it (torch.fx), parameters frozen: the same function up to float rounding,
+    with fewer layers to run forward and backward. ``model`` itself when fx cannot trace it
+    or it has no batch norm to fold.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    training = model.training
+    try:
+        folded = fuse(model.eval(), inplace=False)
+    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError):
+        return model
+    finally:
+        model.train(training)
+    folded.eval()
+    for param in folded.parameters():
+        param.requires_grad_(False)
+    return folded

@@ -114,6 +114,13 @@ def test_smoke_benchmark_writes_bench_json(tmp_path):
         assert row["norm_linf"] <= 96 + 1e-3
         assert row["speedup_vs_art"] == pytest.approx(by_method["art"]["seconds"] / row["seconds"])
         assert row["speedup_vs_naive"] == pytest.approx(by_method["naive"]["seconds"] / row["seconds"])
+    for method in ("deepfool_uap", "deepfool_uap_batched", "sgd_uap"):
+        curve = by_method[method]["curve"]
+        assert len(curve) == by_method[method]["passes"]
+        assert all(0 < seconds <= by_method[method]["seconds"] + 1e-6 for seconds, _ in curve)
+        assert curve[-1][1] == pytest.approx(by_method[method]["fooling_rate"])
+    assert by_method["naive"]["curve"] == [] and by_method["naive"]["seconds_to_reference"] is None
+    assert by_method["deepfool_uap"]["seconds_to_reference"] is not None
     # the naive reference and deepfool_uap run the same algorithm from the same order
     assert by_method["naive"]["fooling_rate"] == by_method["deepfool_uap"]["fooling_rate"]
     efficiency = report["efficiency"]

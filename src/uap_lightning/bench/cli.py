@@ -22,7 +22,16 @@ from uap_lightning.attacks import ENGINES, BatchedDeepFoolUAP, ThreatModel, buil
 from uap_lightning.attacks.random_noise import random_perturbation
 from uap_lightning.bench.art_peer import require_art
 from uap_lightning.bench.efficiency import batched_efficiency
-from uap_lightning.bench.rows import BenchProblem, add_speedups, eval_fooling_rate, format_table, run_row
+from uap_lightning.bench.rows import (
+    REACH_TOLERANCE,
+    REFERENCE_METHOD,
+    BenchProblem,
+    add_speedups,
+    add_time_to_reference,
+    eval_fooling_rate,
+    format_table,
+    run_row,
+)
 from uap_lightning.config import BENCH_ROWS, register_configs
 from uap_lightning.data import build_datamodule
 from uap_lightning.training import obtain_victim
@@ -111,6 +120,7 @@ def run_bench(cfg: DictConfig) -> Dict[str, Any]:
         rows.append(run_row(method, problem, row_options(cfg, method)))
         log.info("%s: %.1f s, fooling rate %.3f", method, rows[-1].seconds, rows[-1].fooling_rate)
     add_speedups(rows)
+    add_time_to_reference(rows)
 
     batched = BatchedDeepFoolUAP(threat, clip=cfg.attack.clip, **row_options(cfg, "deepfool_uap_batched"))
     efficiency = batched_efficiency(model, attack_images, batched, cfg.bench.efficiency_batches)
@@ -147,6 +157,10 @@ def run_bench(cfg: DictConfig) -> Dict[str, Any]:
         f"{efficiency.efficiency:.2f} of its limit ({efficiency.image_iterations_per_second:.0f} image·iterations/s "
         f"× {efficiency.candidates} candidates vs {efficiency.forward_backward_images_per_second:.0f} "
         f"forward+backward images/s at batch {efficiency.batch_size})"
+    )
+    print(
+        f"to ref: seconds until a row's eval fooling rate came within {REACH_TOLERANCE:.2f} of "
+        f"{REFERENCE_METHOD}'s final one (per-pass scoring not timed)"
     )
     print(f"files    {(output_dir / BENCH_FILE).resolve()}")
     return report

@@ -7,7 +7,7 @@ included) and scored on the evaluation set by the same function, :func:`eval_foo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -49,6 +49,11 @@ class BenchRow:
     norm_l2: float
     speedup_vs_art: Optional[float] = None
     speedup_vs_naive: Optional[float] = None
+    # engines only: after each pass, [seconds so far, eval fooling rate] (scoring time excluded)
+    curve: List[List[float]] = field(default_factory=list)
+    # engines only: seconds until the eval fooling rate first came within REACH_TOLERANCE of
+    # deepfool_uap's final one; None when it never did
+    seconds_to_reference: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -60,9 +65,25 @@ def eval_fooling_rate(problem: BenchProblem, perturbation: Tensor) -> float:
     return metrics.fooling_rate(problem.clean_eval_labels, perturbed)
 
 
+REFERENCE_METHOD = "deepfool_uap"
+REACH_TOLERANCE = 0.02  # fooling-rate points
+
+
 def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) -> BenchRow:
-    """Time ``method`` (naive | art | an engine name) from X to v, then score v on the eval set."""
+    """Time ``method`` (naive | art | an engine name) from X to v, then score v on the eval set.
+
+    Engines are also scored after every pass (``curve``); that scoring is not timed.
+    """
     generator = torch.Generator().manual_seed(problem.seed)
+    curve: List[List[float]] = []
+    scoring = 0.0
+
+    def score_pass(pass_index: int, v: Tensor, stats: Any, rate: float) -> None:
+        nonlocal scoring
+        paused = time.perf_counter()
+        curve.append([paused - started - scoring, eval_fooling_rate(problem, v)])
+        scoring += time.perf_counter() - paused
+
     started = time.perf_counter()
     if method == "naive":
         with frozen_eval(problem.model):
@@ -104,9 +125,10 @@ def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) 
             max_passes=problem.max_passes,
             generator=generator,
             clip=problem.clip,
+            on_pass_end=score_pass,
         )
         v, rate, passes = result.perturbation, result.fooling_rate, result.passes
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - scoring
     return BenchRow(
         method=method,
         seconds=seconds,
@@ -115,6 +137,7 @@ def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) 
         passes=int(passes),
         norm_linf=float(v.abs().max()) * 255.0,
         norm_l2=float(v.norm()) * 255.0,
+        curve=curve,
     )
 
 
@@ -127,17 +150,34 @@ def add_speedups(rows: List[BenchRow]) -> None:
                 setattr(row, attribute, by_method[peer].seconds / row.seconds)
 
 
+def add_time_to_reference(rows: List[BenchRow]) -> None:
+    """Fill each engine row's seconds to come within REACH_TOLERANCE of deepfool_uap's final fooling rate."""
+    reference = next((row for row in rows if row.method == REFERENCE_METHOD), None)
+    if reference is None:
+        return
+    goal = reference.fooling_rate - REACH_TOLERANCE
+    for row in rows:
+        row.seconds_to_reference = next((seconds for seconds, rate in row.curve if rate >= goal), None)
+
+
 def format_table(rows: List[BenchRow]) -> str:
     """The rows as a fixed-width text table."""
-    header = f"{'method':<22}{'seconds':>9}{'fooling':>9}{'on X':>8}{'passes':>8}{'vs ART':>9}{'vs naive':>10}"
+    header = (
+        f"{'method':<22}{'seconds':>9}{'fooling':>9}{'on X':>8}{'passes':>8}{'vs ART':>9}{'vs naive':>10}"
+        f"{'to ref':>9}"
+    )
     lines = [header, "-" * len(header)]
 
     def times(value: Optional[float]) -> str:
         return f"{value:.2f}x" if value is not None else "-"
 
+    def seconds(value: Optional[float]) -> str:
+        return f"{value:.1f}" if value is not None else "-"
+
     for row in rows:
         lines.append(
             f"{row.method:<22}{row.seconds:>9.1f}{row.fooling_rate:>9.3f}{row.fooling_rate_attack_set:>8.3f}"
             f"{row.passes:>8d}{times(row.speedup_vs_art):>9}{times(row.speedup_vs_naive):>10}"
+            f"{seconds(row.seconds_to_reference):>9}"
         )
     return "\n".join(lines)

@@ -29,7 +29,7 @@ EPS = 64.0  # ℓ∞, 0–255 units: digits need a large ε
 
 @pytest.fixture(scope="module")
 def victim():
-    """(model, attack set X of 150 images, held-out eval set), trained once per session."""
+    """(model, attack set X of 150 images, held-out eval set), trained once per test module."""
     return digits_victim()
 
 

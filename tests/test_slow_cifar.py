@@ -31,7 +31,7 @@ def _python(module: str, run_dir: Path, data_dir: Path, *overrides: str):
 
 
 def test_cli_attacks_a_resnet20_on_the_cifar_copy(tmp_path, data_dir):
-    """The issue's command on the CIFAR copy, with a short victim training and a small attack."""
+    """The documented CIFAR command on the copy, with a short victim training and a small attack."""
     run_dir = tmp_path / "run"
     done = _python(
         "uap_lightning.run",

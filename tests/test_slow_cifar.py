@@ -43,7 +43,6 @@ def test_cli_attacks_a_resnet20_on_the_cifar_copy(tmp_path, data_dir):
         "attack.eps=8",
         "attack.p=inf",
         "trainer.max_epochs=1",
-        "trainer.limit_train_batches=0.2",
         "data.attack_images=200",
         "data.eval_images=1000",
         "attack.max_passes=2",
@@ -52,7 +51,7 @@ def test_cli_attacks_a_resnet20_on_the_cifar_copy(tmp_path, data_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_images"] == 1000 and metrics["attack_images"] == 200
-    assert metrics["victim_accuracy"] > 0.12  # above chance (0.1) after a fifth of an epoch
+    assert metrics["victim_accuracy"] > 0.25  # well above chance (0.1) after one epoch
     assert metrics["norm_linf"] <= 8 + 1e-3
     assert metrics["fooling_rate"] > metrics["random_fooling_rate"]
     v = torch.load(run_dir / "perturbation.pt", weights_only=True)

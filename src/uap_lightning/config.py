@@ -148,17 +148,10 @@ class BenchSettings:
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(RunConfig):
     """The benchmark: the run's data, model, trainer and shared attack settings, plus the rows."""
 
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
     bench: BenchSettings = field(default_factory=BenchSettings)
-    seed: int = 0
     task_name: str = "bench"
 
 

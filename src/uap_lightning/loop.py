@@ -127,16 +127,17 @@ class AttackLoop:
         return AttackOutcome(result, history, final, clean_eval_labels.cpu(), perturbed_eval_labels.cpu())
 
     def predict(self, model: nn.Module, images: Tensor, perturbation: Optional[Tensor] = None) -> Tensor:
-        """Labels (N,) of ``model`` on ``images`` (+ ``perturbation``) with the loop's evaluation settings."""
-        return metrics.predict(
-            model,
-            images,
-            perturbation,
-            batch_size=self.evaluation.batch_size,
-            clip=self.clip,
-            amp=self.evaluation.amp,
-            channels_last=self.evaluation.channels_last,
-        )
+        """Labels (N,) of ``model``, in eval mode, on ``images`` (+ ``perturbation``); the loop's settings."""
+        with frozen_eval(model):
+            return metrics.predict(
+                model,
+                images,
+                perturbation,
+                batch_size=self.evaluation.batch_size,
+                clip=self.clip,
+                amp=self.evaluation.amp,
+                channels_last=self.evaluation.channels_last,
+            )
 
     def _evaluate(
         self, model: nn.Module, v: Tensor, eval_images: Tensor, eval_labels: Tensor, clean_labels: Tensor

@@ -17,7 +17,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from uap_lightning.attacks import ThreatModel, build_engine, frozen_eval
+from uap_lightning.attacks import ThreatModel, build_engine
 from uap_lightning.attacks.random_noise import random_perturbation
 from uap_lightning.config import register_configs
 from uap_lightning.data import build_datamodule
@@ -94,8 +94,7 @@ def _random_baseline(
     """Fooling rate of a random perturbation of the same ℓp norm (the paper's baseline)."""
     generator = torch.Generator().manual_seed(seed + 1)
     noise = random_perturbation(eval_images.shape[1:], threat.eps, threat.p, generator)
-    with frozen_eval(victim.module.net) as net:
-        labels = loop.predict(net, eval_images, noise)
+    labels = loop.predict(victim.module.net, eval_images, noise)
     return uap_metrics.fooling_rate(outcome.clean_eval_labels, labels.cpu())
 
 

@@ -111,7 +111,7 @@ def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) 
                 max_deepfool_iters=problem.deepfool["max_deepfool_iters"],
                 clip=problem.clip,
                 seed=problem.seed,
-                batch_size=engine_options.get("batch_size", 128),
+                batch_size=engine_options["batch_size"],
             )
     else:
         engine = build_engine(method, problem.threat, clip=problem.clip, **engine_options)

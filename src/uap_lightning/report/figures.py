@@ -1,0 +1,316 @@
+"""The figures an attack run writes: curve, perturbation, examples and dominant labels.
+
+Pure functions, tensors and lists in, a matplotlib ``Figure`` out (only :func:`save_figure_png`
+touches a file). Images are N×C×H×W float tensors in [0,1]; a perturbation ``v`` is C×H×W in
+[0,1] scale; ε and every norm shown are in 0–255 pixel units.
+
+Sizes at the default 100 dpi (width × height in inches → pixels):
+
+- :func:`curve_figure` and :func:`labels_figure`: 6.4 × 4.0 → 640 × 400;
+- :func:`perturbation_figure`: (2.5·panels + 1.0) × 3.0, panels = C (+1 RGB panel when C = 3):
+  1 channel → 350 × 300, 3 channels → 1100 × 300;
+- :func:`examples_figure`: max(4.0, 1.5·count + 0.5) × 4.5: 8 images → 1250 × 450.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from uap_lightning.atomic import atomic_write  # noqa: E402
+from uap_lightning.attacks.threat import parse_p  # noqa: E402
+from uap_lightning.metrics import norm_255  # noqa: E402
+
+DPI = 100
+CURVE_SIZE = (6.4, 4.0)
+LABELS_SIZE = (6.4, 4.0)
+PANEL_WIDTH = 2.5  # inches per perturbation panel
+COLORBAR_WIDTH = 1.0
+PERTURBATION_HEIGHT = 3.0
+EXAMPLE_WIDTH = 1.5  # inches per example column
+EXAMPLES_MARGIN = 0.5  # room for the row labels
+EXAMPLES_MIN_WIDTH = 4.0
+EXAMPLES_HEIGHT = 4.5
+MAX_BARS = 30
+TICK_CHARS = 70  # about the characters of 8-pt tick labels that fit across the bar chart unrotated
+
+_NORM_SYMBOL = {1.0: "ℓ1", 2.0: "ℓ2", math.inf: "ℓ∞"}
+_RANDOM_STYLES = ("--", (0, (6, 2, 1, 2)), (0, (2, 2)), (0, (8, 3)))
+_RANDOM_GREYS = ("0.45", "0.6", "0.3", "0.7")
+
+
+def curve_figure(
+    history: Sequence[Mapping[str, Any]],
+    best_pass: Optional[int],
+    random_rates: Optional[Mapping[str, float]] = None,
+) -> Figure:
+    """Fooling rate on X and on the eval set, and perturbed accuracy, per pass (6.4×4.0 in).
+
+    ``history``: one dict per pass with ``pass`` (1-based), ``fooling_rate`` (eval set),
+    ``fooling_rate_attack_set`` (X), ``perturbed_accuracy`` and optionally ``clean_accuracy``
+    (drawn dotted). ``best_pass``: the kept pass, marked on the X curve (None: no mark).
+    ``random_rates``: name → fooling rate of a random baseline, drawn as grey dashed lines.
+    """
+    fig = _new_figure(CURVE_SIZE)
+    ax = fig.add_subplot()
+    passes = [int(record["pass"]) for record in history]
+    on_x = [float(record["fooling_rate_attack_set"]) for record in history]
+    ax.plot(passes, on_x, "o-", color="tab:red", label="fooling rate on X")
+    ax.plot(passes, [float(r["fooling_rate"]) for r in history], "s-", color="tab:blue", label="fooling rate (eval)")
+    ax.plot(
+        passes, [float(r["perturbed_accuracy"]) for r in history], "^-", color="tab:green", label="perturbed accuracy"
+    )
+    clean = [(int(r["pass"]), float(r["clean_accuracy"])) for r in history if r.get("clean_accuracy") is not None]
+    if clean:
+        ax.plot(*zip(*clean), ":", color="tab:green", label="clean accuracy")
+    for i, (name, rate) in enumerate((random_rates or {}).items()):
+        style = _RANDOM_STYLES[i % len(_RANDOM_STYLES)]
+        grey = _RANDOM_GREYS[i % len(_RANDOM_GREYS)]
+        ax.axhline(float(rate), color=grey, linestyle=style, linewidth=1.2, label=f"{name} ({float(rate):.2f})")
+    if best_pass is not None:
+        ax.axvline(best_pass, color="black", linewidth=0.8, alpha=0.5, label=f"kept pass {best_pass}")
+        for rate in (rate for number, rate in zip(passes, on_x) if number == best_pass):
+            ax.plot(best_pass, rate, "*", color="black", markersize=14, zorder=5)
+            ax.annotate(
+                f"kept pass {best_pass}", (best_pass, rate), xytext=(6, -12), textcoords="offset points", fontsize=8
+            )
+    last = max(passes + ([best_pass] if best_pass is not None else []), default=1)
+    ax.set_xlim(0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("pass")
+    ax.set_ylabel("rate")
+    ax.set_title("universal perturbation: fooling rate and accuracy per pass")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def perturbation_image(v: Tensor) -> Tensor:
+    """``v`` (C×H×W) scaled into [0,1] for a per-pass image: 0.5 is no change, 0/1 the largest |v|."""
+    peak = v.abs().max()
+    if peak == 0:
+        return torch.full_like(v, 0.5)
+    return (v / (2 * peak) + 0.5).clamp(0, 1)
+
+
+def perturbation_scale(eps: float, p: Union[str, float], shape: Sequence[int]) -> float:
+    """Half-width s (0–255 units) of the fixed colour range ±s for a norm-ε perturbation of C×H×W ``shape``.
+
+    ℓ∞: s = ε; ℓ2: s = min(255, 3ε/√(C·H·W)) (three times the per-pixel RMS); ℓ1: s = min(255, ε).
+    """
+    norm = parse_p(p)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive (0–255 units); got {eps!r}")
+    if norm == math.inf:
+        return float(eps)
+    if norm == 2.0:
+        return min(255.0, 3.0 * float(eps) / math.sqrt(math.prod(shape)))
+    return min(255.0, float(eps))
+
+
+def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
+    """Each channel of ``v`` (C×H×W, [0,1] scale) in 0–255 units on the fixed scale ±s of :func:`perturbation_scale`.
+
+    ``p``: "inf"/"2"/"1" or 1.0/2.0/``math.inf``; ``eps`` in 0–255 units. For 3 channels an
+    RGB panel shows 0.5 + v·255/(2s), clipped (grey = no change). Size (2.5·panels + 1.0)×3.0 in.
+    """
+    norm = parse_p(p)
+    v = v.detach().cpu().double()
+    channels = v.shape[0]
+    scale = perturbation_scale(eps, norm, v.shape)
+    values = (v * 255.0).numpy()
+    panels = channels + (1 if channels == 3 else 0)
+    fig = _new_figure((PANEL_WIDTH * panels + COLORBAR_WIDTH, PERTURBATION_HEIGHT))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    names = ("R", "G", "B") if channels == 3 else tuple(f"channel {c}" for c in range(channels))
+    for c in range(channels):
+        image = axes[c].imshow(values[c], cmap="RdBu_r", vmin=-scale, vmax=scale, interpolation="nearest")
+        axes[c].set_title(names[c], fontsize=9)
+        axes[c].set_axis_off()
+    if channels == 3:
+        rgb = np.clip(0.5 + np.transpose(values, (1, 2, 0)) / (2.0 * scale), 0.0, 1.0)
+        axes[-1].imshow(rgb, interpolation="nearest")
+        axes[-1].set_title("RGB (grey = 0)", fontsize=9)
+        axes[-1].set_axis_off()
+    fig.colorbar(image, ax=list(axes[:channels]), label="v (0–255 units)", shrink=0.8)
+    fig.suptitle(
+        f"{_NORM_SYMBOL[norm]} ε={float(eps):g} (colour scale ±{scale:.3g})\n"
+        f"‖v‖∞={norm_255(v, math.inf):.1f}  ‖v‖₂={norm_255(v, 2.0):.1f}",
+        fontsize=9,
+    )
+    return fig
+
+
+def pick_examples(true_labels: Tensor, count: int, seed: int = 0) -> Tensor:
+    """Positions (int64, at most ``min(count, N)``) of images spread over the classes in ``true_labels`` (N,).
+
+    Round-robin over the classes present, in label order; each round takes one not yet taken,
+    seeded-random image of each class that has one left. The same seed gives the same positions.
+    """
+    labels = true_labels.detach().cpu().flatten()
+    count = max(0, min(int(count), labels.numel()))
+    generator = torch.Generator().manual_seed(seed)
+    pools = []
+    for label in torch.unique(labels).tolist():  # sorted
+        positions = torch.nonzero(labels == label).flatten()
+        pools.append(positions[torch.randperm(positions.numel(), generator=generator)].tolist())
+    picked = []
+    for round_ in range(max((len(pool) for pool in pools), default=0)):
+        picked.extend(pool[round_] for pool in pools if round_ < len(pool))
+        if len(picked) >= count:
+            break
+    return torch.tensor(picked[:count], dtype=torch.int64)
+
+
+def examples_figure(
+    clean: Tensor,
+    perturbed: Tensor,
+    true_labels: Sequence[int],
+    clean_pred: Sequence[int],
+    perturbed_pred: Sequence[int],
+    class_names: Sequence[str],
+    title: str,
+) -> Figure:
+    """Clean images (N×C×H×W, [0,1]) above with true and predicted labels, x + v below with its prediction.
+
+    A perturbed prediction that differs from the clean one is written in red. Size
+    max(4.0, 1.5·N + 0.5) × 4.5 in.
+    """
+    count = clean.shape[0]
+    true_labels, clean_pred, perturbed_pred = (_ints(x) for x in (true_labels, clean_pred, perturbed_pred))
+    fig = _new_figure((max(EXAMPLES_MIN_WIDTH, EXAMPLE_WIDTH * count + EXAMPLES_MARGIN), EXAMPLES_HEIGHT))
+    axes = fig.subplots(2, count, squeeze=False)
+    for i in range(count):
+        for row, images in enumerate((clean, perturbed)):
+            ax = axes[row][i]
+            picture = images[i].detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy()
+            if picture.shape[-1] == 1:
+                ax.imshow(picture[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        axes[0][i].set_title(
+            f"true: {_name(class_names, true_labels[i])}\npred: {_name(class_names, clean_pred[i])}", fontsize=8
+        )
+        fooled = perturbed_pred[i] != clean_pred[i]
+        axes[1][i].set_xlabel(
+            f"pred: {_name(class_names, perturbed_pred[i])}", fontsize=8, color="red" if fooled else "black"
+        )
+    axes[0][0].set_ylabel("clean")
+    axes[1][0].set_ylabel("x + v")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+@dataclass(frozen=True)
+class DominantLabels:
+    """Where fooled images (clean_pred ≠ perturbed_pred) are sent (the paper's Fig. 7).
+
+    ``counts[k]``: fooled images sent to class k; ``fooled``: their total; ``label``: the most
+    frequent destination (lowest index on a tie; None when nothing is fooled); ``share``:
+    counts[label] / fooled (0.0 when nothing is fooled).
+    """
+
+    counts: list[int]
+    fooled: int
+    label: Optional[int]
+    share: float
+
+
+def dominant_labels(clean_pred: Tensor, perturbed_pred: Tensor, num_classes: int) -> DominantLabels:
+    """Count, per class, the fooled images whose perturbed prediction (N,) is that class."""
+    clean_pred = torch.as_tensor(clean_pred).detach().cpu().flatten().long()
+    perturbed_pred = torch.as_tensor(perturbed_pred).detach().cpu().flatten().long()
+    sent = perturbed_pred[clean_pred != perturbed_pred]
+    if sent.numel() and (int(sent.min()) < 0 or int(sent.max()) >= num_classes):
+        raise ValueError(f"predicted labels must lie in [0, {num_classes}); got {sent.min()}..{sent.max()}")
+    counts = torch.bincount(sent, minlength=num_classes).tolist()
+    fooled = int(sent.numel())
+    if fooled == 0:
+        return DominantLabels(counts=counts, fooled=0, label=None, share=0.0)
+    label = max(range(num_classes), key=counts.__getitem__)
+    return DominantLabels(counts=counts, fooled=fooled, label=label, share=counts[label] / fooled)
+
+
+def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figure:
+    """Bar chart of ``dominant.counts`` per class, the dominant label in red (6.4×4.0 in).
+
+    Up to 30 classes in class order; more: the 30 largest counts, largest first. Class names
+    are rotated when they would overlap.
+    """
+    fig = _new_figure(LABELS_SIZE)
+    ax = fig.add_subplot()
+    classes = list(range(len(dominant.counts)))
+    if len(classes) > MAX_BARS:
+        classes = sorted(classes, key=lambda k: -dominant.counts[k])[:MAX_BARS]
+    heights = [dominant.counts[k] for k in classes]
+    colours = ["tab:red" if k == dominant.label else "tab:gray" for k in classes]
+    ax.bar(range(len(classes)), heights, color=colours)
+    names = [_name(class_names, k) for k in classes]
+    crowded = len(names) * max(map(len, names), default=0) > TICK_CHARS  # would the names overlap side by side?
+    ax.set_xticks(range(len(classes)))
+    ax.set_xticklabels(
+        names,
+        rotation=60 if crowded else 0,
+        ha="right" if crowded else "center",
+        rotation_mode="anchor",
+        fontsize=8,
+    )
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("fooled images sent to class")
+    if dominant.label is None:
+        ax.set_title("where fooled images go: nothing fooled (n=0)")
+    else:
+        ax.set_title(
+            f"where fooled images go: {dominant.share:.0%} to '{_name(class_names, dominant.label)}'"
+            f" (n={dominant.fooled})"
+        )
+    return fig
+
+
+def save_figure_png(fig: Figure, path: Union[str, os.PathLike], dpi: int = DPI) -> None:
+    """Write ``fig`` as a PNG of figsize × ``dpi`` pixels atomically to ``path``, then close it."""
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi)
+        atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    finally:
+        plt.close(fig)
+
+
+def figure_image(fig: Figure) -> np.ndarray:
+    """``fig`` rendered at its own dpi as an H×W×3 uint8 array (e.g. for TensorBoard's ``add_image``, HWC)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _new_figure(size: tuple[float, float]) -> Figure:
+    """A figure outside pyplot's registry (nothing to leak if never closed), constrained layout, 100 dpi."""
+    return Figure(figsize=size, dpi=DPI, layout="constrained")
+
+
+def _ints(values: Union[Tensor, Sequence[int]]) -> list[int]:
+    return [int(x) for x in (values.tolist() if isinstance(values, Tensor) else values)]
+
+
+def _name(class_names: Sequence[str], label: int) -> str:
+    return str(class_names[label]) if 0 <= label < len(class_names) else str(label)

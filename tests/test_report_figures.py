@@ -1,0 +1,217 @@
+"""The run figures: each renders to a PNG of the documented size; fixed perturbation scale; example picking."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+
+from uap_lightning.report.figures import (
+    DominantLabels,
+    curve_figure,
+    dominant_labels,
+    examples_figure,
+    figure_image,
+    labels_figure,
+    perturbation_figure,
+    perturbation_scale,
+    pick_examples,
+    save_figure_png,
+)
+
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _png_shape(fig, path: Path) -> tuple[int, ...]:
+    """Save ``fig`` to ``path``, read it back and check it is a non-blank image; its shape."""
+    save_figure_png(fig, path)
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.size > 0
+    assert image[..., :3].std() > 0  # something was drawn
+    return image.shape
+
+
+def _sign_pattern(channels: int, size: int = 16) -> torch.Tensor:
+    """A fixed ±1 pattern, C×size×size."""
+    return torch.sign(torch.randn(channels, size, size, generator=torch.Generator().manual_seed(1)))
+
+
+def _history(passes: int = 4, clean: bool = True) -> list[dict]:
+    return [
+        {
+            "pass": k,
+            "fooling_rate": 0.1 * k,
+            "fooling_rate_attack_set": 0.12 * k,
+            "perturbed_accuracy": 0.8 - 0.1 * k,
+            **({"clean_accuracy": 0.85} if clean else {}),
+        }
+        for k in range(1, passes + 1)
+    ]
+
+
+@pytest.mark.parametrize(
+    "best_pass, random_rates, clean",
+    [
+        (3, {"random ℓp noise": 0.05, "random same-ℓ2 noise": 0.04}, True),
+        (None, None, False),
+        (7, None, True),  # a kept pass outside the history still gets its line
+    ],
+)
+def test_curve_figure_renders_640x400(tmp_path, best_pass, random_rates, clean):
+    fig = curve_figure(_history(clean=clean), best_pass, random_rates)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    if best_pass is not None:
+        assert f"kept pass {best_pass}" in labels
+    for name in random_rates or {}:
+        assert any(label.startswith(name) for label in labels)
+    assert ("clean accuracy" in labels) == clean
+    assert fig.axes[0].get_ylim() == (0.0, 1.0)
+    assert _png_shape(fig, tmp_path / "curve.png") == (400, 640, 4)
+
+
+@pytest.mark.parametrize("p", ["inf", "2", "1", math.inf, 2.0, 1.0])
+@pytest.mark.parametrize("channels, width", [(1, 350), (3, 1100)])
+def test_perturbation_figure_renders(tmp_path, p, channels, width):
+    v = 8 / 255 * _sign_pattern(channels)
+    fig = perturbation_figure(v, 8, p)
+    assert len(fig.axes) == channels + (1 if channels == 3 else 0) + 1  # panels and one colorbar
+    assert fig.axes[-1].get_ylabel() == "v (0–255 units)"
+    assert _png_shape(fig, tmp_path / "perturbation.png") == (300, width, 4)
+
+
+def test_perturbation_scale():
+    assert perturbation_scale(8, "inf", (3, 32, 32)) == 8
+    assert perturbation_scale(300, math.inf, (3, 32, 32)) == 300
+    assert perturbation_scale(1000, "2", (3, 32, 32)) == pytest.approx(3 * 1000 / math.sqrt(3 * 32 * 32))
+    assert perturbation_scale(1e6, 2.0, (1, 8, 8)) == 255
+    assert perturbation_scale(40, "1", (1, 8, 8)) == 40
+    assert perturbation_scale(4000, 1.0, (1, 8, 8)) == 255
+    with pytest.raises(ValueError):
+        perturbation_scale(0, "inf", (1, 8, 8))
+
+
+def test_perturbation_colour_range_is_fixed_by_eps():
+    """The colours are ±s from ε, not from the peak of v: two runs with different ε differ."""
+    for channels in (1, 3):
+        pattern = _sign_pattern(channels)
+        low, high, again = (figure_image(perturbation_figure(e / 255 * pattern, e, "inf")) for e in (32, 96, 32))
+        assert low.shape == high.shape
+        assert not np.array_equal(low, high)
+        assert np.array_equal(low, again)
+        # Same ε, v at a third of it: a peak-normalised picture would be identical; this one is not.
+        fig_full = perturbation_figure(96 / 255 * pattern, 96, "inf")
+        fig_third = perturbation_figure(32 / 255 * pattern, 96, "inf")
+        for fig in (fig_full, fig_third):
+            assert fig.axes[0].images[0].get_clim() == (-96, 96)
+        full, third = figure_image(fig_full), figure_image(fig_third)
+        panel = fig_full.axes[0].get_window_extent()  # after drawing: the laid-out position
+        crop = np.s_[int(panel.y0) : int(panel.y1), int(panel.x0) : int(panel.x1)]
+        assert not np.array_equal(np.flipud(full)[crop], np.flipud(third)[crop])
+
+
+def test_perturbation_rgb_panel_is_grey_for_zero():
+    fig = perturbation_figure(torch.zeros(3, 8, 8), 10, "inf")
+    rgb = fig.axes[3].images[0].get_array()
+    assert np.allclose(rgb, 0.5)
+
+
+def test_pick_examples_covers_classes_on_sorted_labels():
+    labels = torch.arange(10).repeat_interleave(100)  # CIFAR-10's class-sorted eval set
+    picked = pick_examples(labels, 8, seed=0)
+    assert picked.dtype == torch.int64 and picked.shape == (8,)
+    assert labels[picked].tolist() == list(range(8))  # one per class, in label order
+    assert torch.equal(picked, pick_examples(labels, 8, seed=0))
+    assert not torch.equal(picked, pick_examples(labels, 8, seed=1))
+    twenty = pick_examples(labels, 20, seed=0)
+    assert labels[twenty].tolist() == list(range(10)) * 2
+    assert len(set(twenty.tolist())) == 20
+    assert torch.equal(twenty[:8], picked)
+
+
+def test_pick_examples_never_more_than_available():
+    labels = torch.tensor([2, 2, 5, 7, 7, 7])
+    picked = pick_examples(labels, 100, seed=3)
+    assert sorted(picked.tolist()) == list(range(6))
+    assert labels[picked[:3]].tolist() == [2, 5, 7]
+    assert labels[picked[3:5]].tolist() == [2, 7]
+    assert pick_examples(labels, 0).numel() == 0
+    assert pick_examples(torch.empty(0, dtype=torch.long), 5).numel() == 0
+
+
+def test_dominant_labels_counts_only_fooled_images():
+    clean = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6])
+    perturbed = torch.tensor([3, 3, 3, 3, 1, 4, 3, 0])  # positions 3 and 5 unchanged
+    dominant = dominant_labels(clean, perturbed, num_classes=7)
+    assert dominant == DominantLabels(counts=[1, 1, 0, 4, 0, 0, 0], fooled=6, label=3, share=4 / 6)
+
+
+def test_dominant_labels_tie_and_nothing_fooled():
+    assert dominant_labels(torch.tensor([0, 0]), torch.tensor([2, 1]), 3).label == 1  # lowest index on a tie
+    same = torch.tensor([1, 2, 3])
+    assert dominant_labels(same, same.clone(), 4) == DominantLabels(
+        counts=[0, 0, 0, 0], fooled=0, label=None, share=0.0
+    )
+    with pytest.raises(ValueError):
+        dominant_labels(torch.tensor([0]), torch.tensor([5]), 3)
+
+
+def test_labels_figure_renders_640x400(tmp_path):
+    dominant = dominant_labels(torch.zeros(10, dtype=torch.long), torch.tensor([3] * 6 + [1, 2, 5, 0]), 10)
+    fig = labels_figure(dominant, CIFAR_NAMES)
+    assert fig.axes[0].get_title() == "where fooled images go: 67% to 'cat' (n=9)"
+    assert fig.axes[0].get_xticklabels()[0].get_rotation() > 0  # CIFAR names would overlap
+    digits = labels_figure(dominant, [str(k) for k in range(10)])
+    assert digits.axes[0].get_xticklabels()[0].get_rotation() == 0
+    assert _png_shape(fig, tmp_path / "labels.png") == (400, 640, 4)
+
+    nothing = labels_figure(dominant_labels(torch.zeros(4), torch.zeros(4), 10), CIFAR_NAMES)
+    assert "nothing fooled" in nothing.axes[0].get_title()
+    assert _png_shape(nothing, tmp_path / "labels_none.png") == (400, 640, 4)
+
+
+def test_labels_figure_shows_top_30_of_many_classes(tmp_path):
+    counts = [k % 37 for k in range(100)]
+    dominant = DominantLabels(counts=counts, fooled=sum(counts), label=36, share=36 / sum(counts))
+    fig = labels_figure(dominant, [f"class {k}" for k in range(100)])
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert len(ticks) == 30 and ticks[0] == "class 36"
+    assert _png_shape(fig, tmp_path / "labels.png") == (400, 640, 4)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_examples_figure_renders(tmp_path, channels):
+    count = 8
+    clean = torch.rand(count, channels, 12, 12, generator=torch.Generator().manual_seed(0))
+    perturbed = (clean + 0.1).clamp(0, 1)
+    true = list(range(count))
+    clean_pred = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8])
+    perturbed_pred = torch.tensor([0, 3, 3, 3, 4, 3, 6, 8])
+    title = "deepfool_uap ℓinf ε=8: fooling rate 0.62"
+    fig = examples_figure(clean, perturbed, true, clean_pred, perturbed_pred, CIFAR_NAMES, title)
+    axes = fig.axes
+    assert axes[0].get_title() == "true: airplane\npred: airplane"
+    assert axes[7].get_title() == "true: horse\npred: ship"
+    assert axes[0].get_ylabel() == "clean" and axes[count].get_ylabel() == "x + v"
+    reds = [ax.xaxis.label.get_color() == "red" for ax in axes[count:]]
+    assert reds == [False, True, True, False, False, True, False, False]
+    assert fig.get_suptitle() == title
+    assert _png_shape(fig, tmp_path / "examples.png") == (450, 1250, 4)
+
+
+def test_examples_figure_has_minimum_width(tmp_path):
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fig = examples_figure(image, image, [1], [1], [2], CIFAR_NAMES, "one image")
+    assert _png_shape(fig, tmp_path / "examples.png") == (450, 400, 4)
+
+
+def test_figure_image_and_dpi(tmp_path):
+    fig = curve_figure(_history(), 2)
+    array = figure_image(fig)
+    assert array.shape == (400, 640, 3) and array.dtype == np.uint8
+    save_figure_png(fig, tmp_path / "curve.png", dpi=50)
+    assert mpimg.imread(tmp_path / "curve.png").shape[:2] == (200, 320)
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # no temporary file left behind

@@ -15,10 +15,10 @@ from attack_helpers import random_conv_net, single_thread
 from conftest import compose_config
 from uap_lightning import metrics
 from uap_lightning.attacks import DeepFoolUAP, ThreatModel, frozen_eval, run_passes
-from uap_lightning.bench.cli import validate_bench
+from uap_lightning.tasks import bench as bench_task
 from uap_lightning.bench.naive import naive_deepfool, naive_uap
 from uap_lightning.attacks import deepfool_single
-from uap_lightning.validation import ConfigError
+from uap_lightning.validation import ConfigError, validate
 
 ROW_FIELDS = {"method", "seconds", "fooling_rate", "passes", "speedup_vs_art", "speedup_vs_naive"}
 
@@ -61,19 +61,19 @@ def test_naive_reference_computes_the_same_v_as_deepfool_uap(p, eps):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("bench.rows=[naive,pgd]", "bench.rows"),
-        ("bench.rows=[naive,naive]", "bench.rows"),
-        ("+bench.engines.pgd={}", "unknown engine"),
-        ("+bench.engines.sgd_uap.optimizer=lbfgs", "sgd_uap"),
-        ("bench.art_batch_size=1", "art_batch_size"),
+        ("task.rows=[naive,pgd]", "task.rows"),
+        ("task.rows=[naive,naive]", "task.rows"),
+        ("+task.engines.pgd={}", "unknown engine"),
+        ("+task.engines.sgd_uap.optimizer=lbfgs", "sgd_uap"),
+        ("task.art_batch_size=1", "art_batch_size"),
         ("attack.target_class=3", "target_class"),
         ("attack.p=7", "attack.p"),
     ],
 )
 def test_bad_bench_settings_fail_with_the_setting_named(tmp_path, override, message):
-    cfg = compose_config(["bench=smoke", override], tmp_path, config_name="bench")
+    cfg = compose_config(["experiment=bench_smoke", override], tmp_path, config_name="bench")
     with pytest.raises(ConfigError, match=message):
-        validate_bench(cfg)
+        bench_task.check(cfg, validate(cfg))
 
 
 def test_cifar_preset_shares_the_experiment_victim(tmp_path):
@@ -83,9 +83,17 @@ def test_cifar_preset_shares_the_experiment_victim(tmp_path):
         num_classes = 10
         class_names = [str(i) for i in range(10)]
 
+        def __init__(self, cfg):
+            self.cfg = cfg.data
+
+        def fingerprint(self):
+            return "the same files"
+
     bench = compose_config([], tmp_path, config_name="bench")
     experiment = compose_config(["experiment=cifar10_resnet20"], tmp_path)
-    assert victim_spec(bench, Folder()) == victim_spec(experiment, Folder())
+    assert victim_spec(bench.model, bench.trainer, Folder(bench), bench.seed) == victim_spec(
+        experiment.model, experiment.trainer, Folder(experiment), experiment.seed
+    )
     assert (bench.data.attack_images, bench.data.eval_images, bench.attack.eps) == (500, 2000, 8)
     assert (bench.attack.max_passes, bench.attack.delta, bench.attack.p) == (5, 0.2, "inf")
 
@@ -95,7 +103,7 @@ def test_smoke_benchmark_writes_bench_json(tmp_path):
     env.pop("UAP_DATA_DIR", None)
     run_dir = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "uap_lightning.bench", "bench=smoke", f"hydra.run.dir={run_dir}",
+        [sys.executable, "-m", "uap_lightning.bench", "experiment=bench_smoke", f"hydra.run.dir={run_dir}",
          "trainer.enable_progress_bar=false"],
         cwd=tmp_path,
         env=env,

@@ -14,6 +14,18 @@ from uap_lightning.models.cache import cache_entry, load_or_train, victim_key
 from uap_lightning.training import obtain_victim, victim_spec
 
 
+def victim_of(cfg, datamodule):
+    """The run's victim, as the shared setup obtains it."""
+    return obtain_victim(
+        cfg.model, cfg.trainer, datamodule, seed=cfg.seed, cache_dir=cfg.paths.cache_dir, lock_timeout=60
+    )
+
+
+def spec_of(cfg, datamodule):
+    """The cache spec of the run's victim."""
+    return victim_spec(cfg.model, cfg.trainer, datamodule, cfg.seed)
+
+
 def _train_counting(cache_dir: str, counter: str, seconds: float) -> float:
     """Train a tiny net under the cache lock, appending a line to ``counter`` per training."""
     torch.manual_seed(0)
@@ -71,13 +83,13 @@ def test_victim_trained_once_and_reused(make_cfg, tmp_path):
     cfg = make_cfg(*base)
     datamodule = build_datamodule(cfg.data, cache_dir=cfg.paths.cache_dir)
     datamodule.setup("fit")
-    first = obtain_victim(cfg, datamodule, log_dir=None)
-    second = obtain_victim(cfg, datamodule, log_dir=None)
+    first = victim_of(cfg, datamodule)
+    second = victim_of(cfg, datamodule)
     assert (first.source, second.source) == ("trained", "cache")
     assert second.test_accuracy == first.test_accuracy
     for a, b in zip(first.module.net.state_dict().values(), second.module.net.state_dict().values()):
         assert torch.equal(a, b)
     # attack settings do not change the victim; training settings do
-    assert victim_spec(make_cfg(*base, "attack.eps=3", "data.attack_images=10"), datamodule) == victim_spec(cfg, datamodule)
-    assert victim_spec(make_cfg(*base, "seed=1"), datamodule) != victim_spec(cfg, datamodule)
-    assert victim_spec(make_cfg(*base, "model.lr=0.5"), datamodule) != victim_spec(cfg, datamodule)
+    assert spec_of(make_cfg(*base, "attack.eps=3", "data.attack_images=10"), datamodule) == spec_of(cfg, datamodule)
+    assert spec_of(make_cfg(*base, "seed=1"), datamodule) != spec_of(cfg, datamodule)
+    assert spec_of(make_cfg(*base, "model.lr=0.5"), datamodule) != spec_of(cfg, datamodule)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from uap_lightning import metrics
-from uap_lightning.attacks.driver import UAPResult, run_passes
+from uap_lightning.attacks.driver import KEEP_CHOICES, UAPResult, run_passes
 from uap_lightning.attacks.engines import build_engine, engine_options
 from uap_lightning.attacks.model_state import frozen_eval, model_device
 from uap_lightning.attacks.threat import ThreatModel
@@ -38,12 +38,14 @@ def compute_uap(
     clip: bool = True,
     target_class: Optional[int] = None,
     eval_batch_size: int = 512,
+    keep: str = "best",
     **options,
 ) -> UAPResult:
     """A universal perturbation of ``model`` (images in [0,1] → logits) on the attack set ``images``.
 
     Stops when the fooling rate on ``images`` (targeted: the targeted success rate) reaches
-    1 − ``delta`` or after ``max_passes`` passes. ``method`` is deepfool_uap,
+    1 − ``delta`` or after ``max_passes`` passes and returns the pass with the highest rate on
+    ``images`` (``keep="last"``: the last pass). ``method`` is deepfool_uap,
     deepfool_uap_batched or sgd_uap; ``options`` go to the engine (e.g. overshoot,
     batch_size, step_size). Runs on the model's device (images stay where they are and move
     batch by batch); the model's mode and parameter flags are restored afterwards; the
@@ -58,12 +60,17 @@ def compute_uap(
         raise ValueError(f"eval_batch_size must be an integer >= 1; got {eval_batch_size!r}")
     if "max_passes" in engine_options(method) and "max_passes" not in options:
         options["max_passes"] = max_passes
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}; got {keep!r}")
     engine = build_engine(method, threat, clip=clip, target_class=target_class, **options)
-    x = as_images(images)
+    x = as_images(images, model)
     generator = torch.Generator().manual_seed(int(seed))
     with frozen_eval(model):
+        classes = check_logits(model, x)
         if target_class is not None:
-            _check_target(model, x, target_class)
+            valid = isinstance(target_class, numbers.Integral) and not isinstance(target_class, bool)
+            if not valid or not 0 <= target_class < classes:
+                raise ValueError(f"target_class must be an integer in [0, {classes - 1}]; got {target_class!r}")
         clean = metrics.predict(model, x, batch_size=eval_batch_size, clip=clip)
         return run_passes(
             model,
@@ -76,27 +83,36 @@ def compute_uap(
             eval_batch_size=int(eval_batch_size),
             clip=clip,
             target_class=target_class,
+            keep=keep,
         )
 
 
 def fooling_rate(
     model: nn.Module, images: Images, perturbation: Tensor, *, clip: bool = True, batch_size: int = 512
 ) -> float:
-    """Share of ``images`` whose predicted label changes when ``perturbation`` (C×H×W) is added."""
-    x = as_images(images)
+    """Share of ``images`` whose predicted label changes when ``perturbation`` (C×H×W, [0,1]
+    scale, finite) is added."""
+    x = as_images(images, model)
+    if not isinstance(perturbation, Tensor):
+        raise TypeError(f"perturbation must be a C×H×W tensor; got {type(perturbation).__name__}")
     if tuple(perturbation.shape) != tuple(x.shape[1:]):
         raise ValueError(
             f"perturbation has shape {tuple(perturbation.shape)}; "
             f"expected C×H×W = {tuple(x.shape[1:])} like the images"
         )
+    if not perturbation.is_floating_point() or not bool(torch.isfinite(perturbation).all()):
+        raise ValueError("perturbation must hold finite floats (it has NaN or infinite values, or is not float)")
+    perturbation = perturbation.to(x.dtype)
     with frozen_eval(model):
+        check_logits(model, x)
         clean = metrics.predict(model, x, batch_size=batch_size, clip=clip)
         perturbed = metrics.predict(model, x, perturbation, batch_size=batch_size, clip=clip)
     return metrics.fooling_rate(clean, perturbed)
 
 
-def as_images(images: Images) -> Tensor:
-    """An N×C×H×W float tensor in [0,1] from a tensor or an iterable of batches; ValueError otherwise."""
+def as_images(images: Images, model: Optional[nn.Module] = None) -> Tensor:
+    """An N×C×H×W float tensor in [0,1] from a tensor or an iterable of batches, cast to the
+    floating dtype of ``model``'s parameters (float32 when it has none); ValueError otherwise."""
     if not isinstance(images, Tensor):
         if not isinstance(images, Iterable):
             raise TypeError(f"images must be an N×C×H×W tensor or a DataLoader; got {type(images).__name__}")
@@ -115,7 +131,29 @@ def as_images(images: Images) -> Tensor:
         raise ValueError(
             f"images must lie in [0,1] (normalisation belongs inside the model); got values in [{low:.4g}, {high:.4g}]"
         )
-    return images.detach()
+    return images.detach().to(_float_dtype(model))
+
+
+def _float_dtype(model: Optional[nn.Module]) -> torch.dtype:
+    for tensor in model.parameters() if model is not None else ():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def check_logits(model: nn.Module, images: Tensor) -> int:
+    """The number of classes of ``model``, after checking that it maps a batch of ``images`` to an
+    N×K logits tensor with K ≥ 2; ValueError saying what it returned otherwise."""
+    with torch.no_grad():
+        out = model(images[:2].to(model_device(model)))
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"the model must return a logits tensor (N×K); it returned a {type(out).__name__}: wrap it in a module whose "
+            "forward returns the logits alone"
+        )
+    if out.dim() != 2 or out.shape[0] != min(2, images.shape[0]) or out.shape[1] < 2:
+        raise ValueError(f"the model must return N×K logits with K >= 2 classes; it returned shape {tuple(out.shape)}")
+    return int(out.shape[1])
 
 
 def _images_of(batch) -> Tensor:
@@ -124,11 +162,3 @@ def _images_of(batch) -> Tensor:
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
     raise TypeError(f"DataLoader batches must be image tensors or (images, labels); got {type(batch).__name__}")
-
-
-def _check_target(model: nn.Module, images: Tensor, target_class: int) -> None:
-    with torch.no_grad():
-        classes = model(images[:1].to(model_device(model))).shape[1]
-    valid = isinstance(target_class, numbers.Integral) and not isinstance(target_class, bool)
-    if not valid or not 0 <= target_class < classes:
-        raise ValueError(f"target_class must be an integer in [0, {classes - 1}]; got {target_class!r}")

@@ -1,8 +1,9 @@
 """Structured configs: the typed schema every Hydra run is validated against.
 
-Each group of ``conf/`` (data, model, attack, trainer, logger, paths) is merged onto
+Each group of ``conf/`` (data, model, attack, task, trainer, logger, paths) is merged onto
 one of these dataclasses, so an unknown key or a value of the wrong type fails at
-composition with a message naming the key.
+composition with a message naming the key; keys added with ``+`` are caught by
+``validation.check_schema``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class PathsConfig:
     data_dir: str = MISSING  # $UAP_DATA_DIR, else <cwd>/data
     cache_dir: str = MISSING  # trained victims and decoded datasets
     output_dir: str = MISSING  # the Hydra run dir of this job
+    lock_timeout: float = 3600.0  # seconds to wait for another process training the same victim
 
 
 @dataclass
@@ -56,6 +58,7 @@ class ModelConfig:
     arch: Optional[str] = None  # model=torchvision: the torchvision classifier's name
     pretrained: bool = False  # model=torchvision: ImageNet weights from the local hub cache
     checkpoint: Optional[str] = None  # attack these weights instead of training
+    trust_checkpoint: bool = False  # allow full unpickling of model.checkpoint (it can run code)
     width: int = 32  # cnn/lenet: channels of the first convolution
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.05
@@ -82,31 +85,65 @@ class TrainerConfig:
 
 @dataclass
 class AttackConfig:
-    """A universal attack. ε is in 0–255 pixel units for every p."""
+    """Settings every universal attack shares. ε is in 0–255 pixel units for every p.
 
-    method: str = "deepfool_uap"  # deepfool_uap | deepfool_uap_batched | sgd_uap
+    Each engine has its own schema below (``attack=NAME`` picks it), so a key that does not
+    belong to the chosen engine is an error.
+    """
+
+    method: str = MISSING  # deepfool_uap | deepfool_uap_batched | sgd_uap
     eps: Optional[float] = None  # None: the data preset's default for this p
     p: str = "inf"  # inf | 2 | 1
     delta: float = 0.2  # stop when the fooling rate on X reaches 1 - delta
     max_passes: int = 10
     clip: bool = True  # clip x + v to [0,1]
     target_class: Optional[int] = None  # targeted mode: push images to this class
-    # DeepFool family
-    overshoot: float = 0.02
-    num_candidates: int = 10
-    max_deepfool_iters: int = 10
-    deepfool_norm: Optional[str] = None  # None: same as p; "2" keeps the authors' code's ℓ2 steps
-    batch_size: int = 32  # deepfool_uap_batched / sgd_uap: images per update
-    aggregate: str = "sum"  # deepfool_uap_batched: how a batch's steps combine (sum | mean)
-    # SGD-UAP
-    optimizer: str = "sign"  # sign | adam
-    step_size: Optional[float] = None  # first step, 0–255 units; None: eps / 10
-    lr_schedule: str = "cosine"  # cosine | constant
-    beta: float = 9.0  # cross-entropy clip of SGD-UAP
+    keep: str = "best"  # best: the pass with the highest fooling rate on X | last
+    seed: Optional[int] = None  # draw and order of X, attack randomness; None: the run's seed
+    resume: bool = True  # continue an interrupted attack found in the run folder
     # evaluation and devices
     eval_batch_size: int = 512
     amp: bool = False  # autocast the victim during evaluation (GPU)
     channels_last: bool = False
+
+
+@dataclass
+class DeepFoolUAPConfig(AttackConfig):
+    """The paper's Algorithm 1: sequential DeepFool steps, projected onto the ℓp ball."""
+
+    method: str = "deepfool_uap"
+    overshoot: float = 0.02
+    num_candidates: int = 10
+    max_deepfool_iters: int = 10
+    deepfool_norm: str = "2"  # 2: the paper's minimal ℓ2 step for every p; inf | 1: variants
+
+
+@dataclass
+class BatchedDeepFoolUAPConfig(DeepFoolUAPConfig):
+    """Algorithm 1 on mini-batches: the converged DeepFool steps of a batch combined, then projected."""
+
+    method: str = "deepfool_uap_batched"
+    batch_size: int = 32
+    aggregate: str = "sum"  # sum | mean
+
+
+@dataclass
+class SGDUAPConfig(AttackConfig):
+    """SGD-UAP (Shafahi et al., AAAI 2020): ascent on a clipped cross-entropy."""
+
+    method: str = "sgd_uap"
+    batch_size: int = 32
+    optimizer: str = "sign"  # sign | adam
+    step_size: Optional[float] = None  # first step, 0–255 units; None: eps / 10
+    lr_schedule: str = "cosine"  # cosine | constant
+    beta: float = 9.0  # cross-entropy clip
+
+
+ATTACK_SCHEMAS: Dict[str, type] = {
+    "deepfool_uap": DeepFoolUAPConfig,
+    "deepfool_uap_batched": BatchedDeepFoolUAPConfig,
+    "sgd_uap": SGDUAPConfig,
+}
 
 
 @dataclass
@@ -115,31 +152,31 @@ class LoggerConfig:
 
     tensorboard: bool = True
     example_images: int = 8  # clean/perturbed pairs in examples.png and TensorBoard
-    progress_bar: bool = True
+    progress_bar: Optional[bool] = None  # None: only when the console is a terminal
 
 
 @dataclass
-class RunConfig:
-    """The whole run: compose -> seed -> data -> victim -> attack -> outputs."""
+class TaskConfig:
+    """What a run does with the shared setup (``task=NAME`` picks it)."""
 
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
-    task_name: str = "uap"
-    tags: List[str] = field(default_factory=list)
+    name: str = MISSING
+
+
+@dataclass
+class AttackTaskConfig(TaskConfig):
+    """Compute one universal perturbation and evaluate it (the default)."""
+
+    name: str = "attack"
 
 
 BENCH_ROWS = ("naive", "art", "deepfool_uap", "deepfool_uap_batched", "sgd_uap")
 
 
 @dataclass
-class BenchSettings:
-    """What ``python -m uap_lightning.bench`` runs side by side on one victim and one X."""
+class BenchTaskConfig(TaskConfig):
+    """Run ART, a naive reference and the engines side by side on one victim and one X."""
 
+    name: str = "bench"
     rows: List[str] = field(default_factory=lambda: list(BENCH_ROWS))  # any of BENCH_ROWS, in order
     # per-engine options over the shared ``attack`` settings, e.g. {sgd_uap: {max_passes: 5}}
     engines: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -147,16 +184,30 @@ class BenchSettings:
     efficiency_batches: int = 4  # batches of X timed for the batched engine's efficiency
 
 
-@dataclass
-class BenchConfig(RunConfig):
-    """The benchmark: the run's data, model, trainer and shared attack settings, plus the rows."""
+TASK_SCHEMAS: Dict[str, type] = {"attack": AttackTaskConfig, "bench": BenchTaskConfig}
 
-    bench: BenchSettings = field(default_factory=BenchSettings)
-    task_name: str = "bench"
+
+@dataclass
+class RunConfig:
+    """The whole run: compose -> validate -> prepare (data, victims) -> task -> outputs."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    attack: Any = MISSING  # one of ATTACK_SCHEMAS, chosen by attack=NAME
+    task: Any = MISSING  # one of TASK_SCHEMAS, chosen by task=NAME
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    task_name: str = "uap"
+    tags: List[str] = field(default_factory=list)
 
 
 def register_configs() -> None:
-    """Register the schemas so ``conf/config.yaml`` and ``conf/bench.yaml`` can name them."""
+    """Register the schemas: ``run_schema`` for the primary configs, ``<name>_schema`` in the
+    ``attack`` and ``task`` groups for the presets of those groups."""
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
-    store.store(name="bench_schema", node=BenchConfig)
+    for group, schemas in (("attack", ATTACK_SCHEMAS), ("task", TASK_SCHEMAS)):
+        for name, schema in schemas.items():
+            store.store(group=group, name=f"{name}_schema", node=schema)

@@ -1,16 +1,21 @@
-"""The attack loop on Lightning Fabric: passes of a universal attack engine, evaluated and logged.
+"""The attack loop on Lightning Fabric: passes of a universal attack engine, evaluated, logged
+and saved, so that an interrupted attack resumes to the same result.
 
-The loop owns devices, loggers and callbacks; the engine (pure torch) owns the update
-rule. After every pass the loop evaluates the perturbation on the eval set, logs scalars
-and the perturbation to TensorBoard and calls the ``on_attack_pass_end`` hook of every
-Fabric callback.
+The loop owns devices, loggers, callbacks and the attack state; the engine (pure torch) owns
+the update rule. After every pass the loop evaluates v on the eval set, logs scalars and the
+perturbation, saves its state (v, the kept v, the pass, the generator, the history) with
+Fabric's ``save`` and calls the ``on_attack_pass_end`` hook of every Fabric callback. Ctrl-C
+(or a SIGTERM turned into KeyboardInterrupt by the caller) ends the loop after the last
+finished pass: the outcome is marked ``interrupted`` and built from that pass.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -19,8 +24,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from uap_lightning import metrics
-from uap_lightning.attacks import PassStats, ThreatModel, UAPResult, UniversalAttack, frozen_eval, run_passes
-from uap_lightning.report.images import perturbation_image
+from uap_lightning.attacks import (
+    KeptPerturbation,
+    PassReport,
+    ThreatModel,
+    UAPResult,
+    UniversalAttack,
+    frozen_eval,
+    run_passes,
+)
+from uap_lightning.errors import DamagedFileError
+from uap_lightning.report.figures import perturbation_image
+
+STATE_VERSION = 1
 
 
 @dataclass
@@ -33,14 +49,61 @@ class EvaluationSettings:
 
 
 @dataclass
+class AttackState:
+    """Everything needed to continue an attack after its pass ``passes``: v after that pass,
+    the kept perturbation, the generator state, the per-pass history and attack seconds."""
+
+    fingerprint: str  # of the settings that determine the result
+    passes: int
+    perturbation: Tensor  # C×H×W, [0,1] scale
+    kept: KeptPerturbation
+    generator_state: Tensor
+    history: List[Dict[str, Any]]
+    attack_seconds: float
+    finished: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint,
+            "passes": self.passes,
+            "perturbation": self.perturbation,
+            "kept_perturbation": self.kept.perturbation,
+            "kept_fooling_rate": self.kept.fooling_rate,
+            "kept_pass": self.kept.pass_index,
+            "generator_state": self.generator_state,
+            "history": self.history,
+            "attack_seconds": self.attack_seconds,
+            "finished": self.finished,
+        }
+
+    @classmethod
+    def from_dict(cls, state: Dict[str, Any]) -> "AttackState":
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"attack state version {state.get('version')!r}, expected {STATE_VERSION}")
+        return cls(
+            fingerprint=str(state["fingerprint"]),
+            passes=int(state["passes"]),
+            perturbation=state["perturbation"],
+            kept=KeptPerturbation(state["kept_perturbation"], float(state["kept_fooling_rate"]), int(state["kept_pass"])),
+            generator_state=state["generator_state"],
+            history=list(state["history"]),
+            attack_seconds=float(state["attack_seconds"]),
+            finished=bool(state["finished"]),
+        )
+
+
+@dataclass
 class AttackOutcome:
     """What one attack run produced, with everything its outputs need."""
 
     result: UAPResult
-    history: List[Dict[str, Any]]
-    final: Dict[str, Any]
+    history: List[Dict[str, Any]]  # one record per pass, resumed passes included
+    final: Dict[str, Any]  # the evaluation record of the kept perturbation
     clean_eval_labels: Tensor  # (N,) predictions on the eval set without perturbation
-    perturbed_eval_labels: Tensor  # (N,) predictions with the perturbation
+    perturbed_eval_labels: Tensor  # (N,) predictions with the kept perturbation
+    interrupted: bool = False
+    resumed_from: int = 0  # passes already done when this call started
 
 
 @dataclass
@@ -54,7 +117,21 @@ class AttackLoop:
     max_passes: int
     clip: bool = True
     target_class: Optional[int] = None
+    keep: str = "best"
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    state_path: Optional[Path] = None  # where the state is saved after each pass
+    fingerprint: str = ""
+
+    def load_state(self) -> Optional[AttackState]:
+        """The saved state at ``state_path`` (tensors-only load), or None when there is none.
+
+        DamagedFileError when the file exists but cannot be read as an attack state."""
+        if self.state_path is None or not self.state_path.is_file():
+            return None
+        try:
+            return AttackState.from_dict(self.fabric.load(self.state_path, weights_only=True))
+        except Exception as err:  # any failure to read the state means it cannot be resumed
+            raise DamagedFileError(f"attack state {self.state_path} cannot be read: {err}") from None
 
     def run(
         self,
@@ -63,8 +140,10 @@ class AttackLoop:
         eval_images: Tensor,
         eval_labels: Tensor,
         seed: int,
+        resume: Optional[AttackState] = None,
     ) -> AttackOutcome:
-        """Compute a universal perturbation on ``attack_images`` (X) and evaluate it on the eval set.
+        """Compute a universal perturbation on ``attack_images`` (X) and evaluate it on the eval set,
+        continuing from ``resume`` when given (same settings, same X: the same final v).
 
         Images are N×C×H×W in [0,1]; the model maps them to logits.
         """
@@ -74,57 +153,96 @@ class AttackLoop:
         attack_images = attack_images.to(self.fabric.device)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         history: List[Dict[str, Any]] = []
+        latest: Optional[AttackState] = None
+        if resume is not None:
+            generator.set_state(resume.generator_state)
+            history = [dict(record) for record in resume.history]
+            latest = resume
 
         with frozen_eval(model):
             clean_attack_labels = self.predict(model, attack_images)
             clean_eval_labels = self.predict(model, eval_images)
             clean_accuracy = metrics.accuracy(clean_eval_labels, eval_labels)
-            self.fabric.call("on_attack_start", loop=self, max_passes=self.max_passes)
-            elapsed = 0.0
+            self.fabric.call("on_attack_start", loop=self, max_passes=self.max_passes, done=len(history))
+            elapsed = resume.attack_seconds if resume is not None else 0.0
 
-            def on_pass_end(pass_index: int, v: Tensor, stats: PassStats, rate_attack_set: float) -> None:
+            def on_pass_end(report: PassReport) -> None:
                 # attack time of this pass: engine updates plus the check on X, not the evaluation
-                nonlocal elapsed, pass_started
+                nonlocal elapsed, pass_started, latest
                 pass_seconds = time.perf_counter() - pass_started
                 elapsed += pass_seconds
-                record = self._evaluate(model, v, eval_images, eval_labels, clean_eval_labels)
+                record = self._evaluate(model, report.perturbation, eval_images, eval_labels, clean_eval_labels)
                 record.update(
                     {
-                        "pass": pass_index,
-                        "fooling_rate_attack_set": rate_attack_set,
+                        "pass": report.pass_index,
+                        "fooling_rate_attack_set": report.fooling_rate,
                         "clean_accuracy": clean_accuracy,
-                        "updates": stats.updates,
-                        "mean_deepfool_iterations": stats.mean_iterations,
+                        "updates": report.stats.updates,
+                        "mean_deepfool_iterations": report.stats.mean_iterations,
                         "seconds": pass_seconds,
                         "attack_seconds": elapsed,
+                        "kept_pass": report.kept.pass_index,
                     }
                 )
                 history.append(record)
-                self.fabric.log_dict({f"attack/{k}": v_ for k, v_ in record.items() if k != "pass"}, step=pass_index)
-                self._log_perturbation(v, pass_index)
-                self.fabric.call("on_attack_pass_end", loop=self, record=record, perturbation=v)
+                latest = AttackState(
+                    self.fingerprint,
+                    report.pass_index,
+                    report.perturbation.detach().cpu().clone(),
+                    report.kept,
+                    generator.get_state(),
+                    [dict(r) for r in history],
+                    elapsed,
+                )
+                self._save(latest)
+                self.fabric.log_dict({f"attack/{k}": v_ for k, v_ in record.items() if k != "pass"}, step=report.pass_index)
+                self._log_perturbation(report.perturbation, report.pass_index)
+                self.fabric.call("on_attack_pass_end", loop=self, record=record, perturbation=report.perturbation)
                 pass_started = time.perf_counter()
 
             start = pass_started = time.perf_counter()
-            result = run_passes(
-                model,
-                self.engine,
-                attack_images,
-                clean_attack_labels,
-                delta=self.delta,
-                max_passes=self.max_passes,
-                generator=generator,
-                eval_batch_size=self.evaluation.batch_size,
-                clip=self.clip,
-                target_class=self.target_class,
-                on_pass_end=on_pass_end,
-            )
+            interrupted = False
+            try:
+                result = run_passes(
+                    model,
+                    self.engine,
+                    attack_images,
+                    clean_attack_labels,
+                    delta=self.delta,
+                    max_passes=self.max_passes,
+                    generator=generator,
+                    eval_batch_size=self.evaluation.batch_size,
+                    clip=self.clip,
+                    target_class=self.target_class,
+                    keep=self.keep,
+                    initial=None if resume is None else resume.perturbation,
+                    start_pass=0 if resume is None else resume.passes,
+                    kept=None if resume is None else resume.kept,
+                    on_pass_end=on_pass_end,
+                )
+            except KeyboardInterrupt:
+                interrupted = True
+                result = self._result_of(latest, attack_images.shape[1:], attack_images.dtype)
+            else:
+                if latest is not None:
+                    latest.finished = True
+                    self._save(latest)
             wall = time.perf_counter() - start
-            perturbed_eval_labels = self.predict(model, eval_images, result.perturbation)
+            kept_v = result.perturbation
+            perturbed_eval_labels = self.predict(model, eval_images, kept_v)
 
-        final = dict(history[-1], loop_seconds=wall)  # run_passes makes at least one pass
+        final = self._final_record(model, kept_v, result, history, eval_images, eval_labels, clean_eval_labels)
+        final.update(loop_seconds=wall, clean_accuracy=clean_accuracy, attack_seconds=elapsed)
         self.fabric.call("on_attack_end", loop=self, result=result, final=final)
-        return AttackOutcome(result, history, final, clean_eval_labels.cpu(), perturbed_eval_labels.cpu())
+        return AttackOutcome(
+            result,
+            history,
+            final,
+            clean_eval_labels.cpu(),
+            perturbed_eval_labels.cpu(),
+            interrupted=interrupted,
+            resumed_from=0 if resume is None else resume.passes,
+        )
 
     def predict(self, model: nn.Module, images: Tensor, perturbation: Optional[Tensor] = None) -> Tensor:
         """Labels (N,) of ``model``, in eval mode, on ``images`` (+ ``perturbation``); the loop's settings."""
@@ -138,6 +256,48 @@ class AttackLoop:
                 amp=self.evaluation.amp,
                 channels_last=self.evaluation.channels_last,
             )
+
+    def _final_record(
+        self,
+        model: nn.Module,
+        kept_v: Tensor,
+        result: UAPResult,
+        history: List[Dict[str, Any]],
+        eval_images: Tensor,
+        eval_labels: Tensor,
+        clean_labels: Tensor,
+    ) -> Dict[str, Any]:
+        """The evaluation record of the kept perturbation: its pass's record, or (no pass) a fresh one."""
+        for record in history:
+            if record["pass"] == result.best_pass:
+                return dict(record)
+        record = self._evaluate(model, kept_v, eval_images, eval_labels, clean_labels)
+        record.update({"pass": result.best_pass, "fooling_rate_attack_set": result.fooling_rate})
+        return record
+
+    def _result_of(self, state: Optional[AttackState], shape, dtype) -> UAPResult:
+        """The result as of the last finished pass (v = 0 when none finished)."""
+        if state is None:
+            zero = torch.zeros(tuple(shape), dtype=dtype)
+            return UAPResult(zero, 0.0, passes=0, best_pass=0, last_perturbation=zero)
+        rate = state.history[-1]["fooling_rate_attack_set"] if state.history else state.kept.fooling_rate
+        return UAPResult(
+            state.kept.perturbation,
+            state.kept.fooling_rate,
+            passes=state.passes,
+            converged=rate >= 1.0 - self.delta,
+            best_pass=state.kept.pass_index,
+            last_perturbation=state.perturbation,
+        )
+
+    def _save(self, state: AttackState) -> None:
+        """Save ``state`` with Fabric (rank 0), to a temporary name then renamed into place."""
+        if self.state_path is None:
+            return
+        temporary = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}.tmp")
+        self.fabric.save(temporary, state.to_dict())
+        if self.fabric.is_global_zero:
+            os.replace(temporary, self.state_path)
 
     def _evaluate(
         self, model: nn.Module, v: Tensor, eval_images: Tensor, eval_labels: Tensor, clean_labels: Tensor
@@ -168,9 +328,11 @@ class AttackProgressBar:
         self.enabled = enabled
         self._bar: Optional[tqdm] = None
 
-    def on_attack_start(self, loop: AttackLoop, max_passes: int) -> None:
+    def on_attack_start(self, loop: AttackLoop, max_passes: int, done: int) -> None:
         if self.enabled and loop.fabric.is_global_zero:
-            self._bar = tqdm(total=max_passes, desc=f"{loop.engine.name} passes", unit="pass", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=max_passes, initial=done, desc=f"{loop.engine.name} passes", unit="pass", dynamic_ncols=True
+            )
 
     def on_attack_pass_end(self, loop: AttackLoop, record: Dict[str, Any], perturbation: Tensor) -> None:
         if self._bar is not None:

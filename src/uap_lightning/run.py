@@ -1,198 +1,103 @@
-"""Entry point: compose -> validate -> seed -> data -> victim (cache) -> attack loop -> outputs.
+"""Entry point: compose -> check -> prepare (data, X, eval set, victims) -> task -> outputs.
 
     python -m uap_lightning.run attack.eps=10 attack.p=inf
     python -m uap_lightning.run -m attack.eps=32,64 attack.p=2,inf model=cnn,lenet
+    python -m uap_lightning.run task=transfer
+
+Exit status: 0 done; 2 bad settings, data or files (one message naming the key or file, no
+traceback unless HYDRA_FULL_ERROR=1); 130 interrupted (the last finished pass is saved; the
+same command continues it). In a multirun a failing job leaves ``failure.json`` and the
+sweep goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import hydra
-import lightning as L
-import torch
-from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from uap_lightning.attacks import ThreatModel, build_engine
-from uap_lightning.attacks.random_noise import random_perturbation
 from uap_lightning.config import register_configs
-from uap_lightning.data import build_datamodule
-from uap_lightning import metrics as uap_metrics
-from uap_lightning.loop import AttackLoop, AttackOutcome, AttackProgressBar, EvaluationSettings
-from uap_lightning.report.images import examples_figure
-from uap_lightning.report.outputs import write_run_outputs
-from uap_lightning.training import Victim, obtain_victim
-from uap_lightning.validation import ConfigError, attack_options, validate
+from uap_lightning.errors import UserError
+from uap_lightning.rundir import remove_if_only_hydra, write_failure
+from uap_lightning.tasks import TASKS, run_task
 
 log = logging.getLogger("uap_lightning")
 
-
-def run(cfg: DictConfig) -> Dict[str, Any]:
-    """Run one experiment described by ``cfg``; return the metrics written to metrics.json."""
-    threat = validate(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    datamodule = build_datamodule(cfg.data, cache_dir=cfg.paths.cache_dir)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    target = cfg.attack.target_class
-    if target is not None and target >= datamodule.num_classes:
-        raise ConfigError(f"attack.target_class={target} is not one of the {datamodule.num_classes} classes")
-    attack_images, _ = datamodule.attack_set()
-    eval_images, eval_labels = datamodule.eval_set()
-
-    victim = obtain_victim(cfg, datamodule, log_dir=str(output_dir))
-    if victim.source == "pretrained" and getattr(datamodule, "folder_class_indices", None):
-        # an ImageNet head predicts over all class folders: score it against folder positions
-        eval_labels = torch.as_tensor(datamodule.folder_class_indices)[eval_labels]
-    loggers = (
-        [TensorBoardLogger(root_dir=str(output_dir), name="tensorboard", version="attack", default_hp_metric=False)]
-        if cfg.logger.tensorboard
-        else []
-    )
-    fabric = Fabric(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        loggers=loggers,
-        callbacks=[AttackProgressBar(enabled=cfg.logger.progress_bar)],
-    )
-    loop = AttackLoop(
-        fabric=fabric,
-        engine=build_engine(cfg.attack.method, threat, **attack_options(cfg)),
-        threat=threat,
-        delta=cfg.attack.delta,
-        max_passes=cfg.attack.max_passes,
-        clip=cfg.attack.clip,
-        target_class=target,
-        evaluation=EvaluationSettings(cfg.attack.eval_batch_size, cfg.attack.amp, cfg.attack.channels_last),
-    )
-    outcome = loop.run(victim.module.net, attack_images, eval_images, eval_labels, seed=cfg.seed)
-    random_rate = _random_baseline(loop, victim, threat, eval_images, outcome, cfg.seed)
-
-    metrics = _metrics(cfg, threat, victim, outcome, random_rate, len(attack_images), len(eval_images))
-    figure = _examples(outcome, eval_images, datamodule.class_names, cfg.logger.example_images)
-    for logger in fabric.loggers:
-        logger.experiment.add_figure("attack/examples", figure, global_step=metrics["passes"], close=False)
-        logger.log_hyperparams(_hparams(cfg, threat), metrics={f"final/{k}": metrics[k] for k in _FINAL_KEYS})
-        logger.finalize("success")
-    write_run_outputs(output_dir, outcome.result.perturbation, figure, metrics)
-    print(_summary(metrics, output_dir))
-    return metrics
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
-_FINAL_KEYS = ("fooling_rate", "fooling_rate_attack_set", "perturbed_accuracy", "clean_accuracy", "attack_seconds")
+class _Started:
+    """Whether Hydra reached the task function (composition succeeded)."""
+
+    value = False
 
 
-def _random_baseline(
-    loop: AttackLoop, victim: Victim, threat: ThreatModel, eval_images, outcome: AttackOutcome, seed: int
-) -> float:
-    """Fooling rate of a random perturbation of the same ℓp norm (the paper's baseline)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    noise = random_perturbation(eval_images.shape[1:], threat.eps, threat.p, generator)
-    labels = loop.predict(victim.module.net, eval_images, noise)
-    return uap_metrics.fooling_rate(outcome.clean_eval_labels, labels.cpu())
+def execute(cfg: DictConfig) -> Optional[float]:
+    """Run the task of ``cfg`` inside Hydra; the task's objective for sweepers.
 
-
-def _metrics(
-    cfg: DictConfig,
-    threat: ThreatModel,
-    victim: Victim,
-    outcome: AttackOutcome,
-    random_rate: float,
-    attack_images: int,
-    eval_images: int,
-) -> Dict[str, Any]:
-    final, result = outcome.final, outcome.result
-    history_keys = ("pass", "fooling_rate", "fooling_rate_attack_set", "perturbed_accuracy", "norm_l2",
-                    "norm_linf", "updates", "mean_deepfool_iterations", "seconds", "targeted_success_rate")
-    metrics: Dict[str, Any] = {
-        "fooling_rate": final["fooling_rate"],
-        "fooling_rate_attack_set": result.fooling_rate,
-        "clean_accuracy": final["clean_accuracy"],
-        "perturbed_accuracy": final["perturbed_accuracy"],
-        "random_fooling_rate": random_rate,
-        "norm_l2": final["norm_l2"],
-        "norm_linf": final["norm_linf"],
-        "eps": threat.eps,
-        "p": threat.p_name,
-        "delta": cfg.attack.delta,
-        "method": cfg.attack.method,
-        "passes": result.passes,
-        "converged": result.converged,
-        "attack_seconds": final["attack_seconds"],
-        "victim_accuracy": victim.test_accuracy if victim.test_accuracy is not None else final["clean_accuracy"],
-        "victim_source": victim.source,
-        "victim_train_seconds": victim.train_seconds,
-        "attack_images": attack_images,
-        "eval_images": eval_images,
-        "data": cfg.data.name,
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "history": [{k: record[k] for k in history_keys if k in record} for record in outcome.history],
-    }
-    if cfg.attack.target_class is not None:
-        metrics["target_class"] = cfg.attack.target_class
-        metrics["targeted_success_rate"] = final["targeted_success_rate"]
-    return metrics
-
-
-def _examples(outcome: AttackOutcome, eval_images, class_names, count: int):
-    count = max(1, min(count, len(eval_images)))
-    clean = eval_images[:count]
-    perturbed = uap_metrics.perturb(clean, outcome.result.perturbation.to(clean.device))
-    return examples_figure(
-        clean,
-        perturbed,
-        outcome.clean_eval_labels[:count].tolist(),
-        outcome.perturbed_eval_labels[:count].tolist(),
-        class_names,
-    )
-
-
-def _hparams(cfg: DictConfig, threat: ThreatModel) -> Dict[str, Any]:
-    attack = OmegaConf.to_container(cfg.attack, resolve=True)
-    attack.update(eps=threat.eps, p=threat.p_name)
-    return {
-        "attack": attack,
-        "data": cfg.data.name,
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "attack_images": cfg.data.attack_images,
-    }
-
-
-def _summary(m: Dict[str, Any], output_dir: Path) -> str:
-    return "\n".join(
-        [
-            f"victim   {m['model']} on {m['data']} ({m['victim_source']}): accuracy {m['victim_accuracy']:.4f}",
-            f"attack   {m['method']} ℓ{m['p']} ε={m['eps']:g}: {m['passes']} passes in {m['attack_seconds']:.1f} s"
-            f" ({'reached' if m['converged'] else 'did not reach'} 1−δ={1 - m['delta']:.2f} on X)",
-            f"fooling  {m['fooling_rate']:.4f} on {m['eval_images']} eval images "
-            f"({m['fooling_rate_attack_set']:.4f} on X, random noise {m['random_fooling_rate']:.4f})",
-            f"accuracy {m['clean_accuracy']:.4f} clean -> {m['perturbed_accuracy']:.4f} perturbed",
-            f"norm     ℓ2 {m['norm_l2']:.1f}, ℓ∞ {m['norm_linf']:.1f} (0–255 units)",
-            f"files    {output_dir.resolve()}",
-        ]
-    )
-
-
-register_configs()
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> Optional[float]:
-    """Hydra entry point; returns the fooling rate so sweepers can optimise it."""
+    A single run ends with SystemExit(2) on a user error; in a multirun any failure is
+    recorded in the job's ``failure.json`` and NaN returned so the sweep goes on.
+    """
+    _Started.value = True
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return run(cfg)["fooling_rate"]
-    except ConfigError as err:
+        metrics = run_task(cfg)
+    except UserError as err:
         log.error("%s", err)
+        if multirun:
+            write_failure(run_dir, err)
+            return math.nan
+        if not _full_error():
+            job_log = Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
+            remove_if_only_hydra(run_dir, job_log)
+            raise SystemExit(EXIT_USER_ERROR) from None
+        raise
+    except Exception as err:
+        if not multirun:
+            raise
+        log.exception("job %s failed", hydra_cfg.job.num)
+        write_failure(run_dir, err)
+        return math.nan
+    objective = TASKS[cfg.task.name].objective
+    value = metrics.get(objective) if objective else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def entry(config_name: str) -> Any:
+    """Run Hydra with ``config_name`` from the packaged configs, mapping outcomes to exit codes."""
+    register_configs()
+    task_function = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(execute)
+    try:
+        return task_function()
+    except KeyboardInterrupt as interrupt:
+        log.warning("interrupted (%s); run the same command again in the same run folder to continue", interrupt)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except SystemExit as done:
+        if done.code == 1 and not _Started.value:  # Hydra refused the settings before any work
+            raise SystemExit(EXIT_USER_ERROR) from None
         raise
 
 
+def main() -> Any:
+    """``python -m uap_lightning.run`` and the ``uap-lightning`` console script."""
+    return entry("config")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

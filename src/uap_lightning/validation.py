@@ -2,16 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, Dict
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from uap_lightning.attacks import ThreatModel, build_engine, engine_options
+from uap_lightning.attacks import KEEP_CHOICES, ThreatModel, build_engine, engine_options
+from uap_lightning.config import ATTACK_SCHEMAS, TASK_SCHEMAS
+from uap_lightning.errors import ConfigError
+
+_GPU_ACCELERATORS = ("gpu", "cuda")
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work, found before any heavy work."""
+def check_schema(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not know, including those added with ``+`` (Hydra lets
+    ``+key=value`` through a structured config), and an ``attack.method`` or ``task.name``
+    that differs from the preset chosen with ``attack=NAME`` / ``task=NAME``."""
+    for group, schemas, name_key in (("attack", ATTACK_SCHEMAS, "method"), ("task", TASK_SCHEMAS, "name")):
+        node = cfg[group]
+        chosen = node[name_key]
+        if chosen not in schemas:
+            raise ConfigError(f"{group}.{name_key}={chosen!r} is unknown; choose one of {', '.join(schemas)}")
+        if OmegaConf.get_type(node) is not schemas[chosen]:
+            raise ConfigError(
+                f"{group}.{name_key}={chosen} does not match the {group} preset; pick it with {group}={chosen} "
+                f"(its settings differ) instead of {group}.{name_key}={chosen}"
+            )
+    _check_known_keys(cfg, "")
+
+
+def _check_known_keys(node: Any, prefix: str) -> None:
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = [f.name for f in dataclasses.fields(schema)]
+        unknown = [key for key in node.keys() if key not in known]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown setting {prefix}{key}{hint} ({prefix.rstrip('.') or 'the config'} takes: "
+                f"{', '.join(known)})"
+            )
+    for key in node.keys():
+        if key != "hydra":
+            _check_known_keys(node._get_node(key), f"{prefix}{key}.")
 
 
 def resolve_threat(cfg: DictConfig) -> ThreatModel:
@@ -19,7 +59,7 @@ def resolve_threat(cfg: DictConfig) -> ThreatModel:
     try:
         p_name = ThreatModel.parse(1.0, cfg.attack.p).p_name
     except ValueError as err:
-        raise ConfigError(str(err)) from err
+        raise ConfigError(str(err)) from None
     eps = cfg.attack.eps
     if eps is None:
         defaults = cfg.data.default_eps or {}
@@ -32,7 +72,7 @@ def resolve_threat(cfg: DictConfig) -> ThreatModel:
     try:
         return ThreatModel.parse(eps, cfg.attack.p)
     except ValueError as err:
-        raise ConfigError(str(err)) from err
+        raise ConfigError(str(err)) from None
 
 
 def attack_options(cfg: DictConfig) -> Dict[str, Any]:
@@ -40,24 +80,44 @@ def attack_options(cfg: DictConfig) -> Dict[str, Any]:
     try:
         names = engine_options(cfg.attack.method)
     except ValueError as err:
-        raise ConfigError(str(err)) from err
+        raise ConfigError(str(err)) from None
     return {name: cfg.attack[name] for name in names if name in cfg.attack}
+
+
+def attack_seed(cfg: DictConfig) -> int:
+    """The seed of X's draw and order and of the attack's randomness: ``attack.seed`` or ``seed``."""
+    return int(cfg.seed if cfg.attack.seed is None else cfg.attack.seed)
+
+
+def check_accelerator(accelerator: str) -> None:
+    """ConfigError when ``accelerator`` asks for a GPU and this machine has none."""
+    if accelerator in _GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU and none is visible here; "
+            "use trainer=default (CPU)"
+        )
 
 
 def validate(cfg: DictConfig) -> ThreatModel:
     """Check every setting that can be checked without data or a model; return the threat model."""
+    check_schema(cfg)
     threat = resolve_threat(cfg)
     if not 0.0 < cfg.attack.delta < 1.0:
         raise ConfigError(f"attack.delta must lie in (0, 1); got {cfg.attack.delta}")
     if cfg.attack.max_passes < 1:
         raise ConfigError(f"attack.max_passes must be at least 1; got {cfg.attack.max_passes}")
+    if cfg.attack.keep not in KEEP_CHOICES:
+        raise ConfigError(f"attack.keep must be one of {', '.join(KEEP_CHOICES)}; got {cfg.attack.keep!r}")
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint} is not a file; give the path of your weights")
+    if cfg.paths.lock_timeout <= 0:
+        raise ConfigError(f"paths.lock_timeout must be a positive number of seconds; got {cfg.paths.lock_timeout}")
     target = cfg.attack.target_class
     if target is not None and (target < 0 or (cfg.data.num_classes is not None and target >= cfg.data.num_classes)):
         raise ConfigError(f"attack.target_class={target} is not a class of data={cfg.data.name}")
+    check_accelerator(cfg.trainer.accelerator)
     try:
         build_engine(cfg.attack.method, threat, **attack_options(cfg))
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"attack settings do not fit attack.method={cfg.attack.method}: {err}") from err
+        raise ConfigError(f"attack settings do not fit attack.method={cfg.attack.method}: {err}") from None
     return threat

@@ -3,7 +3,14 @@
 from uap_lightning.attacks.base import PassStats, UniversalAttack
 from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
 from uap_lightning.attacks.deepfool_uap import BatchedDeepFoolUAP, DeepFoolUAP
-from uap_lightning.attacks.driver import UAPResult, attack_set_rate, run_passes
+from uap_lightning.attacks.driver import (
+    KEEP_CHOICES,
+    KeptPerturbation,
+    PassReport,
+    UAPResult,
+    attack_set_rate,
+    run_passes,
+)
 from uap_lightning.attacks.engines import ENGINES, build_engine, engine_options
 from uap_lightning.attacks.model_state import folded_copy, frozen_eval, model_device
 from uap_lightning.attacks.projections import dual_norm, dual_step, lp_norm, project_lp
@@ -12,6 +19,9 @@ from uap_lightning.attacks.threat import ThreatModel, parse_p
 
 __all__ = [
     "BatchedDeepFoolUAP",
+    "KEEP_CHOICES",
+    "KeptPerturbation",
+    "PassReport",
     "DeepFoolResult",
     "DeepFoolUAP",
     "ENGINES",

@@ -17,15 +17,44 @@ from uap_lightning import metrics
 from uap_lightning.attacks.base import PassStats, UniversalAttack
 from uap_lightning.attacks.model_state import folded_copy, frozen_eval, model_device
 
-PassCallback = Callable[[int, Tensor, PassStats, float], None]
+KEEP_CHOICES = ("best", "last")
+
+
+@dataclass
+class KeptPerturbation:
+    """The perturbation an attack returns: the best (or last) after a pass, with its rate on X
+    and its pass (1-based; 0 for the starting point)."""
+
+    perturbation: Tensor
+    fooling_rate: float
+    pass_index: int
+
+
+@dataclass
+class PassReport:
+    """What ``on_pass_end`` receives after each pass: v after it, the pass's statistics, the
+    rate of v on X, the perturbation kept so far and the generator (its state after the pass)."""
+
+    pass_index: int
+    perturbation: Tensor
+    stats: PassStats
+    fooling_rate: float
+    kept: KeptPerturbation
+    generator: Optional[torch.Generator]
+
+
+PassCallback = Callable[[PassReport], None]
 
 
 @dataclass
 class UAPResult:
     """A universal perturbation (C×H×W, [0,1] scale, CPU) and how it was found.
 
-    ``fooling_rate`` is measured on X (targeted: targeted success rate); ``history`` has one
-    dict per pass run by this call; ``converged`` means the rate reached 1 − delta.
+    ``perturbation`` is the kept one (``keep="best"``: the pass with the highest rate on X,
+    the earliest on ties; ``"last"``: the last pass), ``fooling_rate`` its rate on X
+    (targeted: targeted success rate) and ``best_pass`` its pass; ``last_perturbation`` is
+    v after the last pass. ``history`` has one dict per pass run by this call;
+    ``converged`` means the rate reached 1 − delta.
     """
 
     perturbation: Tensor
@@ -33,6 +62,8 @@ class UAPResult:
     history: List[dict] = field(default_factory=list)
     passes: int = 0
     converged: bool = False
+    best_pass: int = 0
+    last_perturbation: Optional[Tensor] = None
 
 
 def attack_set_rate(
@@ -65,18 +96,22 @@ def run_passes(
     eval_batch_size: int = 512,
     clip: bool = True,
     target_class: Optional[int] = None,
+    keep: str = "best",
     initial: Optional[Tensor] = None,
-    on_pass_end: Optional[PassCallback] = None,
     start_pass: int = 0,
+    kept: Optional[KeptPerturbation] = None,
+    on_pass_end: Optional[PassCallback] = None,
 ) -> UAPResult:
     """Run passes of ``engine`` on X = ``images`` (N×C×H×W in [0,1]) with clean predictions (N,).
 
     v starts at ``initial`` (C×H×W) or zeros; passes are numbered from ``start_pass`` + 1, up to
-    ``max_passes`` in all. After each pass the rate on X is measured, a history entry
-    (pass, fooling_rate_attack_set, updates, mean_deepfool_iterations, seconds of the pass and
-    its evaluation) appended and ``on_pass_end(pass, v, stats, rate)`` called. The model is
-    kept in eval mode with frozen parameters meanwhile; the engine runs on its batch-norm-folded
-    copy (:func:`folded_copy`).
+    ``max_passes`` in all; ``kept`` carries the kept perturbation of earlier passes when
+    resuming. After each pass the rate on X is measured, the kept perturbation updated
+    (``keep``: "best" or "last"; selection looks at X only), a history entry (pass,
+    fooling_rate_attack_set, updates, mean_deepfool_iterations, seconds of the pass and its
+    evaluation) appended and ``on_pass_end(PassReport)`` called. The model is kept in eval
+    mode with frozen parameters meanwhile; the engine runs on its batch-norm-folded copy
+    (:func:`folded_copy`).
     """
     if engine.clip != clip or engine.target_class != target_class:
         raise ValueError(
@@ -85,6 +120,8 @@ def run_passes(
         )
     if not 0.0 < delta < 1.0:
         raise ValueError(f"attack.delta must be in (0, 1); got {delta}")
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"attack.keep must be one of {', '.join(KEEP_CHOICES)}; got {keep!r}")
     device = model_device(model)
     if initial is None:
         v = torch.zeros(images.shape[1:], dtype=images.dtype, device=device)
@@ -101,6 +138,8 @@ def run_passes(
         rate = attack_set_rate(
             model, images, clean_labels, v, clip=clip, target_class=target_class, batch_size=eval_batch_size
         )
+        if kept is None:
+            kept = KeptPerturbation(v.detach().cpu(), rate, passes)
         while rate < 1.0 - delta and passes < max_passes:
             started = time.perf_counter()
             v, stats = engine.run_pass(model, v, images, clean_labels, generator, pass_index=passes)
@@ -108,6 +147,8 @@ def run_passes(
                 model, images, clean_labels, v, clip=clip, target_class=target_class, batch_size=eval_batch_size
             )
             passes += 1
+            if keep == "last" or rate > kept.fooling_rate or kept.pass_index == 0:
+                kept = KeptPerturbation(v.detach().cpu(), rate, passes)
             history.append(
                 {
                     "pass": passes,
@@ -118,11 +159,13 @@ def run_passes(
                 }
             )
             if on_pass_end is not None:
-                on_pass_end(passes, v, stats, rate)
+                on_pass_end(PassReport(passes, v, stats, rate, kept, generator))
     return UAPResult(
-        perturbation=v.detach().cpu(),
-        fooling_rate=rate,
+        perturbation=kept.perturbation,
+        fooling_rate=kept.fooling_rate,
         history=history,
         passes=passes,
         converged=rate >= 1.0 - delta,
+        best_pass=kept.pass_index,
+        last_perturbation=v.detach().cpu(),
     )

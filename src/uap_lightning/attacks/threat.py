@@ -9,6 +9,7 @@ from typing import Union
 
 NORMS = (1.0, 2.0, math.inf)
 _P_NAMES = {1.0: "1", 2.0: "2", math.inf: "inf"}
+_P_SYMBOLS = {1.0: "ℓ1", 2.0: "ℓ2", math.inf: "ℓ∞"}
 _EPS_HINT = "attack.eps must be a positive finite number in 0-255 pixel units (e.g. attack.eps=10)"
 
 
@@ -66,6 +67,11 @@ class ThreatModel:
     def radius(self) -> float:
         """The radius in [0,1] image scale: eps / 255."""
         return self.eps / 255.0
+
+    @property
+    def symbol(self) -> str:
+        """The norm for people: "ℓ∞", "ℓ2" or "ℓ1"."""
+        return _P_SYMBOLS[self.p]
 
     @property
     def p_name(self) -> str:

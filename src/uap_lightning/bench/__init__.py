@@ -1,5 +1,14 @@
-"""The benchmark: ART, a naive reference and this project's engines, side by side in one process."""
+"""The benchmark's parts: a naive reference, the ART peer, rows and the efficiency measure.
 
-from uap_lightning.bench.cli import main, run_bench
+The benchmark itself is the task ``task=bench`` (``uap_lightning.tasks.bench``); ``main`` is
+``python -m uap_lightning.bench`` and the ``uap-bench`` console script.
+"""
 
-__all__ = ["main", "run_bench"]
+from typing import Any
+
+
+def main() -> Any:
+    """Run the benchmark: the run's entry point with the ``bench`` primary config."""
+    from uap_lightning.run import entry
+
+    return entry("bench")

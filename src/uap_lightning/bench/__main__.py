@@ -1,5 +1,7 @@
 """``python -m uap_lightning.bench``."""
 
-from uap_lightning.bench.cli import main
+import sys
 
-main()
+from uap_lightning.bench import main
+
+sys.exit(main())

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from uap_lightning import metrics
-from uap_lightning.attacks import ThreatModel, build_engine, frozen_eval, run_passes
+from uap_lightning.attacks import PassReport, ThreatModel, build_engine, frozen_eval, run_passes
 from uap_lightning.bench.art_peer import art_uap
 from uap_lightning.bench.naive import naive_uap
 
@@ -34,6 +34,7 @@ class BenchProblem:
     clip: bool
     seed: int
     deepfool: Dict[str, Any]  # overshoot, num_candidates, max_deepfool_iters (shared by naive, ART, engines)
+    keep: str = "best"  # which pass the engines return (naive and ART return their last)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class BenchRow:
     # engines only: seconds until the eval fooling rate first came within REACH_TOLERANCE of
     # deepfool_uap's final one; None when it never did
     seconds_to_reference: Optional[float] = None
+    # mean fooling rate of random directions with this row's ℓ2 norm (the paper's comparison)
+    random_same_l2_fooling_rate: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -78,10 +81,10 @@ def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) 
     curve: List[List[float]] = []
     scoring = 0.0
 
-    def score_pass(pass_index: int, v: Tensor, stats: Any, rate: float) -> None:
+    def score_pass(report: PassReport) -> None:
         nonlocal scoring
         paused = time.perf_counter()
-        curve.append([paused - started - scoring, eval_fooling_rate(problem, v)])
+        curve.append([paused - started - scoring, eval_fooling_rate(problem, report.perturbation)])
         scoring += time.perf_counter() - paused
 
     started = time.perf_counter()
@@ -125,6 +128,7 @@ def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) 
             max_passes=problem.max_passes,
             generator=generator,
             clip=problem.clip,
+            keep=problem.keep,
             on_pass_end=score_pass,
         )
         v, rate, passes = result.perturbation, result.fooling_rate, result.passes
@@ -164,7 +168,7 @@ def format_table(rows: List[BenchRow]) -> str:
     """The rows as a fixed-width text table."""
     header = (
         f"{'method':<22}{'seconds':>9}{'fooling':>9}{'on X':>8}{'passes':>8}{'vs ART':>9}{'vs naive':>10}"
-        f"{'to ref':>9}"
+        f"{'to ref':>9}{'rand ℓ2':>9}"
     )
     lines = [header, "-" * len(header)]
 
@@ -174,10 +178,13 @@ def format_table(rows: List[BenchRow]) -> str:
     def seconds(value: Optional[float]) -> str:
         return f"{value:.1f}" if value is not None else "-"
 
+    def rate(value: Optional[float]) -> str:
+        return f"{value:.3f}" if value is not None else "-"
+
     for row in rows:
         lines.append(
             f"{row.method:<22}{row.seconds:>9.1f}{row.fooling_rate:>9.3f}{row.fooling_rate_attack_set:>8.3f}"
             f"{row.passes:>8d}{times(row.speedup_vs_art):>9}{times(row.speedup_vs_naive):>10}"
-            f"{seconds(row.seconds_to_reference):>9}"
+            f"{seconds(row.seconds_to_reference):>9}{rate(row.random_same_l2_fooling_rate):>9}"
         )
     return "\n".join(lines)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Type
 
+from uap_lightning.errors import ConfigError, DataNotFoundError
+
 from .base import Splits, UAPDataModule, config_value
 from .digits import DigitsDataModule
-from .errors import DataNotFoundError
 from .imagefolder import ImageFolderDataModule
 from .torchvision_sets import (
     CIFAR10DataModule,
@@ -35,7 +36,7 @@ def build_datamodule(cfg: Any, *, cache_dir: Optional[str] = None) -> UAPDataMod
     if name == "imagefolder":
         return ImageFolderDataModule(cfg, cache_dir=cache_dir)
     if name not in IN_MEMORY_DATASETS:
-        raise ValueError(f"unknown data.name={name!r}; known: {', '.join(DATASET_NAMES)}")
+        raise ConfigError(f"unknown data.name={name!r}; known: {', '.join(DATASET_NAMES)}")
     return IN_MEMORY_DATASETS[name](cfg)
 
 

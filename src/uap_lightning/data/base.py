@@ -7,6 +7,8 @@ applied here: ``mean`` and ``std`` are exposed for the model's own normalisation
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
@@ -16,6 +18,8 @@ from omegaconf import MISSING
 from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 from torch.utils.data import DataLoader
+
+from uap_lightning.errors import ConfigError
 
 from .sampling import balanced_indices
 from .tensor_dataset import TensorImageDataset, keep_batch, to_float
@@ -66,6 +70,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         self._splits: Optional[Splits] = None
         self._fit_index: Optional[Tensor] = None
         self._val_index: Optional[Tensor] = None
+        self._fingerprint: Optional[str] = None
 
     @abc.abstractmethod
     def load_splits(self) -> Splits:
@@ -75,17 +80,17 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
 
     def _check_settings(self) -> None:
         if self.attack_images <= 0:
-            raise ValueError(f"data.attack_images must be positive, got {self.attack_images}")
+            raise ConfigError(f"data.attack_images must be positive, got {self.attack_images}")
         if self.eval_images is not None and self.eval_images <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.eval_images must be positive or null (all of test), got {self.eval_images}"
             )
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.batch_size <= 0:
-            raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
+            raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
     def _num_val(self, num_train: int) -> int:
         return int(round(self.val_fraction * num_train))
@@ -95,18 +100,18 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         num_val = self._num_val(num_train)
         num_fit = num_train - num_val
         if num_fit < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.val_fraction={self.val_fraction} leaves no training images "
                 f"out of {num_train}; lower data.val_fraction"
             )
         if self.attack_images > num_fit:
-            raise ValueError(
+            raise ConfigError(
                 f"data.attack_images={self.attack_images} exceeds the {num_fit} training images "
                 f"available ({num_train} in the training split minus {num_val} held out by "
                 f"data.val_fraction={self.val_fraction}); set data.attack_images<={num_fit}"
             )
         if self.eval_images is not None and self.eval_images > num_test:
-            raise ValueError(
+            raise ConfigError(
                 f"data.eval_images={self.eval_images} exceeds the {num_test} images of the test "
                 f"split; set data.eval_images<={num_test} or null for all of test"
             )
@@ -121,7 +126,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         for key, value in actual.items():
             expected = config_value(self.cfg, key)
             if expected is not None and value != expected:
-                raise ValueError(
+                raise ConfigError(
                     f"data.{key}={expected} does not match the data of data.name="
                     f"{config_value(self.cfg, 'name')} ({key}={value}, images "
                     f"{channels}×{height}×{width}); set data.{key}={value}"
@@ -129,7 +134,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         for key in ("mean", "std"):
             values = config_value(self.cfg, key, [])
             if len(values) not in (0, channels):
-                raise ValueError(
+                raise ConfigError(
                     f"data.{key} has {len(values)} values but the images have {channels} channels"
                 )
 
@@ -139,14 +144,14 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
             images = getattr(splits, f"{split}_images")
             labels = getattr(splits, f"{split}_labels")
             if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-                raise ValueError(
+                raise ConfigError(
                     f"{split} images {tuple(images.shape)} and labels {tuple(labels.shape)} "
                     "do not form an N×C×H×W split"
                 )
             if labels.dtype != torch.int64:
-                raise ValueError(f"{split} labels must be int64, got {labels.dtype}")
+                raise ConfigError(f"{split} labels must be int64, got {labels.dtype}")
         if splits.train_images.shape[1:] != splits.test_images.shape[1:]:
-            raise ValueError(
+            raise ConfigError(
                 f"train images are {tuple(splits.train_images.shape[1:])} but test images are "
                 f"{tuple(splits.test_images.shape[1:])}"
             )
@@ -206,15 +211,24 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
 
     # -- attack and evaluation sets -----------------------------------------------------
 
-    def attack_set(self) -> Tuple[Tensor, Tensor]:
-        """The attack set X: ``attack_images`` fit-set images, class-balanced, seed ``split_seed``.
+    def attack_set(self, count: Optional[int] = None, seed: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """The attack set X: ``count`` (default ``data.attack_images``) fit-set images,
+        class-balanced, drawn with ``seed`` (default ``split_seed``); a smaller draw with the
+        same seed is a subset of a larger one.
 
         Returns (float N×C×H×W in [0,1], int64 N), in file order.
         """
         splits = self.splits
         assert self._fit_index is not None
+        count = self.attack_images if count is None else int(count)
+        available = self._fit_index.numel()
+        if not 0 < count <= available:
+            raise ConfigError(
+                f"the attack set cannot hold {count} images: the training split has {available} "
+                f"outside the validation hold-out; choose between 1 and {available}"
+            )
         chosen = balanced_indices(
-            splits.train_labels[self._fit_index], self.attack_images, self.split_seed
+            splits.train_labels[self._fit_index], count, self.split_seed if seed is None else int(seed)
         )
         rows = self._fit_index[chosen]
         return to_float(splits.train_images[rows]), splits.train_labels[rows]
@@ -232,6 +246,18 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         return to_float(splits.test_images[rows]), splits.test_labels[rows]
 
     # -- descriptive attributes ---------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of the decoded splits (images, labels, class names): changes whenever
+        the data a victim is trained and tested on changes, whatever its files are called."""
+        if self._fingerprint is None:
+            splits = self.splits
+            digest = hashlib.sha256(json.dumps(splits.class_names).encode())
+            for tensor in (splits.train_images, splits.train_labels, splits.test_images, splits.test_labels):
+                digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+                digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     @property
     def class_names(self) -> List[str]:

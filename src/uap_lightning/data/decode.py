@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from uap_lightning.errors import DamagedFileError
+
 
 def default_threads() -> int:
     """Decoding threads: the CPUs this process may use, at most 8."""
@@ -32,7 +34,7 @@ def load_rgb(path: str, image_size: int, resize: Optional[int]) -> np.ndarray:
         with Image.open(path) as image:
             image = image.convert("RGB")
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from err
+        raise DamagedFileError(f"cannot decode image {path}: {err}") from err
     width, height = image.size
     target = resize if resize is not None else max(image_size, min(width, height))
     if min(width, height) != target:

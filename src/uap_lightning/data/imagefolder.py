@@ -14,10 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from uap_lightning.errors import ConfigError, DataNotFoundError
+
 from . import cache
 from .base import Splits, UAPDataModule, config_value
 from .decode import decode_images
-from .errors import DataNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +65,22 @@ class ImageFolderDataModule(UAPDataModule):
         self.cache_dir = cache_dir
         image_size = config_value(cfg, "image_size")
         if image_size is None or int(image_size) <= 0:
-            raise ValueError(f"data.image_size must be a positive pixel count, got {image_size}")
+            raise ConfigError(f"data.image_size must be a positive pixel count, got {image_size}")
         self.image_size = int(image_size)
         resize = config_value(cfg, "resize")
         self.resize: Optional[int] = None if resize is None else int(resize)
         if self.resize is not None and self.resize < self.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.resize={self.resize} is smaller than data.image_size={self.image_size}"
             )
         subset = config_value(cfg, "class_subset")
         self.class_subset = None if subset is None else [str(name) for name in subset]
         if self.class_subset is not None and not self.class_subset:
-            raise ValueError("data.class_subset is empty; use null to keep every class")
+            raise ConfigError("data.class_subset is empty; use null to keep every class")
         per_class = config_value(cfg, "images_per_class")
         self.images_per_class: Optional[int] = None if per_class is None else int(per_class)
         if self.images_per_class is not None and self.images_per_class <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.images_per_class must be positive or null, got {self.images_per_class}"
             )
         self.folder_class_indices: Optional[List[int]] = None
@@ -89,7 +90,7 @@ class ImageFolderDataModule(UAPDataModule):
     def _root(self) -> Path:
         root = config_value(self.cfg, "root")
         if root is None:
-            raise ValueError(f"data.root is not set: point it at a folder laid out as {LAYOUT}")
+            raise ConfigError(f"data.root is not set: point it at a folder laid out as {LAYOUT}")
         path = Path(os.path.expanduser(str(root))).absolute()
         if not path.is_dir():
             raise DataNotFoundError(f"data.root {path} does not exist; expected {LAYOUT}")
@@ -116,7 +117,7 @@ class ImageFolderDataModule(UAPDataModule):
         if in_test != available:
             only_train = sorted(set(available) - set(in_test))
             only_test = sorted(set(in_test) - set(available))
-            raise ValueError(
+            raise ConfigError(
                 f"class folders of {train_dir} and {test_dir} differ: only in "
                 f"{train_dir.name}/: [{_shown(only_train)}]; only in {test_dir.name}/: "
                 f"[{_shown(only_test)}]"
@@ -125,7 +126,7 @@ class ImageFolderDataModule(UAPDataModule):
         if self.class_subset is not None:
             unknown = sorted(set(self.class_subset) - set(available))
             if unknown:
-                raise ValueError(
+                raise ConfigError(
                     f"data.class_subset names classes not found in {train_dir}: "
                     f"[{_shown(unknown)}]; available classes: [{_shown(available)}]"
                 )

@@ -9,7 +9,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 
-
 def to_float(images: Tensor) -> Tensor:
     """uint8 (0–255) or float images → float32 in [0,1], same shape."""
     if images.dtype == torch.uint8:

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 
+from uap_lightning.errors import ConfigError, DataNotFoundError
+
 from .base import Splits, UAPDataModule, config_value
-from .errors import DataNotFoundError
 
 
 class TorchvisionDataModule(UAPDataModule):
@@ -36,7 +37,7 @@ class TorchvisionDataModule(UAPDataModule):
     def _root(self) -> Path:
         root = config_value(self.cfg, "root")
         if root is None:
-            raise ValueError(
+            raise ConfigError(
                 f"data.root is not set: point it at the folder holding the {self.title} files"
             )
         return Path(os.path.expanduser(str(root)))

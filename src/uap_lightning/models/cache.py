@@ -3,36 +3,52 @@
 Layout under ``<cache_dir>/victims/``::
 
     <model>-<key>/weights.pt    state dict of the victim's ``net`` (normalisation + backbone)
-    <model>-<key>/victim.json   what was trained, test accuracy, training seconds
+    <model>-<key>/victim.json   what was trained, test accuracy, training seconds, weights checksum
     <model>-<key>.lock          file lock held while one process trains it
 
 Concurrent runs that want the same victim take the lock: the first trains and saves,
 the others wait and then load. Files are written to a temporary name and renamed, so
-a killed run never leaves weights that look complete.
+a killed run never leaves weights that look complete. An entry that is truncated,
+unreadable, of the wrong shapes or whose weights do not match their recorded checksum is
+reported, moved aside (``<model>-<key>.damaged-<time>``) and trained again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
 import torch
-from filelock import FileLock
 from torch import nn
 
 from uap_lightning.atomic import atomic_write, atomic_write_text
+from uap_lightning.errors import DamagedFileError
+from uap_lightning.locking import held_lock
 
-CACHE_FORMAT = 1
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 2
 
 
 def victim_key(spec: Dict[str, Any]) -> str:
     """Short stable hash of a JSON-serialisable description of a victim."""
     canonical = json.dumps({"format": CACHE_FORMAT, **spec}, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -57,17 +73,43 @@ class CachedVictim:
         return self.weights_path.is_file() and self.info_path.is_file()
 
     def load(self, net: nn.Module) -> Dict[str, Any]:
-        """Load the cached weights into ``net``; return the stored info."""
-        state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-        return json.loads(self.info_path.read_text())
+        """Load the cached weights into ``net`` (tensors only); return the stored info.
 
-    def save(self, net: nn.Module, info: Dict[str, Any]) -> None:
-        """Write weights then info, each atomically; info last marks the entry complete."""
+        DamagedFileError (naming the file) when the info is unreadable, the weights do not
+        match their checksum, cannot be read, or do not fit ``net``.
+        """
+        try:
+            info = json.loads(self.info_path.read_text())
+            expected = info["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DamagedFileError(f"victim cache entry {self.info_path} is unreadable ({err})") from None
+        if file_sha256(self.weights_path) != expected:
+            raise DamagedFileError(f"victim weights {self.weights_path} do not match the checksum in {self.info_path}")
+        try:
+            state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # any failure to read the file means the entry is damaged
+            raise DamagedFileError(f"victim weights {self.weights_path} cannot be read: {err}") from None
+        expected_shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != expected_shapes:
+            raise DamagedFileError(f"victim weights {self.weights_path} do not fit the {type(net).__name__} built for them")
+        net.load_state_dict(state)
+        return info
+
+    def save(self, net: nn.Module, info: Dict[str, Any]) -> Dict[str, Any]:
+        """Write weights then info (with the weights' checksum), each atomically; info last
+        marks the entry complete. Returns the info written."""
         self.directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         atomic_write(self.weights_path, lambda f: torch.save(state, f))
+        info = {**info, "weights_sha256": file_sha256(self.weights_path), "format": CACHE_FORMAT}
         atomic_write_text(self.info_path, json.dumps(info, indent=2, default=str))
+        return info
+
+    def move_aside(self) -> Path:
+        """Rename the entry's folder to ``<name>.damaged-<time>``; return the new path."""
+        target = self.directory.with_name(f"{self.directory.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(self.directory, target)
+        return target
 
 
 def cache_entry(cache_dir: str | os.PathLike, model_name: str, spec: Dict[str, Any]) -> CachedVictim:
@@ -80,20 +122,24 @@ def load_or_train(
     net: nn.Module,
     train: Callable[[], Dict[str, Any]],
     *,
-    timeout_s: float = -1,
+    timeout: float = 3600.0,
 ) -> Tuple[Dict[str, Any], bool]:
     """Load ``net`` from ``entry``, or run ``train()`` (which trains ``net`` in place and
     returns its info) under the entry's lock and store the result.
 
-    Returns (info, hit) where ``hit`` is True when the weights came from the cache.
+    A damaged entry is reported, moved aside and trained again. Waits at most ``timeout``
+    seconds for another process holding the lock (LockTimeoutError after). Returns
+    (info, hit) where ``hit`` is True when the weights came from the cache.
     """
     entry.directory.parent.mkdir(parents=True, exist_ok=True)
-    if entry.exists():
-        return entry.load(net), True
-    with FileLock(str(entry.lock_path), timeout=timeout_s):
-        if entry.exists():  # another process trained it while we waited
-            return entry.load(net), True
+    with held_lock(entry.lock_path, what=f"the victim {entry.directory.name} to be trained", timeout=timeout):
+        if entry.directory.exists():
+            try:
+                if entry.exists():
+                    return entry.load(net), True
+                raise DamagedFileError(f"victim cache entry {entry.directory} is incomplete")
+            except DamagedFileError as err:
+                moved = entry.move_aside()
+                log.warning("%s; moved it to %s and training the victim again", err, moved)
         info = train()
-        entry.save(net, info)
-        return info, False
-
+        return entry.save(net, info), False

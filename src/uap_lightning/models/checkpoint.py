@@ -1,13 +1,32 @@
-"""Load a user's weights into a backbone, a ``net`` or a victim, whatever the file's layout."""
+"""Load a user's weights into a backbone, a ``net`` or a victim, whatever the file's layout.
+
+Files are read tensors-only (``torch.load(weights_only=True)``): unpickling a file can run
+code, so a file that needs more than tensors, containers and a few allow-listed
+configuration types is refused unless the user declares it trusted.
+"""
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 import pickle
+import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
+from lightning.fabric.utilities.data import AttributeDict
+from omegaconf import DictConfig, ListConfig, base, nodes
 from torch import nn
+
+from uap_lightning.errors import (
+    DamagedFileError,
+    NotFoundError,
+    UntrustedFileError,
+    UserError,
+)
+
+log = logging.getLogger(__name__)
 
 # Dictionary keys under which training scripts commonly nest the weights.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model")
@@ -15,19 +34,76 @@ _NESTING_KEYS = ("state_dict", "model_state_dict", "model")
 # and its ``Sequential(Normalize, backbone)`` index.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "1.")
 _SHOWN = 5
+# Types Lightning checkpoints of Hydra projects carry in their hyperparameters; unpickling
+# them only fills containers (interpolations are never resolved here).
+SAFE_CHECKPOINT_GLOBALS = [
+    AttributeDict,
+    DictConfig,
+    ListConfig,
+    base.Metadata,
+    base.ContainerMetadata,
+    nodes.AnyNode,
+    nodes.StringNode,
+    nodes.IntegerNode,
+    nodes.FloatNode,
+    nodes.BooleanNode,
+    nodes.BytesNode,
+    nodes.PathNode,
+    collections.defaultdict,
+    collections.OrderedDict,
+    typing.Any,
+    dict,
+    list,
+]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's parameter names or shapes do not fit the model built from the config."""
 
 
-def _read(path: str) -> Any:
-    """Load on CPU; tensors-only unpickling first, full unpickling for files that need it
-    (e.g. Lightning checkpoints whose hyperparameters hold config objects)."""
+def read_checkpoint(path: str, *, trust: bool = False, key: str = "model.checkpoint") -> Any:
+    """The object stored at ``path``, loaded on CPU, tensors-only.
+
+    A file that needs full unpickling raises UntrustedFileError naming the types it
+    wants, unless ``trust`` (the user's explicit ``model.trust_checkpoint=true``), which
+    loads it fully with a warning. A truncated or foreign file raises DamagedFileError.
+    ``key`` names the setting in messages.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path)
+        if not unsafe:
+            raise _damaged(path, key, err) from None
+        if not trust:
+            raise UntrustedFileError(
+                f"{key}={path} holds Python objects beyond tensors ({', '.join(unsafe[:_SHOWN])}); "
+                "loading them would run code from the file, so it is refused. Save the weights "
+                "alone (torch.save(model.state_dict(), PATH)), or, for a file you trust, set "
+                "model.trust_checkpoint=true"
+            ) from None
+        log.warning("%s=%s is loaded with full unpickling (model.trust_checkpoint=true): it can run code", key, path)
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError) as err:
+        raise _damaged(path, key, err) from None
+
+
+def _unsafe_globals(path: str) -> List[str]:
+    """The non-allow-listed globals a zip-format checkpoint refers to ([] when it cannot tell)."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_CHECKPOINT_GLOBALS}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: nothing to name
+        return []
+    return [name for name in found if name not in allowed]
+
+
+def _damaged(path: str, key: str, err: BaseException) -> DamagedFileError:
+    return DamagedFileError(
+        f"cannot read {key}={path}: the file is truncated, damaged or not a PyTorch weights file "
+        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+    )
 
 
 def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:
@@ -82,7 +158,7 @@ def _mismatch_report(
     return lines
 
 
-def load_weights(module: nn.Module, path: str, *, model_name: Optional[str] = None) -> None:
+def load_weights(module: nn.Module, path: str, *, model_name: Optional[str] = None, trust: bool = False) -> None:
     """Load the weights at ``path`` into ``module`` (a backbone, a victim's ``net`` or a
     ``VictimClassifier``), on CPU.
 
@@ -90,14 +166,15 @@ def load_weights(module: nn.Module, path: str, *, model_name: Optional[str] = No
     ``net.`` / ``net.1.``), a state dict of the backbone or of the whole ``net``, with or
     without DataParallel's ``module.`` prefix. Every parameter and buffer must match.
 
-    Raises FileNotFoundError when ``path`` does not exist, and CheckpointMismatchError
+    The file is read by :func:`read_checkpoint` (``trust`` as there). Raises
+    FileNotFoundError when ``path`` does not exist, and CheckpointMismatchError
     (a ValueError) listing the first mismatching keys when the weights do not fit;
     ``model_name`` (default: the module's class name) names the model in that message.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.checkpoint={path}: no such file")
-    found_raw = _state_dict_of(_read(path), path)
+        raise NotFoundError(f"model.checkpoint={path}: no such file; give the path of your weights")
+    found_raw = _state_dict_of(read_checkpoint(path, trust=trust), path)
     target = module.state_dict()
     found_keys = _strip_wrappers(found_raw)
     target_keys = _strip_wrappers(target)

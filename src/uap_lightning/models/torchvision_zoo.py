@@ -13,10 +13,14 @@ import torch
 import torchvision
 from torch import nn
 
+from uap_lightning.errors import ConfigError, NotFoundError
+
+from .checkpoint import read_checkpoint
+
 IMAGENET_CLASSES = 1000
 
 
-class PretrainedWeightsNotFoundError(FileNotFoundError):
+class PretrainedWeightsNotFoundError(NotFoundError):
     """The ImageNet weight file of a torchvision model is not in the local hub cache."""
 
 
@@ -75,12 +79,12 @@ def torchvision_classifier(
     if arch not in names:
         close = difflib.get_close_matches(str(arch), names, n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown torchvision classifier model.arch={arch!r}.{hint} "
             f"Known: {', '.join(names)}"
         )
     if in_channels not in (1, 3):
-        raise ValueError(
+        raise ConfigError(
             f"model=torchvision takes 1- or 3-channel images, the data has {in_channels}"
         )
     if pretrained:
@@ -98,8 +102,8 @@ def torchvision_classifier(
                 f"predictions are ImageNet class indices, not the data's {num_classes} labels",
                 stacklevel=2,
             )
-        weights = torchvision.models.get_model_weights(arch).DEFAULT
-        model = torchvision.models.get_model(arch, weights=weights, progress=False)
+        model = torchvision.models.get_model(arch, weights=None)
+        model.load_state_dict(read_checkpoint(path, key=f"the ImageNet weights of {arch}"))
     else:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if in_channels == 1:

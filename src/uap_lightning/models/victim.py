@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from uap_lightning.errors import ConfigError
+
 from .augment import random_crop_flip
 from .normalize import Normalize
 
@@ -47,9 +49,9 @@ class VictimClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown model.optimizer={optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"unknown model.optimizer={optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown model.scheduler={scheduler!r}; known: {', '.join(SCHEDULERS)}")
+            raise ConfigError(f"unknown model.scheduler={scheduler!r}; known: {', '.join(SCHEDULERS)}")
         mean, std = [float(m) for m in mean], [float(s) for s in std]  # plain lists in hparams
         self.save_hyperparameters(ignore=["backbone"])
         self.net = nn.Sequential(Normalize(mean, std), backbone)

@@ -6,9 +6,15 @@ from typing import Any, Callable, Dict
 
 from torch import nn
 
+from uap_lightning.errors import ConfigError
+
 from .cifar_resnet import resnet18_cifar, resnet_cifar
 from .small import LeNet, SmallCNN
-from .torchvision_zoo import IMAGENET_CLASSES, mobilenet_v2_small, torchvision_classifier
+from .torchvision_zoo import (
+    IMAGENET_CLASSES,
+    mobilenet_v2_small,
+    torchvision_classifier,
+)
 from .vgg import VGG
 
 # (cfg, num_classes k, in_channels c, image_size s) -> backbone
@@ -33,7 +39,7 @@ MODEL_NAMES = tuple(_BUILDERS)
 
 def _require_arch(cfg: Any) -> str:
     if not getattr(cfg, "arch", None):
-        raise ValueError("model=torchvision needs model.arch, e.g. model.arch=resnet50")
+        raise ConfigError("model=torchvision needs model.arch, e.g. model.arch=resnet50")
     return str(cfg.arch)
 
 
@@ -53,5 +59,5 @@ def build_backbone(cfg: Any, *, num_classes: int, in_channels: int, image_size: 
     """
     name = cfg.name
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model.name={name!r}; known: {', '.join(MODEL_NAMES)}")
+        raise ConfigError(f"unknown model.name={name!r}; known: {', '.join(MODEL_NAMES)}")
     return _BUILDERS[name](cfg, num_classes, in_channels, image_size)

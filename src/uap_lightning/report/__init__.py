@@ -1,1 +1,1 @@
-"""Pictures and files a run writes."""
+"""What runs and sweeps leave behind: figures, run files, sweep summaries."""

@@ -1,0 +1,91 @@
+"""A run folder holds one run: an earlier run's outputs are moved aside before a new one starts.
+
+Only the files and folders runs write are moved (never anything else a user keeps there),
+into ``<run dir>/stale/<time>/``, which reports skip. Hydra's ``.hydra/`` and the job log
+belong to the starting run and stay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from uap_lightning.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STALE_DIR = "stale"
+STATE_FILE = "attack_state.ckpt"
+FAILURE_FILE = "failure.json"
+METRICS_FILE = "metrics.json"
+# Everything a task may write in its run folder.
+RUN_OUTPUTS = (
+    METRICS_FILE,
+    FAILURE_FILE,
+    STATE_FILE,
+    "perturbation.pt",
+    "perturbation.png",
+    "examples.png",
+    "curve.png",
+    "labels.png",
+    "bench.json",
+    "transfer.csv",
+    "transfer.png",
+    "generalisation.csv",
+    "generalisation.png",
+    "finetune.csv",
+    "perturbations",
+    "tensorboard",
+    "csv",
+)
+
+
+def earlier_outputs(run_dir: Path) -> list:
+    """The outputs of an earlier run present in ``run_dir``."""
+    return [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def move_aside(run_dir: Path) -> Optional[Path]:
+    """Move an earlier run's outputs into ``run_dir/stale/<time>/``; return that folder (None if
+    there was nothing to move)."""
+    found = earlier_outputs(run_dir)
+    if not found:
+        return None
+    target = run_dir / STALE_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    target.mkdir(parents=True)
+    for path in found:
+        os.replace(path, target / path.name)
+    log.warning("the run folder %s held an earlier run's outputs; moved them to %s", run_dir, target)
+    return target
+
+
+def write_failure(run_dir: Path, error: BaseException) -> None:
+    """Record a failed job as ``failure.json`` (status, "<type>: <message>", traceback)."""
+    text = f"{type(error).__name__}: {error}"
+    details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    record = {"status": "failed", "error": text, "traceback": details}
+    atomic_write_text(run_dir / FAILURE_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def remove_if_only_hydra(run_dir: Path, job_log: Optional[Path]) -> bool:
+    """Delete ``run_dir`` when it holds nothing but Hydra's ``.hydra/`` and this job's log (a run
+    that failed before any work); True when it was removed."""
+    if not run_dir.is_dir():
+        return False
+    allowed = {".hydra"} | ({job_log.name} if job_log is not None else set())
+    if any(entry.name not in allowed for entry in run_dir.iterdir()):
+        return False
+    for entry in run_dir.iterdir():
+        if entry.is_dir():
+            for item in entry.iterdir():
+                item.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
+    run_dir.rmdir()
+    return True

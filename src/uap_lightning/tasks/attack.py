@@ -1,0 +1,296 @@
+"""The attack task (``task=attack``, the default): one universal perturbation, evaluated.
+
+Writes in the run folder: ``perturbation.pt``, ``perturbation.png``, ``curve.png``,
+``examples.png``, ``labels.png``, TensorBoard events and, last, ``metrics.json``; the attack
+state after each pass (``attack_state.ckpt``) lets the same command continue an interrupted
+attack in the same folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+import threading
+from typing import Any, Dict, Iterator, List, Optional
+
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from uap_lightning import metrics as uap_metrics
+from uap_lightning.attacks import build_engine
+from uap_lightning.baselines import RandomBaselines, random_baselines
+from uap_lightning.errors import DamagedFileError
+from uap_lightning.loop import (
+    AttackLoop,
+    AttackOutcome,
+    AttackProgressBar,
+    AttackState,
+    EvaluationSettings,
+)
+from uap_lightning.report import figures
+from uap_lightning.report.outputs import write_run_outputs
+from uap_lightning.report.summary import attack_summary
+from uap_lightning.rundir import STATE_FILE, move_aside
+from uap_lightning.tasks.setup import Setup, progress_bars
+from uap_lightning.training import Victim
+from uap_lightning.validation import attack_options
+
+log = logging.getLogger(__name__)
+
+# The settings whose change makes an earlier attack state of no use.
+_FINGERPRINT_KEYS = ("data", "model", "trainer", "attack", "task", "seed")
+_NOT_IN_FINGERPRINT = ("resume", "eval_batch_size", "amp", "channels_last")
+_FINAL_KEYS = (
+    "fooling_rate",
+    "fooling_rate_attack_set",
+    "perturbed_accuracy",
+    "clean_accuracy",
+    "random_fooling_rate",
+    "random_same_l2_fooling_rate",
+    "norm_l2",
+    "norm_linf",
+    "victim_accuracy",
+    "best_pass",
+    "attack_seconds",
+)
+_HISTORY_KEYS = (
+    "pass",
+    "fooling_rate",
+    "fooling_rate_attack_set",
+    "perturbed_accuracy",
+    "norm_l2",
+    "norm_linf",
+    "updates",
+    "mean_deepfool_iterations",
+    "seconds",
+    "targeted_success_rate",
+)
+
+
+def settings_fingerprint(cfg: DictConfig, data_fingerprint: str) -> str:
+    """Hash of everything that determines the attack's result (not paths, loggers, resume)."""
+    settings = {key: OmegaConf.to_container(cfg[key], resolve=True) if key != "seed" else cfg.seed
+                for key in _FINGERPRINT_KEYS}
+    for key in _NOT_IN_FINGERPRINT:
+        settings["attack"].pop(key, None)
+    settings["data_fingerprint"] = data_fingerprint
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def make_fabric(cfg: DictConfig, setup: Setup, name: str = "attack") -> Fabric:
+    """A one-device Fabric with the run's loggers (TensorBoard under ``tensorboard/<name>``)."""
+    loggers = []
+    if cfg.logger.tensorboard:
+        loggers.append(
+            TensorBoardLogger(root_dir=str(setup.output_dir), name="tensorboard", version=name, default_hp_metric=False)
+        )
+    return Fabric(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        loggers=loggers,
+        callbacks=[AttackProgressBar(enabled=progress_bars(cfg))],
+    )
+
+
+def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLoop:
+    """The loop of the run's ``attack`` settings; it saves its state in the run folder."""
+    cfg = setup.cfg
+    return AttackLoop(
+        fabric=fabric,
+        engine=build_engine(cfg.attack.method, setup.threat, **attack_options(cfg)),
+        threat=setup.threat,
+        delta=cfg.attack.delta,
+        max_passes=cfg.attack.max_passes,
+        clip=cfg.attack.clip,
+        target_class=cfg.attack.target_class,
+        keep=cfg.attack.keep,
+        evaluation=EvaluationSettings(cfg.attack.eval_batch_size, cfg.attack.amp, cfg.attack.channels_last),
+        state_path=setup.output_dir / STATE_FILE,
+        fingerprint=fingerprint,
+    )
+
+
+def _resumable(loop: AttackLoop, resume: bool) -> Optional[AttackState]:
+    """The saved state to continue from, when resuming is on and the state fits these settings."""
+    try:
+        state = loop.load_state()
+    except DamagedFileError as err:
+        log.warning("%s; starting afresh", err)
+        return None
+    if state is None or not resume:
+        return None
+    if state.fingerprint != loop.fingerprint:
+        log.warning("the run folder holds an attack with other settings; starting afresh")
+        return None
+    log.info("continuing the attack saved after pass %d in %s", state.passes, loop.state_path)
+    return state
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside, SIGTERM raises KeyboardInterrupt like Ctrl-C (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(setup: Setup) -> Dict[str, Any]:
+    """Compute, evaluate and write one universal perturbation; return the metrics written.
+
+    Raises KeyboardInterrupt after writing the outputs of an interrupted attack.
+    """
+    cfg = setup.cfg
+    fabric = make_fabric(cfg, setup)
+    loop = attack_loop(setup, fabric, settings_fingerprint(cfg, setup.datamodule.fingerprint()))
+    state = _resumable(loop, cfg.attack.resume)
+    if state is None:
+        move_aside(setup.output_dir)
+    else:
+        (setup.output_dir / "metrics.json").unlink(missing_ok=True)
+    victim = setup.victim()
+    eval_labels = setup.eval_labels_for(victim)
+    with sigterm_interrupts():
+        outcome = loop.run(victim.net, setup.attack_images, setup.eval_images, eval_labels, seed=setup.seed, resume=state)
+    baselines = random_baselines(
+        lambda noise: loop.predict(victim.net, setup.eval_images, noise),
+        outcome.clean_eval_labels,
+        setup.eval_images.shape[1:],
+        setup.threat,
+        outcome.result.perturbation,
+        seed=setup.seed + 1,
+    )
+    label_names = _label_names(setup.class_names, victim)
+    dominant = figures.dominant_labels(outcome.clean_eval_labels, outcome.perturbed_eval_labels, len(label_names))
+    metrics = attack_metrics(setup, victim, outcome, baselines, dominant, label_names)
+    run_figures = attack_figures(setup, eval_labels, outcome, metrics, dominant, label_names)
+    for logger in fabric.loggers:
+        for name, figure in run_figures.items():
+            logger.experiment.add_figure(f"attack/{name}", figure, global_step=metrics["passes"], close=False)
+        logger.log_hyperparams(_hparams(cfg, setup), metrics={f"final/{k}": float(metrics[k]) for k in _FINAL_KEYS})
+        logger.experiment.add_scalar("final/beats_random", float(metrics["beats_random"]), metrics["passes"])
+        logger.finalize("success")
+    write_run_outputs(setup.output_dir, outcome.result.perturbation, run_figures, metrics)
+    for line in attack_summary(metrics, setup.output_dir):
+        log.info(line)
+    if outcome.interrupted:
+        raise KeyboardInterrupt(f"interrupted after pass {metrics['passes']}")
+    return metrics
+
+
+def attack_metrics(
+    setup: Setup,
+    victim: Victim,
+    outcome: AttackOutcome,
+    baselines: RandomBaselines,
+    dominant: figures.DominantLabels,
+    label_names: List[str],
+) -> Dict[str, Any]:
+    """metrics.json's content for an attack run."""
+    cfg, final, result = setup.cfg, outcome.final, outcome.result
+    metrics: Dict[str, Any] = {
+        "fooling_rate": final["fooling_rate"],
+        "fooling_rate_attack_set": result.fooling_rate,
+        "clean_accuracy": final["clean_accuracy"],
+        "perturbed_accuracy": final["perturbed_accuracy"],
+        "random_fooling_rate": baselines.same_norm,
+        "random_same_l2_fooling_rate": baselines.same_l2,
+        "random_draws": baselines.draws,
+        "beats_random": baselines.beaten_by(final["fooling_rate"]),
+        "norm_l2": final["norm_l2"],
+        "norm_linf": final["norm_linf"],
+        "eps": setup.threat.eps,
+        "p": setup.threat.p_name,
+        "delta": cfg.attack.delta,
+        "method": cfg.attack.method,
+        "keep": cfg.attack.keep,
+        "best_pass": result.best_pass,
+        "passes": result.passes,
+        "converged": result.converged,
+        "interrupted": outcome.interrupted,
+        "attack_seconds": final["attack_seconds"],
+        "victim_accuracy": victim.test_accuracy if victim.test_accuracy is not None else final["clean_accuracy"],
+        "victim_source": victim.source,
+        "victim_train_seconds": victim.train_seconds,
+        "attack_images": len(setup.attack_images),
+        "eval_images": len(setup.eval_images),
+        "dominant_label": dominant.label,
+        "dominant_label_name": None if dominant.label is None else label_names[dominant.label],
+        "dominant_label_share": dominant.share,
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "attack_seed": setup.seed,
+        "history": [{k: record[k] for k in _HISTORY_KEYS if k in record} for record in outcome.history],
+    }
+    if cfg.attack.target_class is not None:
+        metrics["target_class"] = cfg.attack.target_class
+        metrics["targeted_success_rate"] = final["targeted_success_rate"]
+    return metrics
+
+
+def attack_figures(
+    setup: Setup,
+    eval_labels: Tensor,
+    outcome: AttackOutcome,
+    m: Dict[str, Any],
+    dominant: figures.DominantLabels,
+    label_names: List[str],
+) -> Dict[str, Figure]:
+    """curve, perturbation, examples and labels figures of an attack run."""
+    v = outcome.result.perturbation
+    count = max(1, min(setup.cfg.logger.example_images, len(setup.eval_images)))
+    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed)
+    clean = setup.eval_images[chosen]
+    title = f"{m['method']} {setup.threat.symbol} ε={m['eps']:g}: fooling rate {m['fooling_rate']:.2f}"
+    return {
+        "curve": figures.curve_figure(
+            outcome.history,
+            m["best_pass"] or None,
+            {"random ℓp noise": m["random_fooling_rate"], "random same-ℓ2 noise": m["random_same_l2_fooling_rate"]},
+        ),
+        "perturbation": figures.perturbation_figure(v, m["eps"], m["p"]),
+        "examples": figures.examples_figure(
+            clean,
+            uap_metrics.perturb(clean, v.to(clean.device)),
+            eval_labels[chosen].tolist(),
+            outcome.clean_eval_labels[chosen].tolist(),
+            outcome.perturbed_eval_labels[chosen].tolist(),
+            label_names,
+            title,
+        ),
+        "labels": figures.labels_figure(dominant, label_names),
+    }
+
+
+def _label_names(names: List[str], victim: Victim) -> List[str]:
+    """A name for every output of ``victim``: the class names, then indices (an ImageNet head
+    predicts beyond the data's classes)."""
+    outputs = int(victim.module.hparams.num_classes)
+    return [str(n) for n in names[:outputs]] + [str(i) for i in range(len(names), outputs)]
+
+
+def _hparams(cfg: DictConfig, setup: Setup) -> Dict[str, Any]:
+    attack = OmegaConf.to_container(cfg.attack, resolve=True)
+    attack.update(eps=setup.threat.eps, p=setup.threat.p_name)
+    return {
+        "attack": attack,
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "attack_images": len(setup.attack_images),
+    }

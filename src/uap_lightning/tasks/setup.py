@@ -1,0 +1,119 @@
+"""The setup every task shares: threat model, data, X, the evaluation set and victims.
+
+``prepare(cfg)`` runs after the settings were checked; victims are obtained on demand,
+each from its own model settings, so a task may build several (each trained at most once,
+through the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from uap_lightning.attacks import ThreatModel
+from uap_lightning.data import build_datamodule
+from uap_lightning.data.base import UAPDataModule
+from uap_lightning.errors import ConfigError
+from uap_lightning.training import TrainingLogs, Victim, obtain_victim
+from uap_lightning.validation import attack_seed
+
+log = logging.getLogger(__name__)
+
+
+def progress_bars(cfg: DictConfig) -> bool:
+    """Whether progress bars are drawn: ``logger.progress_bar``, or (null) only on a terminal."""
+    setting = cfg.logger.progress_bar
+    return sys.stderr.isatty() if setting is None else bool(setting)
+
+
+@dataclass
+class Setup:
+    """What a task works on. Images are float N×C×H×W in [0,1]; labels int64 (N,)."""
+
+    cfg: DictConfig
+    threat: ThreatModel
+    datamodule: UAPDataModule
+    attack_images: Tensor  # X
+    attack_labels: Tensor
+    eval_images: Tensor
+    eval_labels: Tensor
+    output_dir: Path
+    seed: int  # the attack seed: X's draw and order, the attack's randomness
+    _victims: Dict[str, Victim] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> List[str]:
+        return self.datamodule.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.datamodule.num_classes
+
+    def attack_set(self, count: int) -> Tuple[Tensor, Tensor]:
+        """An attack set of ``count`` images drawn with the attack seed (a prefix-stable draw)."""
+        return self.datamodule.attack_set(count, seed=self.seed)
+
+    def victim(self, model_cfg: Optional[Any] = None, *, log_training: bool = True) -> Victim:
+        """The victim of ``model_cfg`` (default: the run's ``model``), trained with the run's
+        ``trainer`` settings and seed, through the cache; the same object for equal settings."""
+        model_cfg = self.cfg.model if model_cfg is None else model_cfg
+        key = repr(sorted(dict(model_cfg).items()))
+        if key not in self._victims:
+            logs = TrainingLogs(
+                log_dir=str(self.output_dir) if log_training else None,
+                tensorboard=bool(self.cfg.logger.tensorboard),
+                progress_bar=progress_bars(self.cfg),
+            )
+            victim = obtain_victim(
+                model_cfg,
+                self.cfg.trainer,
+                self.datamodule,
+                seed=self.cfg.seed,
+                cache_dir=self.cfg.paths.cache_dir,
+                lock_timeout=self.cfg.paths.lock_timeout,
+                logs=logs,
+            )
+            victim.module.net.eval()
+            self._victims[key] = victim
+        return self._victims[key]
+
+    def eval_labels_for(self, victim: Victim) -> Tensor:
+        """The eval labels in ``victim``'s output indices: an ImageNet head predicts over all class
+        folders, so its labels are the folders' positions."""
+        folders = getattr(self.datamodule, "folder_class_indices", None)
+        if victim.source == "pretrained" and folders:
+            return torch.as_tensor(folders)[self.eval_labels]
+        return self.eval_labels
+
+
+def prepare(cfg: DictConfig, threat: ThreatModel) -> Setup:
+    """Seed, load the data and draw X and the eval set (no victim yet); ``cfg`` was checked."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg.data, cache_dir=cfg.paths.cache_dir)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    target = cfg.attack.target_class
+    if target is not None and target >= datamodule.num_classes:
+        raise ConfigError(f"attack.target_class={target} is not one of the {datamodule.num_classes} classes")
+    seed = attack_seed(cfg)
+    attack_images, attack_labels = datamodule.attack_set(seed=seed)
+    eval_images, eval_labels = datamodule.eval_set()
+    return Setup(
+        cfg=cfg,
+        threat=threat,
+        datamodule=datamodule,
+        attack_images=attack_images,
+        attack_labels=attack_labels,
+        eval_images=eval_images,
+        eval_labels=eval_labels,
+        output_dir=Path(cfg.paths.output_dir),
+        seed=seed,
+    )

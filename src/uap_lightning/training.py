@@ -78,8 +78,10 @@ def build_victim(model_cfg: Any, trainer_cfg: Any, datamodule: UAPDataModule) ->
 
 
 def _plain(node: Any, drop: tuple) -> Dict[str, Any]:
+    """The settings of ``node`` but ``drop`` and those left unset (None), so that a new
+    optional setting does not change the key of victims trained without it."""
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    return {k: v for k, v in values.items() if k not in drop}
+    return {k: v for k, v in values.items() if k not in drop and v is not None}
 
 
 def victim_spec(model_cfg: Any, trainer_cfg: Any, datamodule: UAPDataModule, seed: int) -> Dict[str, Any]:

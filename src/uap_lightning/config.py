@@ -22,7 +22,7 @@ class PathsConfig:
     root_dir: str = "."
     data_dir: str = MISSING  # $UAP_DATA_DIR, else <cwd>/data
     cache_dir: str = MISSING  # trained victims and decoded datasets
-    output_dir: str = MISSING  # the Hydra run dir of this job
+    output_dir: Optional[str] = MISSING  # the Hydra run dir of this job (null under --cfg)
     lock_timeout: float = 3600.0  # seconds to wait for another process training the same victim
 
 

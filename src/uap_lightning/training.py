@@ -80,7 +80,8 @@ def build_victim(model_cfg: Any, trainer_cfg: Any, datamodule: UAPDataModule) ->
 def _plain(node: Any, drop: tuple) -> Dict[str, Any]:
     """The settings of ``node`` but ``drop`` and those left unset (None), so that a new
     optional setting does not change the key of victims trained without it."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    node = node if isinstance(node, DictConfig) else OmegaConf.structured(node)
+    values = OmegaConf.to_container(node, resolve=True)
     return {k: v for k, v in values.items() if k not in drop and v is not None}
 
 

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import abc
 import os
+import pickle
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
 
-from uap_lightning.errors import ConfigError, DataNotFoundError
+from uap_lightning.errors import (
+    ConfigError,
+    DamagedFileError,
+    DataNotFoundError,
+    UntrustedFileError,
+)
 
 from .base import Splits, UAPDataModule, config_value
 
@@ -29,10 +36,6 @@ class TorchvisionDataModule(UAPDataModule):
     @abc.abstractmethod
     def expected_files(self, root: Path) -> List[Path]:
         """Every file torchvision reads, under ``root``."""
-
-    @abc.abstractmethod
-    def to_tensors(self, dataset: Any) -> Tuple[Tensor, Tensor]:
-        """(uint8 N×C×H×W images, int64 N labels) of one torchvision split."""
 
     def _root(self) -> Path:
         root = config_value(self.cfg, "root")
@@ -70,19 +73,6 @@ class TorchvisionDataModule(UAPDataModule):
         if self._missing(root):
             raise self._not_found(root, "files still missing after the download")
 
-    def load_splits(self) -> Splits:
-        self.prepare_data()
-        root = str(self._root())
-        try:
-            train = self.dataset_cls(root, train=True, download=False)
-            test = self.dataset_cls(root, train=False, download=False)
-        except RuntimeError as err:
-            raise self._not_found(Path(root), f"files could not be read ({err})") from err
-        train_images, train_labels = self.to_tensors(train)
-        test_images, test_labels = self.to_tensors(test)
-        return Splits(train_images, train_labels, test_images, test_labels, list(train.classes))
-
-
 class _MNISTFamily(TorchvisionDataModule):
     """28×28 grey images stored as idx files in ``root/<ClassName>/raw/``."""
 
@@ -90,22 +80,87 @@ class _MNISTFamily(TorchvisionDataModule):
         raw = root / self.dataset_cls.__name__ / "raw"
         return [raw / Path(name).stem for name, _ in self.dataset_cls.resources]
 
-    def to_tensors(self, dataset: Any) -> Tuple[Tensor, Tensor]:
+    def load_splits(self) -> Splits:
+        """Both splits through torchvision's reader of the idx files (plain binary arrays)."""
+        self.prepare_data()
+        root = str(self._root())
+        try:
+            train = self.dataset_cls(root, train=True, download=False)
+            test = self.dataset_cls(root, train=False, download=False)
+        except RuntimeError as err:
+            raise self._not_found(Path(root), f"files could not be read ({err})") from err
+        return Splits(*self._tensors(train), *self._tensors(test), list(train.classes))
+
+    @staticmethod
+    def _tensors(dataset: Any) -> Tuple[Tensor, Tensor]:
         images = torch.as_tensor(dataset.data, dtype=torch.uint8).unsqueeze(1)
         return images, torch.as_tensor(dataset.targets, dtype=torch.int64)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, nothing else: a CIFAR batch
+    needs no more, and a file asking for any other class is refused instead of run."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise UntrustedFileError(f"{self.path} asks to load {module}.{name}: not a CIFAR batch, refused")
+
+    def __init__(self, handle: Any, path: Path) -> None:
+        super().__init__(handle, encoding="latin1")
+        self.path = path
+
+
+def read_cifar_pickle(path: Path) -> Dict[str, Any]:
+    """One CIFAR python file (a pickled dict of arrays and lists) read without running code."""
+    try:
+        with open(path, "rb") as handle:
+            content = _ArraysOnly(handle, path).load()
+    except UntrustedFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise DamagedFileError(f"cannot read {path}: {err}") from None
+    if not isinstance(content, dict):
+        raise DamagedFileError(f"{path} holds a {type(content).__name__}, not a CIFAR batch")
+    return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in content.items()}
+
+
 class _CIFARFamily(TorchvisionDataModule):
-    """32×32 RGB images stored as pickled batches in ``root/<base_folder>/``."""
+    """32×32 RGB images stored as pickled batches in ``root/<base_folder>/``, read as arrays only."""
+
+    label_key: str
 
     def expected_files(self, root: Path) -> List[Path]:
         folder = root / self.dataset_cls.base_folder
         names = [name for name, _ in self.dataset_cls.train_list + self.dataset_cls.test_list]
         return [folder / name for name in names + [self.dataset_cls.meta["filename"]]]
 
-    def to_tensors(self, dataset: Any) -> Tuple[Tensor, Tensor]:
-        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-        return images, torch.as_tensor(dataset.targets, dtype=torch.int64)
+    def _split(self, folder: Path, files: List[Tuple[str, Optional[str]]]) -> Tuple[Tensor, Tensor]:
+        images, labels = [], []
+        for name, md5 in files:
+            if not check_integrity(str(folder / name), md5):
+                raise self._not_found(folder.parent, f"file {folder / name} is missing or corrupted")
+            batch = read_cifar_pickle(folder / name)
+            images.append(torch.as_tensor(batch["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            labels.append(torch.as_tensor(batch[self.label_key], dtype=torch.int64))
+        return torch.cat(images).contiguous(), torch.cat(labels)
+
+    def load_splits(self) -> Splits:
+        self.prepare_data()
+        cls = self.dataset_cls
+        folder = self._root() / cls.base_folder
+        meta = read_cifar_pickle(folder / cls.meta["filename"])
+        train_images, train_labels = self._split(folder, cls.train_list)
+        test_images, test_labels = self._split(folder, cls.test_list)
+        return Splits(train_images, train_labels, test_images, test_labels, [str(n) for n in meta[cls.meta["key"]]])
 
 
 class MNISTDataModule(_MNISTFamily):
@@ -127,6 +182,7 @@ class CIFAR10DataModule(_CIFARFamily):
 
     dataset_cls = datasets.CIFAR10
     title = "CIFAR-10"
+    label_key = "labels"
 
 
 class CIFAR100DataModule(_CIFARFamily):
@@ -134,3 +190,4 @@ class CIFAR100DataModule(_CIFARFamily):
 
     dataset_cls = datasets.CIFAR100
     title = "CIFAR-100"
+    label_key = "fine_labels"

@@ -1,0 +1,117 @@
+"""The command line: one clean message and exit code 2 for bad input, and both console scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from uap_lightning.validation import ConfigError, validate
+
+
+def cli(tmp_path: Path, *overrides: str, module: str = "uap_lightning.run", env_extra=None):
+    env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache"), **(env_extra or {})}
+    env.pop("UAP_DATA_DIR", None)
+    if not env_extra:
+        env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", module, f"hydra.run.dir={tmp_path / 'run'}", "logger=none", *overrides]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("attack.delta=1.5", "attack.delta"),  # found by the checks
+        ("+attack.epss=3", "attack.epss"),  # a key Hydra lets through with +
+        ("attack.beta=5", "beta"),  # a key of another engine, refused by Hydra
+        ("attack.epz=3", "epz"),  # a typo, refused by Hydra
+        ("data=nosuchdata", "nosuchdata"),
+        ("model.checkpoint=/no/such/file.pt", "model.checkpoint"),
+    ],
+)
+def test_bad_settings_end_with_one_message_and_exit_code_2(tmp_path, override, fragment):
+    done = cli(tmp_path, override)
+    assert done.returncode == 2, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert fragment in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists() or not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_full_error_still_shows_the_traceback(tmp_path):
+    done = cli(tmp_path, "attack.delta=1.5", env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_gpu_trainer_without_a_gpu_fails_before_any_work_and_leaves_nothing(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = cli(tmp_path, "trainer=gpu")
+    assert done.returncode == 2
+    assert "trainer=default" in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.lock"))
+
+
+def test_keys_added_with_plus_and_engine_mismatch_are_refused(make_cfg):
+    with pytest.raises(ConfigError, match="did you mean attack.eps"):
+        validate(make_cfg("+attack.epss=3"))
+    with pytest.raises(ConfigError, match="data.foo"):
+        validate(make_cfg("+data.foo=1"))
+    with pytest.raises(ConfigError, match="attack=sgd_uap"):
+        validate(make_cfg("attack.method=sgd_uap"))
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("attack.beta=5")
+    validate(make_cfg("attack=sgd_uap", "attack.beta=5"))
+
+
+def test_every_engine_schema_key_is_an_engine_option_or_a_shared_setting():
+    """One schema per engine: its own keys are exactly what its engine takes."""
+    import dataclasses
+
+    from uap_lightning.attacks import engine_options
+    from uap_lightning.config import ATTACK_SCHEMAS, AttackConfig
+
+    shared = {f.name for f in dataclasses.fields(AttackConfig)}
+    for method, schema in ATTACK_SCHEMAS.items():
+        own = {f.name for f in dataclasses.fields(schema)} - shared
+        options = set(engine_options(method))
+        assert own <= options, method
+        # every engine option is a setting, except the per-image reference switch of the API
+        assert options - own - shared <= {"per_image_reference"}, method
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The package installed from a built wheel (not editable) into a folder of its own."""
+    target = tmp_path_factory.mktemp("site")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(root)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return target
+
+
+@pytest.mark.parametrize("script", ["uap-lightning", "uap-bench"])
+def test_console_scripts_work_from_any_folder_after_a_wheel_install(installed, tmp_path, script):
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import uap_lightning; print(uap_lightning.__file__)"],
+        env=env, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert str(installed) in where.stdout
+    done = subprocess.run(
+        [str(installed / "bin" / script), "--cfg", "job", "--resolve", "paths.data_dir=/data"],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "attack:" in done.stdout and "task:" in done.stdout

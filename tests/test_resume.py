@@ -1,0 +1,139 @@
+"""Interrupted attacks resume to the same result; a run folder never mixes two runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from uap_lightning.loop import AttackLoop
+from uap_lightning.tasks import run_task
+
+# A digits run with enough passes to interrupt: a 3-epoch cnn, 100 attack images, never converging.
+SETTINGS = (
+    "trainer.max_epochs=3",
+    "data.attack_images=100",
+    "attack.max_passes=4",
+    "attack.delta=0.01",
+    "attack.eps=64",
+    "logger=none",
+)
+
+
+def interrupt_after(monkeypatch, passes: int) -> None:
+    """Make the loop raise KeyboardInterrupt (as Ctrl-C would) once the state of ``passes`` is saved."""
+    save = AttackLoop._save
+
+    def save_then_interrupt(self, state):
+        save(self, state)
+        if state.passes == passes and not state.finished:
+            raise KeyboardInterrupt("test")
+
+    monkeypatch.setattr(AttackLoop, "_save", save_then_interrupt)
+
+
+def read(run_dir: Path):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return metrics, torch.load(run_dir / "perturbation.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("method", ["deepfool_uap", "sgd_uap"])
+def test_interrupted_attack_resumes_to_the_uninterrupted_perturbation(tmp_path, monkeypatch, method):
+    """Interrupt after pass 2, rerun the same settings in the same folder: bit-identical v."""
+    from conftest import compose_config
+
+    def cfg_in(name: str):
+        cfg = compose_config([f"attack={method}", *SETTINGS], tmp_path)
+        cfg.paths.output_dir = str(tmp_path / name)
+        return cfg
+
+    run_task(cfg_in("straight"))
+    reference, reference_v = read(tmp_path / "straight")
+
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_task(cfg_in("interrupted"))
+    partial, _ = read(tmp_path / "interrupted")
+    assert partial["interrupted"] is True and partial["passes"] == 2
+    assert [h["pass"] for h in partial["history"]] == [1, 2]
+
+    resumed, resumed_v = read_after(run_task(cfg_in("interrupted")), tmp_path / "interrupted")
+    assert torch.equal(resumed_v, reference_v)
+    assert resumed["interrupted"] is False and resumed["passes"] == reference["passes"] == 4
+    for key in ("fooling_rate", "fooling_rate_attack_set", "best_pass", "norm_l2", "random_fooling_rate"):
+        assert resumed[key] == reference[key], key
+    assert [h["fooling_rate"] for h in resumed["history"]] == [h["fooling_rate"] for h in reference["history"]]
+
+
+def read_after(returned, run_dir: Path):
+    assert returned["interrupted"] is False
+    return read(run_dir)
+
+
+def test_other_settings_start_afresh_and_move_the_old_outputs_aside(tmp_path, monkeypatch):
+    from conftest import compose_config
+
+    cfg = compose_config(SETTINGS, tmp_path)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_task(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    cfg.attack.eps = 48.0
+    metrics = run_task(cfg)
+    assert metrics["passes"] == 4 and metrics["eps"] == 48
+    stale = list((run_dir / "stale").iterdir())
+    assert len(stale) == 1
+    old = json.loads((stale[0] / "metrics.json").read_text())
+    assert old["interrupted"] is True and old["eps"] == 64
+    assert {"perturbation.pt", "attack_state.ckpt"} <= {p.name for p in stale[0].iterdir()}
+
+
+def test_resume_false_starts_afresh(tmp_path, monkeypatch):
+    from conftest import compose_config
+
+    cfg = compose_config(SETTINGS, tmp_path)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_task(cfg)
+    cfg.attack.resume = False
+    metrics = run_task(cfg)
+    assert [h["pass"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert len(list((Path(cfg.paths.output_dir) / "stale").iterdir())) == 1
+
+
+def test_sigterm_saves_the_last_pass_and_the_same_command_continues(tmp_path):
+    """SIGTERM mid-attack: exit 130, metrics.json marked interrupted; the same command finishes it."""
+    env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("UAP_DATA_DIR", None)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "uap_lightning.run", f"hydra.run.dir={run_dir}", "trainer.max_epochs=3",
+               "data.attack_images=100", "attack.max_passes=30", "attack.delta=0.001", "attack.eps=64", "logger=none"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = run_dir / "attack_state.ckpt"
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "run the same command again" in stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and 1 <= metrics["passes"] < 30
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    finished = json.loads((run_dir / "metrics.json").read_text())
+    assert finished["interrupted"] is False
+    assert [h["pass"] for h in finished["history"]][: metrics["passes"]] == list(range(1, metrics["passes"] + 1))
+    assert finished["passes"] == 30 or finished["converged"]

@@ -36,7 +36,7 @@ bench: $(STAMP) ## Benchmark ART, the naive reference and the project's engines 
 	$(BIN)/python -m uap_lightning.bench $(ARGS)
 
 bench-smoke: $(STAMP) ## The benchmark on digits, in under a minute
-	$(BIN)/python -m uap_lightning.bench bench=smoke $(ARGS)
+	$(BIN)/python -m uap_lightning.bench experiment=bench_smoke $(ARGS)
 
 tensorboard: $(STAMP) ## Serve TensorBoard over outputs/ and multirun/
 	$(BIN)/tensorboard --logdir . --bind_all

@@ -70,7 +70,7 @@ def test_benchmark_preset_on_the_cifar_copy(tmp_path, data_dir):
         "data.attack_images=100",
         "data.eval_images=500",
         "attack.max_passes=1",
-        "bench.efficiency_batches=1",
+        "task.efficiency_batches=1",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((run_dir / "bench.json").read_text())

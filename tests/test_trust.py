@@ -318,3 +318,23 @@ def test_victim_checkpoint_round_trip_through_the_lightning_module(tmp_path):
     load_weights(fresh.net, path)
     assert all(torch.equal(a, b) for a, b in zip(victim.state_dict().values(), fresh.state_dict().values()))
     assert json.dumps(dict(victim.hparams))
+
+
+def test_payload_in_an_attack_state_is_never_loaded(tmp_path, caplog):
+    """A run folder's attack_state.ckpt is read tensors-only: a payload there is refused, the
+    attack starts afresh."""
+    from lightning.fabric import Fabric
+
+    from uap_lightning.attacks import ThreatModel, build_engine
+    from uap_lightning.loop import AttackLoop
+    from uap_lightning.tasks.attack import _resumable
+
+    marker = tmp_path / "payload-ran"
+    state = tmp_path / "attack_state.ckpt"
+    torch.save({"version": 1, "history": Payload(marker)}, state)
+    threat = ThreatModel.parse(64, "inf")
+    loop = AttackLoop(Fabric(accelerator="cpu", devices=1), build_engine("deepfool_uap", threat), threat, 0.2, 2,
+                      state_path=state)
+    with caplog.at_level(logging.WARNING):
+        assert _resumable(loop, resume=True) is None
+    assert "cannot be read" in caplog.text and not marker.exists()

@@ -141,6 +141,36 @@ def test_batched_equals_single_on_a_conv_net(options):
     assert_same(batched, [deepfool_single(model, image, **options) for image in x])
 
 
+@pytest.mark.parametrize("options", [dict(norm=2.0), dict(norm=math.inf, target=7)], ids=["untargeted", "targeted"])
+def test_a_handed_over_forward_pass_gives_the_same_result_with_one_forward_fewer(options):
+    model = random_conv_net(seed=0)
+    forwards = []
+    model.register_forward_hook(lambda module, inputs, output: forwards.append(inputs[0].shape[0]))
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    plain = deepfool_batched(model, x, **options)
+    plain_forwards = len(forwards)
+    xa = x.clone().requires_grad_(True)
+    logits = model(xa)
+    forwards.clear()
+    handed = deepfool_batched(model, x, start=(xa, logits), **options)
+    assert len(forwards) == plain_forwards - 1
+    assert torch.equal(handed.perturbation, plain.perturbation)
+    assert torch.equal(handed.iterations, plain.iterations) and torch.equal(handed.converged, plain.converged)
+
+
+def test_rejects_a_start_that_is_not_the_forward_pass_of_x():
+    model = linear_model(5, seed=0)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    xa = x.clone().requires_grad_(True)
+    other = (x + 0.1).requires_grad_(True)
+    first = x[:1].clone().requires_grad_(True)
+    with torch.no_grad():
+        without_graph = model(xa)
+    for start in [(x, model(x)), (other, model(other)), (first, model(first)), (xa, without_graph)]:
+        with pytest.raises(ValueError, match="start"):
+            deepfool_batched(model, x, start=start)
+
+
 def test_batched_images_leave_at_different_iterations():
     model = random_conv_net(seed=0)
     x = torch.rand(8, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

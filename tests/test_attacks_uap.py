@@ -21,6 +21,8 @@ from uap_lightning.attacks import (
     frozen_eval,
     run_passes,
 )
+from uap_lightning.attacks import deepfool_uap as deepfool_uap_module
+from uap_lightning.attacks.deepfool_uap import MAX_WINDOW, next_window
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,27 +110,134 @@ def test_l2_deepfool_uap_stays_in_the_ball_and_fools(victim):
     assert held_out_rate(model, held_out, v) > baseline + 0.1
 
 
-@pytest.mark.parametrize("p, eps, target", [(math.inf, 20.0, None), (2.0, 160.0, None), (math.inf, 20.0, 4)])
-def test_batched_helper_gives_the_per_image_reference_v(p, eps, target):
+class CountingModel(nn.Module):
+    """Wraps a model and counts its forward calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        return self.model(x)
+
+
+def one_image_at_a_time(engine, model, v, images, clean, generator):
+    """The pass before windowing: a batch-1 prediction per image, then the engine's batched DeepFool
+    on that image alone. Returns v and the iterations of each update."""
+    iterations = []
+    for i in torch.randperm(images.shape[0], generator=generator).tolist():
+        x = metrics.perturb(images[i : i + 1], v, engine.clip)
+        with torch.no_grad():
+            todo = engine.still_to_fool(model(x).argmax(1), clean[i : i + 1])
+        if bool(todo):
+            result = engine.deepfool(model, x)
+            if bool(result.converged[0]):
+                v = engine.project(v + result.perturbation[0])
+                iterations.append(int(result.iterations[0]))
+    return v, iterations
+
+
+def record_windows(monkeypatch):
+    """Per call of ``next_window`` during the test: (size, update_at, next size)."""
+    calls = []
+
+    def recording(size, update_at, checked, updates):
+        calls.append((size, update_at, next_window(size, update_at, checked, updates)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(deepfool_uap_module, "next_window", recording)
+    return calls
+
+
+def predictions_made(windows, n):
+    """Images predicted by a pass of ``n`` images with these ``record_windows`` entries (> n: some
+    window straddled an update, and the images after the updated one were predicted again)."""
+    position = predicted = 0
+    for size, update_at, _ in windows:
+        length = min(size, n - position)
+        predicted += length
+        position += length if update_at is None else update_at + 1
+    assert position == n
+    return predicted
+
+
+@pytest.mark.parametrize(
+    "p, eps, target, deepfool_norm, frequent",
+    [
+        (math.inf, 60.0, None, 2, False),  # large ε: many images fooled, windows grow and straddle updates
+        (math.inf, 60.0, None, "inf", False),
+        (math.inf, 5.0, None, 2, True),  # small ε: nearly every image takes a step, windows of one
+        (math.inf, 5.0, None, "inf", True),
+        (2.0, 600.0, None, 2, False),
+        (2.0, 600.0, None, "inf", False),
+        (2.0, 160.0, None, "inf", True),
+        (math.inf, 60.0, 4, 2, False),
+        (math.inf, 60.0, 4, "inf", False),
+    ],
+)
+def test_windowed_pass_gives_the_one_image_at_a_time_v(monkeypatch, p, eps, target, deepfool_norm, frequent):
+    """Windowed checks change nothing: the same v bit for bit, updates and iterations as a batch-1
+    check per image, pass after pass, whether windows grow, shrink and straddle updates (large ε)
+    or stay at one image handed on to DeepFool (frequent updates); and the v of the
+    deepfool_single reference up to rounding (its margin gradients are formed differently)."""
     model = random_conv_net(seed=2)
-    images = torch.rand(24, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    images = torch.rand(40, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     clean = metrics.predict(model, images)
-    threat = ThreatModel.parse(eps, p)
-    outputs = []
-    for reference in (False, True):
-        engine = DeepFoolUAP(threat, per_image_reference=reference, target_class=target)
-        v = torch.zeros(3, 8, 8, dtype=torch.float64)
-        generator = torch.Generator().manual_seed(11)
-        stats = []
-        for _ in range(2):
-            v, s = engine.run_pass(model, v, images, clean, generator)
-            stats.append(s)
-        outputs.append((v, stats))
-    (v_batched, stats_batched), (v_single, stats_single) = outputs
-    assert stats_batched[0].updates > 0
-    torch.testing.assert_close(v_batched, v_single, rtol=1e-7, atol=1e-10)
-    assert [s.updates for s in stats_batched] == [s.updates for s in stats_single]
-    assert [s.mean_iterations for s in stats_batched] == pytest.approx([s.mean_iterations for s in stats_single])
+    options = dict(target_class=target, deepfool_norm=deepfool_norm)
+    windowed = DeepFoolUAP(ThreatModel.parse(eps, p), **options)
+    reference = DeepFoolUAP(ThreatModel.parse(eps, p), per_image_reference=True, **options)
+    windows = record_windows(monkeypatch)
+    v_windowed = v_plain = v_reference = torch.zeros(3, 8, 8, dtype=torch.float64)
+    generators = [torch.Generator().manual_seed(11) for _ in range(3)]
+    predicted, resizes = [], set()
+    for _ in range(3):
+        windows.clear()
+        v_windowed, stats = windowed.run_pass(model, v_windowed, images, clean, generators[0])
+        predicted.append(predictions_made(windows, images.shape[0]))
+        resizes |= {(after > size) - (after < size) for size, _, after in windows}
+        v_plain, iterations = one_image_at_a_time(windowed, model, v_plain, images, clean, generators[1])
+        v_reference, reference_stats = reference.run_pass(model, v_reference, images, clean, generators[2])
+        assert torch.equal(v_windowed, v_plain)
+        assert stats.updates == len(iterations) == reference_stats.updates > 0
+        assert stats.mean_iterations == sum(iterations) / len(iterations) == reference_stats.mean_iterations
+        torch.testing.assert_close(v_windowed, v_reference, rtol=0, atol=1e-14)
+    if frequent:
+        assert resizes == {0} and predicted == [images.shape[0]] * 3  # one image per window
+    else:
+        assert resizes == {-1, 0, 1}  # windows shrank, kept their size and grew
+        assert max(predicted) > images.shape[0]  # a window straddled an update
+
+
+def test_windowed_pass_forwards_fewer_times_than_images_when_updates_are_rare():
+    """Every pass costs fewer forward calls than the one-image-at-a-time reference, and once v
+    fools most of X fewer than X has images."""
+    model = CountingModel(random_conv_net(seed=2))
+    images = torch.rand(40, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    clean = metrics.predict(model, images)
+    threat = ThreatModel.parse(60, "inf")
+    windowed, reference = DeepFoolUAP(threat), DeepFoolUAP(threat, per_image_reference=True)
+    v = torch.zeros(3, 8, 8, dtype=torch.float64)
+    generators = [torch.Generator().manual_seed(11) for _ in range(2)]
+    for _ in range(3):
+        model.forwards = 0
+        v_next, stats = windowed.run_pass(model, v, images, clean, generators[0])
+        windowed_forwards, model.forwards = model.forwards, 0
+        reference.run_pass(model, v, images, clean, generators[1])
+        assert windowed_forwards < model.forwards
+        v = v_next
+    assert 0 < stats.updates and windowed_forwards < images.shape[0] <= model.forwards
+
+
+def test_window_grows_without_updates_and_shrinks_after_an_early_one():
+    """Doubles without an update, halves after an update in its first half, and never exceeds
+    half the mean run of images per update so far nor MAX_WINDOW."""
+    assert [next_window(size, None, 1000, 0) for size in (1, 2, 32, MAX_WINDOW)] == [2, 4, 64, MAX_WINDOW]
+    assert [next_window(8, at, 1000, 0) for at in range(8)] == [4, 4, 4, 4, 8, 8, 8, 8]
+    assert [next_window(1, 0, 1000, 0), next_window(2, 0, 1000, 0), next_window(3, 1, 1000, 0)] == [1, 1, 3]
+    assert [next_window(16, None, 99, 9), next_window(16, None, 8, 9)] == [5, 1]
+    assert [next_window(1, None, 1, 0), next_window(1, None, 2, 0), next_window(1, None, 3, 0)] == [1, 1, 2]
 
 
 def test_pass_visits_images_in_randperm_order():
@@ -201,7 +310,7 @@ def test_run_passes_history_callback_and_stopping():
     seen = []
     result = run_passes(
         model, engine, images, clean, delta=0.45, max_passes=10, generator=None,
-        on_pass_end=lambda i, v, stats, rate: seen.append((i, rate, stats.updates)),
+        on_pass_end=lambda report: seen.append((report.pass_index, report.fooling_rate, report.stats.updates)),
     )
     # pixel values 0.04, 0.09, ..., 0.49; after pass k those above 0.5 − 0.1k are fooled: 60% after pass 3
     assert result.passes == 3 and result.converged

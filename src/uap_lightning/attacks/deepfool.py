@@ -118,13 +118,21 @@ def deepfool_batched(
     max_iters: int = 10,
     norm: Union[float, str] = 2.0,
     target: Optional[int] = None,
+    start: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> DeepFoolResult:
     """DeepFool on a batch ``x`` (N×C×H×W): per iteration one forward and one batched backward pass.
 
     Images leave the batch as soon as they cross the boundary; per image the result equals
-    :func:`deepfool_single` when the model treats samples independently (eval mode).
+    :func:`deepfool_single` up to float rounding when the model treats samples independently
+    (eval mode): each margin's gradient comes from one vector-Jacobian product here, from the
+    difference of two gradients there.
+    ``start=(xa, logits)`` hands over a forward pass already run: ``xa`` is x as a leaf tensor
+    requiring grad and ``logits`` (N×classes) is ``model(xa)`` computed with grad enabled; the
+    first iteration then uses them instead of forwarding x again (same result, one forward fewer).
     """
     norm = _check(num_candidates, overshoot, max_iters, norm)
+    if start is not None:
+        _check_start(start, x)
     x = x.detach()
     n = x.shape[0]
     r_tot = torch.zeros_like(x)
@@ -132,8 +140,11 @@ def deepfool_batched(
     converged = torch.zeros(n, dtype=torch.bool, device=x.device)
     scale = 1.0 + overshoot
     with torch.enable_grad():
-        xa = x.clone().requires_grad_(True)
-        logits = model(xa)
+        if start is None:
+            xa = x.clone().requires_grad_(True)
+            logits = model(xa)
+        else:
+            xa, logits = start
         _check_classes(logits.shape[1], target)
         if target is None:
             candidates = logits.detach().topk(min(num_candidates, logits.shape[1]), dim=1).indices
@@ -159,6 +170,15 @@ def deepfool_batched(
             rows = (~reached).nonzero().squeeze(1)
             active = active[rows]
     return DeepFoolResult(perturbation=(scale * r_tot).detach(), iterations=iterations, converged=converged)
+
+
+def _check_start(start: Tuple[Tensor, Tensor], x: Tensor) -> None:
+    """ValueError unless ``start`` is (x as a grad-requiring leaf, its N×classes logits with a graph)."""
+    xa, logits = start
+    if not (xa.is_leaf and xa.requires_grad and torch.equal(xa.detach(), x.detach())):
+        raise ValueError("start[0] must be x itself as a leaf tensor with requires_grad=True")
+    if not (logits.requires_grad and logits.dim() == 2 and logits.shape[0] == x.shape[0]):
+        raise ValueError(f"start[1] must be model(start[0]), N×classes with a graph; got {tuple(logits.shape)}")
 
 
 def _nearest_boundary(

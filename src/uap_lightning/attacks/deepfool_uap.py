@@ -1,6 +1,7 @@
 """Universal perturbations by accumulated DeepFool steps (Moosavi-Dezfooli et al., CVPR 2017).
 
-``DeepFoolUAP`` is the paper's Algorithm 1, one image at a time; ``BatchedDeepFoolUAP``
+``DeepFoolUAP`` is the paper's Algorithm 1, one image at a time (its "does v fool x?" checks
+predicted for windows of images, with the same result); ``BatchedDeepFoolUAP``
 runs DeepFool on a mini-batch of still-unfooled images and adds their combined step.
 DeepFool starts from clip(x + v) (x + v when ``clip=False``); a step counts only when
 DeepFool converged. Steps are in [0,1] image scale; v is projected onto the ℓp ball of
@@ -20,6 +21,7 @@ from uap_lightning.attacks.threat import ThreatModel, parse_p
 from uap_lightning.metrics import perturb
 
 AGGREGATES = ("mean", "sum")
+MAX_WINDOW = 64  # most images DeepFoolUAP predicts in one check forward pass
 
 
 class _DeepFoolEngine(UniversalAttack):
@@ -48,9 +50,12 @@ class _DeepFoolEngine(UniversalAttack):
         self.max_deepfool_iters = int(max_deepfool_iters)
         self.deepfool_norm = threat.p if deepfool_norm is None else parse_p(deepfool_norm)
 
-    def deepfool(self, model: nn.Module, x: Tensor) -> DeepFoolResult:
-        """Batched DeepFool with this engine's options on ``x`` (N×C×H×W)."""
-        return deepfool_batched(model, x, **self._deepfool_options())
+    def deepfool(
+        self, model: nn.Module, x: Tensor, start: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> DeepFoolResult:
+        """Batched DeepFool with this engine's options on ``x`` (N×C×H×W); ``start`` as in
+        :func:`deepfool_batched`."""
+        return deepfool_batched(model, x, start=start, **self._deepfool_options())
 
     def _deepfool_options(self) -> dict:
         return dict(
@@ -66,8 +71,16 @@ class DeepFoolUAP(_DeepFoolEngine):
     """Algorithm 1 of the paper: for each x in shuffled order, if v does not yet fool x,
     v ← Proj(v + DeepFool(clip(x + v))).
 
-    ``per_image_reference=True`` runs :func:`deepfool_single` instead of a batch of one
-    through :func:`deepfool_batched`; both give the same v.
+    "Does v fool x?" is answered for a window of the next images in one forward pass; the
+    answers stay exact until v changes, so after an update the window's remaining images are
+    predicted again under the new v (see :func:`next_window` for the window size). A window of
+    one image is forwarded with grad enabled and handed to DeepFool as its first forward pass.
+    The v, the updates and the iterations are those of checking one image at a time, bit for
+    bit, unless the batch an image is predicted in flips its argmax (float32 logits differ by
+    about 1e-6 between batch sizes).
+
+    ``per_image_reference=True`` checks one image at a time and runs :func:`deepfool_single`:
+    the reference the windowed pass is tested against (same v up to float rounding).
     """
 
     name = "deepfool_uap"
@@ -87,25 +100,77 @@ class DeepFoolUAP(_DeepFoolEngine):
     ) -> Tuple[Tensor, PassStats]:
         v = v.detach().clone()
         clean = clean_labels.to(v.device)
+        order = torch.randperm(images.shape[0], generator=generator)
+        if self.per_image_reference:
+            v, iterations = self._reference_pass(model, v, images, clean, order.tolist())
+        else:
+            v, iterations = self._windowed_pass(model, v, images, clean, order)
+        return v, _stats(iterations)
+
+    def _windowed_pass(
+        self, model: nn.Module, v: Tensor, images: Tensor, clean: Tensor, order: Tensor
+    ) -> Tuple[Tensor, List[int]]:
+        """The pass over ``order`` (N,) with windowed checks; returns v and the iterations of each update."""
         iterations: List[int] = []
-        for i in torch.randperm(images.shape[0], generator=generator).tolist():
+        position, size = 0, 1
+        while position < order.numel():
+            index = order[position : position + size]
+            x = perturb(images[index].to(v.device), v, self.clip)  # W×C×H×W
+            single = index.numel() == 1
+            with torch.set_grad_enabled(single):  # a one-image check is DeepFool's first forward pass
+                logits = model(x.requires_grad_(single))
+            todo = self.still_to_fool(logits.detach().argmax(1), clean[index.to(clean.device)])
+            update_at = None
+            for offset in todo.nonzero().flatten().tolist():
+                result = self.deepfool(model, x[offset : offset + 1], start=(x, logits) if single else None)
+                if bool(result.converged[0]):
+                    v = self.project(v + result.perturbation[0])
+                    iterations.append(int(result.iterations[0]))
+                    update_at = offset
+                    break
+            position += index.numel() if update_at is None else update_at + 1
+            size = next_window(size, update_at, position, len(iterations))
+        return v, iterations
+
+    def _reference_pass(
+        self, model: nn.Module, v: Tensor, images: Tensor, clean: Tensor, order: List[int]
+    ) -> Tuple[Tensor, List[int]]:
+        """The pass one image at a time with :func:`deepfool_single`; returns v and the iterations of each update."""
+        iterations: List[int] = []
+        for i in order:
             x = perturb(images[i : i + 1].to(v.device), v, self.clip)
             with torch.no_grad():
                 predicted = model(x).argmax(1)
             if not bool(self.still_to_fool(predicted, clean[i : i + 1])):
                 continue
-            step, used, converged = self._step(model, x)
-            if converged:
-                v = self.project(v + step)
-                iterations.append(used)
-        return v, _stats(iterations)
-
-    def _step(self, model: nn.Module, x: Tensor) -> Tuple[Tensor, int, bool]:
-        if self.per_image_reference:
             result = deepfool_single(model, x[0], **self._deepfool_options())
-            return result.perturbation, result.iterations, result.converged
-        result = self.deepfool(model, x)
-        return result.perturbation[0], int(result.iterations[0]), bool(result.converged[0])
+            if result.converged:
+                v = self.project(v + result.perturbation)
+                iterations.append(result.iterations)
+        return v, iterations
+
+
+def next_window(size: int, update_at: Optional[int], checked: int, updates: int) -> int:
+    """Number of images to predict in the next check window of a pass.
+
+    ``size`` is the window just used; ``update_at`` the offset (0-based) in it of the image whose
+    DeepFool step changed v, None if v did not change; ``checked`` and ``updates`` count the
+    images checked and the updates so far in the pass. The window doubles after a window without
+    an update, halves after an update that left at least half of its predictions unused
+    (``update_at + 1 <= size / 2``) and keeps its size otherwise. It reaches at most half the mean
+    run of images per update so far, (checked + 1) // (2 (updates + 1)), and ``MAX_WINDOW``; it is
+    at least one. A pass starts with a window of one. A one-image check doubles as DeepFool's
+    first forward pass, so wider windows pay only once updates are rare: with a cap of the whole
+    mean run, windows of two cost more than they saved on small CPU models, where updates come
+    every second image and a batch of two costs three batch-1 forward passes.
+    """
+    if update_at is None:
+        resized = 2 * size
+    elif 2 * (update_at + 1) <= size:
+        resized = size // 2
+    else:
+        resized = size
+    return max(1, min(resized, (checked + 1) // (2 * (updates + 1)), MAX_WINDOW))
 
 
 class BatchedDeepFoolUAP(_DeepFoolEngine):

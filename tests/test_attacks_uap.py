@@ -387,7 +387,7 @@ def test_build_engine_registry_and_errors():
     assert isinstance(build_engine("deepfool_uap_batched", threat, aggregate="sum"), BatchedDeepFoolUAP)
     assert isinstance(build_engine("sgd_uap", threat, beta=5.0), SGDUAP)
     assert build_engine("deepfool_uap", threat, deepfool_norm="2").deepfool_norm == 2.0
-    assert build_engine("deepfool_uap", threat).deepfool_norm == math.inf
+    assert build_engine("deepfool_uap", threat).deepfool_norm == 2.0  # the paper's step for every p
     assert {"aggregate", "overshoot", "clip"} <= set(engine_options("deepfool_uap_batched"))
     with pytest.raises(ValueError, match="deepfool_uap, deepfool_uap_batched, sgd_uap"):
         build_engine("fgsm", threat)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from pathlib import Path
 
 import torch
 from torch import nn

@@ -3,7 +3,8 @@
 ``DeepFoolUAP`` is the paper's Algorithm 1, one image at a time (its "does v fool x?" checks
 predicted for windows of images, with the same result); ``BatchedDeepFoolUAP``
 runs DeepFool on a mini-batch of still-unfooled images and adds their combined step.
-DeepFool starts from clip(x + v) (x + v when ``clip=False``); a step counts only when
+DeepFool (its minimal ℓ2 step by default, as in the paper, whatever the threat's p) starts
+from clip(x + v) (x + v when ``clip=False``); a step counts only when
 DeepFool converged. Steps are in [0,1] image scale; v is projected onto the ℓp ball of
 radius eps/255 after each update.
 """
@@ -25,7 +26,14 @@ MAX_WINDOW = 64  # most images DeepFoolUAP predicts in one check forward pass
 
 
 class _DeepFoolEngine(UniversalAttack):
-    """Options shared by the DeepFool engines; ``deepfool_norm`` None means the threat's p."""
+    """Options shared by the DeepFool engines.
+
+    ``deepfool_norm`` is the norm of DeepFool's step: 2 (default) is the paper's Algorithm 1,
+    Δv = arg min ‖r‖₂ s.t. the label of x + v + r changes, for every p of the threat model (only
+    the projection depends on p), as in the authors' code; "inf" or 1 take the dual-norm step
+    of that norm instead, a variant (on a CIFAR-10 ResNet-20, ℓ∞ ξ=8, X = 500, 3 passes it
+    fooled 0.62 against 0.69 for the ℓ2 step).
+    """
 
     def __init__(
         self,
@@ -36,7 +44,7 @@ class _DeepFoolEngine(UniversalAttack):
         overshoot: float = 0.02,
         num_candidates: int = 10,
         max_deepfool_iters: int = 10,
-        deepfool_norm: Optional[Union[str, float]] = None,
+        deepfool_norm: Union[str, float] = 2.0,
     ) -> None:
         super().__init__(threat, clip=clip, target_class=target_class)
         if overshoot < 0:
@@ -48,7 +56,7 @@ class _DeepFoolEngine(UniversalAttack):
         self.overshoot = float(overshoot)
         self.num_candidates = int(num_candidates)
         self.max_deepfool_iters = int(max_deepfool_iters)
-        self.deepfool_norm = threat.p if deepfool_norm is None else parse_p(deepfool_norm)
+        self.deepfool_norm = parse_p(deepfool_norm)
 
     def deepfool(
         self, model: nn.Module, x: Tensor, start: Optional[Tuple[Tensor, Tensor]] = None

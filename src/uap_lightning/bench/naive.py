@@ -8,13 +8,13 @@ and an independent check that ``deepfool_uap`` computes the same v.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from uap_lightning.attacks.projections import dual_norm, dual_step, project_lp
-from uap_lightning.attacks.threat import ThreatModel
+from uap_lightning.attacks.threat import ThreatModel, parse_p
 
 STEP_PAD = 1e-4  # the reference code lengthens every DeepFool step by this much (ℓp units of the step)
 
@@ -67,14 +67,14 @@ def naive_uap(
     overshoot: float = 0.02,
     num_candidates: int = 10,
     max_deepfool_iters: int = 10,
-    deepfool_norm: Optional[float] = None,
+    deepfool_norm: Union[str, float] = 2.0,
     clip: bool = True,
 ) -> Tuple[Tensor, float, int]:
     """Algorithm 1 on X = ``images`` (N×C×H×W in [0,1]): returns (v C×H×W, fooling rate on X, passes).
 
     Visits X in ``torch.randperm(N, generator=generator)`` order each pass, like ``deepfool_uap``.
     """
-    norm = threat.p if deepfool_norm is None else float(deepfool_norm)
+    norm = parse_p(deepfool_norm)
 
     def shifted(x: Tensor, v: Tensor) -> Tensor:
         return (x + v).clamp(0.0, 1.0) if clip else x + v

@@ -16,14 +16,15 @@ import signal
 import threading
 from typing import Any, Dict, Iterator, List, Optional
 
+import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 
-from uap_lightning import metrics as uap_metrics
-from uap_lightning.attacks import build_engine
+from uap_lightning import metrics
+from uap_lightning.attacks import UAPResult, build_engine, frozen_eval, run_passes
 from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.errors import DamagedFileError
 from uap_lightning.loop import (
@@ -116,6 +117,42 @@ def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLo
     )
 
 
+def universal_perturbation(
+    setup: Setup, net: nn.Module, attack_images: Optional[Tensor] = None, seed: Optional[int] = None
+) -> UAPResult:
+    """A universal perturbation of ``net`` with the run's ``attack`` settings, as the attack task
+    computes it (same engine, order, seed and kept pass, so the same v), on ``attack_images``
+    (default: the run's X) with ``seed`` (default: the attack seed). No logging, no files."""
+    cfg = setup.cfg
+    images = setup.attack_images if attack_images is None else attack_images
+    with frozen_eval(net):
+        clean = metrics.predict(net, images, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip)
+        return run_passes(
+            net,
+            build_engine(cfg.attack.method, setup.threat, **attack_options(cfg)),
+            images,
+            clean,
+            delta=cfg.attack.delta,
+            max_passes=cfg.attack.max_passes,
+            generator=torch.Generator().manual_seed(setup.seed if seed is None else int(seed)),
+            eval_batch_size=cfg.attack.eval_batch_size,
+            clip=cfg.attack.clip,
+            target_class=cfg.attack.target_class,
+            keep=cfg.attack.keep,
+        )
+
+
+def eval_fooling_rate(setup: Setup, net: nn.Module, perturbation: Tensor) -> float:
+    """Fooling rate of ``perturbation`` on the run's eval set for ``net`` (the paper's definition)."""
+    cfg = setup.cfg
+    with frozen_eval(net):
+        clean = metrics.predict(net, setup.eval_images, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip)
+        perturbed = metrics.predict(
+            net, setup.eval_images, perturbation, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip
+        )
+    return metrics.fooling_rate(clean, perturbed)
+
+
 def _resumable(loop: AttackLoop, resume: bool) -> Optional[AttackState]:
     """The saved state to continue from, when resuming is on and the state fits these settings."""
     try:
@@ -150,7 +187,7 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 def run(setup: Setup) -> Dict[str, Any]:
-    """Compute, evaluate and write one universal perturbation; return the metrics written.
+    """Compute, evaluate and write one universal perturbation; return the results written.
 
     Raises KeyboardInterrupt after writing the outputs of an interrupted attack.
     """
@@ -176,20 +213,20 @@ def run(setup: Setup) -> Dict[str, Any]:
     )
     label_names = _label_names(setup.class_names, victim)
     dominant = figures.dominant_labels(outcome.clean_eval_labels, outcome.perturbed_eval_labels, len(label_names))
-    metrics = attack_metrics(setup, victim, outcome, baselines, dominant, label_names)
-    run_figures = attack_figures(setup, eval_labels, outcome, metrics, dominant, label_names)
+    results = attack_metrics(setup, victim, outcome, baselines, dominant, label_names)
+    run_figures = attack_figures(setup, eval_labels, outcome, results, dominant, label_names)
     for logger in fabric.loggers:
         for name, figure in run_figures.items():
-            logger.experiment.add_figure(f"attack/{name}", figure, global_step=metrics["passes"], close=False)
-        logger.log_hyperparams(_hparams(cfg, setup), metrics={f"final/{k}": float(metrics[k]) for k in _FINAL_KEYS})
-        logger.experiment.add_scalar("final/beats_random", float(metrics["beats_random"]), metrics["passes"])
+            logger.experiment.add_figure(f"attack/{name}", figure, global_step=results["passes"], close=False)
+        logger.log_hyperparams(_hparams(cfg, setup), metrics={f"final/{k}": float(results[k]) for k in _FINAL_KEYS})
+        logger.experiment.add_scalar("final/beats_random", float(results["beats_random"]), results["passes"])
         logger.finalize("success")
-    write_run_outputs(setup.output_dir, outcome.result.perturbation, run_figures, metrics)
-    for line in attack_summary(metrics, setup.output_dir):
+    write_run_outputs(setup.output_dir, outcome.result.perturbation, run_figures, results)
+    for line in attack_summary(results, setup.output_dir):
         log.info(line)
     if outcome.interrupted:
-        raise KeyboardInterrupt(f"interrupted after pass {metrics['passes']}")
-    return metrics
+        raise KeyboardInterrupt(f"interrupted after pass {results['passes']}")
+    return results
 
 
 def attack_metrics(
@@ -202,7 +239,7 @@ def attack_metrics(
 ) -> Dict[str, Any]:
     """metrics.json's content for an attack run."""
     cfg, final, result = setup.cfg, outcome.final, outcome.result
-    metrics: Dict[str, Any] = {
+    results: Dict[str, Any] = {
         "fooling_rate": final["fooling_rate"],
         "fooling_rate_attack_set": result.fooling_rate,
         "clean_accuracy": final["clean_accuracy"],
@@ -238,9 +275,9 @@ def attack_metrics(
         "history": [{k: record[k] for k in _HISTORY_KEYS if k in record} for record in outcome.history],
     }
     if cfg.attack.target_class is not None:
-        metrics["target_class"] = cfg.attack.target_class
-        metrics["targeted_success_rate"] = final["targeted_success_rate"]
-    return metrics
+        results["target_class"] = cfg.attack.target_class
+        results["targeted_success_rate"] = final["targeted_success_rate"]
+    return results
 
 
 def attack_figures(
@@ -266,7 +303,7 @@ def attack_figures(
         "perturbation": figures.perturbation_figure(v, m["eps"], m["p"]),
         "examples": figures.examples_figure(
             clean,
-            uap_metrics.perturb(clean, v.to(clean.device)),
+            metrics.perturb(clean, v.to(clean.device)),
             eval_labels[chosen].tolist(),
             outcome.clean_eval_labels[chosen].tolist(),
             outcome.perturbed_eval_labels[chosen].tolist(),

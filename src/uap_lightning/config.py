@@ -9,10 +9,13 @@ composition with a message naming the key; keys added with ``+`` are caught by
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra tree, shipped inside the package
 
 
 @dataclass
@@ -184,7 +187,31 @@ class BenchTaskConfig(TaskConfig):
     efficiency_batches: int = 4  # batches of X timed for the batched engine's efficiency
 
 
-TASK_SCHEMAS: Dict[str, type] = {"attack": AttackTaskConfig, "bench": BenchTaskConfig}
+@dataclass
+class TransferTaskConfig(TaskConfig):
+    """Score every perturbation on every victim (the paper's Table 2)."""
+
+    name: str = "transfer"
+    # model presets (names of conf/model/*.yaml) or mappings {preset: NAME, <model key>: value, ...}
+    victims: List[Any] = field(default_factory=lambda: ["cnn", "lenet"])
+    # run folders whose perturbation.pt to score; empty: compute one on each victim
+    perturbations: List[str] = field(default_factory=list)
+
+
+@dataclass
+class GeneralisationTaskConfig(TaskConfig):
+    """Fooling rate on the eval set against the size of X (the paper's Fig. 6)."""
+
+    name: str = "generalisation"
+    sizes: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # sizes of X, images
+
+
+TASK_SCHEMAS: Dict[str, type] = {
+    "attack": AttackTaskConfig,
+    "bench": BenchTaskConfig,
+    "transfer": TransferTaskConfig,
+    "generalisation": GeneralisationTaskConfig,
+}
 
 
 @dataclass
@@ -201,6 +228,25 @@ class RunConfig:
     seed: int = 0
     task_name: str = "uap"
     tags: List[str] = field(default_factory=list)
+
+
+def model_preset(entry: Any) -> DictConfig:
+    """A model config, checked against ModelConfig, from a preset name (``"lenet"``: the file
+    conf/model/lenet.yaml) or a mapping ``{preset: NAME, <model key>: value, ...}``.
+
+    ValueError naming the preset (and the known ones) or the key otherwise."""
+    if isinstance(entry, str):
+        name, changes = entry, {}
+    else:
+        changes = dict(OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry)
+        name = changes.pop("preset", None)
+        if not isinstance(name, str):
+            raise ValueError(f"a victim given as a mapping needs `preset: <model preset>`; got {entry!r}")
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+        raise ValueError(f"unknown model preset {name!r}; known: {known}")
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), changes)
 
 
 def register_configs() -> None:

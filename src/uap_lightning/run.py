@@ -24,14 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from uap_lightning.config import register_configs
+from uap_lightning.config import CONF_DIR, register_configs
 from uap_lightning.errors import UserError
 from uap_lightning.rundir import remove_if_only_hydra, write_failure
 from uap_lightning.tasks import TASKS, run_task
 
 log = logging.getLogger("uap_lightning")
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 

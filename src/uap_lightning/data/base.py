@@ -211,6 +211,12 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
 
     # -- attack and evaluation sets -----------------------------------------------------
 
+    def attack_set_capacity(self) -> int:
+        """The most images X can hold: the training split outside the validation hold-out."""
+        self.setup()
+        assert self._fit_index is not None
+        return int(self._fit_index.numel())
+
     def attack_set(self, count: Optional[int] = None, seed: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """The attack set X: ``count`` (default ``data.attack_images``) fit-set images,
         class-balanced, drawn with ``seed`` (default ``split_seed``); a smaller draw with the
@@ -219,9 +225,8 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         Returns (float N×C×H×W in [0,1], int64 N), in file order.
         """
         splits = self.splits
-        assert self._fit_index is not None
         count = self.attack_images if count is None else int(count)
-        available = self._fit_index.numel()
+        available = self.attack_set_capacity()
         if not 0 < count <= available:
             raise ConfigError(
                 f"the attack set cannot hold {count} images: the training split has {available} "

@@ -100,6 +100,53 @@ def curve_figure(
     return fig
 
 
+def transfer_figure(
+    matrix: Sequence[Sequence[float]], sources: Sequence[str], victims: Sequence[str], title: str
+) -> Figure:
+    """A heatmap of fooling rates: row i is the perturbation computed on ``sources[i]``, column j
+    the victim ``victims[j]`` it is scored on; each cell annotated (the paper's Table 2)."""
+    values = np.asarray(matrix, dtype=float)
+    fig = _new_figure((1.6 + 1.1 * len(victims), 1.4 + 0.6 * len(sources)))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, color="white" if value < 0.6 else "black")
+    ax.set_xticks(range(len(victims)), [str(v) for v in victims], rotation=30 if len(victims) > 4 else 0)
+    ax.set_yticks(range(len(sources)), [str(v) for v in sources])
+    ax.set_xlabel("victim it is scored on")
+    ax.set_ylabel("perturbation computed on")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="fooling rate")
+    return fig
+
+
+def size_curve_figure(
+    sizes: Sequence[int],
+    fooling_rate: Sequence[float],
+    fooling_rate_attack_set: Sequence[float],
+    random_rates: Mapping[str, Sequence[float]],
+    title: str,
+) -> Figure:
+    """Fooling rate on the eval set (and on X) against the number of images in X, log-scaled x;
+    ``random_rates`` (name → one rate per size) dashed (the paper's Fig. 6)."""
+    fig = _new_figure(CURVE_SIZE)
+    ax = fig.add_subplot()
+    ax.plot(sizes, fooling_rate, "o-", color="tab:blue", label="fooling rate (eval)")
+    ax.plot(sizes, fooling_rate_attack_set, "s:", color="tab:red", label="fooling rate on X")
+    for i, (name, rates) in enumerate(random_rates.items()):
+        ax.plot(sizes, rates, linestyle=_RANDOM_STYLES[i % len(_RANDOM_STYLES)],
+                color=_RANDOM_GREYS[i % len(_RANDOM_GREYS)], label=name)
+    ax.set_xscale("log")
+    ax.set_xticks(list(sizes), [str(n) for n in sizes])
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("images in X")
+    ax.set_ylabel("fooling rate")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 def perturbation_image(v: Tensor) -> Tensor:
     """``v`` (C×H×W) scaled into [0,1] for a per-pass image: 0.5 is no change, 0/1 the largest |v|."""
     peak = v.abs().max()

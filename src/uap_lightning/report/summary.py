@@ -14,7 +14,7 @@ def weak_result_advice(m: Dict[str, Any]) -> str:
     """What to try when a perturbation does not beat random noise."""
     bigger = f"{m['eps'] * 1.5:g}"
     return (
-        f"WARNING  the fooling rate {m['fooling_rate']:.3f} does not beat random noise of the same norm "
+        f"the fooling rate {m['fooling_rate']:.3f} does not beat random noise of the same norm "
         f"({max(m['random_fooling_rate'], m['random_same_l2_fooling_rate']):.3f}) by {MARGIN}: try a larger ε "
         f"(attack.eps={bigger}), more passes (attack.max_passes={2 * int(m['passes']) or 10}) or another engine "
         f"(attack={'deepfool_uap' if m['method'] == 'sgd_uap' else 'sgd_uap'})"
@@ -22,7 +22,8 @@ def weak_result_advice(m: Dict[str, Any]) -> str:
 
 
 def attack_summary(m: Dict[str, Any], output_dir: Path) -> List[str]:
-    """The summary lines of an attack run's metrics ``m`` (metrics.json's keys)."""
+    """The summary lines of an attack run's metrics ``m`` (metrics.json's keys); a weak result's
+    warning is :func:`weak_result_advice`."""
     p = ThreatModel.parse(m["eps"], m["p"]).symbol
     stopped = "interrupted" if m.get("interrupted") else (
         f"{'reached' if m['converged'] else 'did not reach'} 1−δ={1 - m['delta']:.2f} on X"
@@ -46,6 +47,4 @@ def attack_summary(m: Dict[str, Any], output_dir: Path) -> List[str]:
         f"norm     ℓ2 {m['norm_l2']:.1f}, ℓ∞ {m['norm_linf']:.1f} (0–255 units)",
         f"files    {output_dir.resolve()}",
     ]
-    if not m["beats_random"]:
-        lines.append(weak_result_advice(m))
     return lines

@@ -36,7 +36,7 @@ from uap_lightning.loop import (
 )
 from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_run_outputs
-from uap_lightning.report.summary import attack_summary
+from uap_lightning.report.summary import attack_summary, weak_result_advice
 from uap_lightning.rundir import STATE_FILE, move_aside
 from uap_lightning.tasks.setup import Setup, progress_bars
 from uap_lightning.training import Victim
@@ -224,6 +224,8 @@ def run(setup: Setup) -> Dict[str, Any]:
     write_run_outputs(setup.output_dir, outcome.result.perturbation, run_figures, results)
     for line in attack_summary(results, setup.output_dir):
         log.info(line)
+    if not results["beats_random"]:
+        log.warning(weak_result_advice(results))
     if outcome.interrupted:
         raise KeyboardInterrupt(f"interrupted after pass {results['passes']}")
     return results

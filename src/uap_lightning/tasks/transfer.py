@@ -1,0 +1,151 @@
+"""The transfer task (``task=transfer``, the paper's Table 2): how a perturbation computed on one
+victim fools the others.
+
+Each perturbation (computed on each victim of ``task.victims`` with the run's attack settings,
+or read from the run folders of ``task.perturbations``) is scored on every victim's eval-set
+predictions. Writes ``transfer.csv`` (rows: where the perturbation comes from; columns: the
+victim; a last row: each victim's random ℓp baseline), ``transfer.png``, the computed
+perturbations under ``perturbations/`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from uap_lightning import metrics
+from uap_lightning.atomic import atomic_write, atomic_write_text
+from uap_lightning.attacks import ThreatModel
+from uap_lightning.baselines import DRAWS, mean_fooling_rate
+from uap_lightning.config import model_preset
+from uap_lightning.errors import ConfigError, DamagedFileError
+from uap_lightning.report.figures import save_figure_png, transfer_figure
+from uap_lightning.report.outputs import PERTURBATION_FILE, write_metrics
+from uap_lightning.rundir import move_aside
+from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
+from uap_lightning.tasks.setup import Setup
+from uap_lightning.training import Victim
+
+log = logging.getLogger(__name__)
+
+TRANSFER_CSV = "transfer.csv"
+TRANSFER_PNG = "transfer.png"
+PERTURBATIONS_DIR = "perturbations"
+
+
+def check(cfg: DictConfig, threat: ThreatModel) -> None:
+    """The victims name model presets and the run folders hold a perturbation."""
+    if not cfg.task.victims:
+        raise ConfigError("task.victims is empty; list model presets, e.g. task.victims=[cnn,lenet]")
+    for entry in cfg.task.victims:
+        try:
+            model_preset(entry)
+        except ValueError as err:
+            raise ConfigError(f"task.victims: {err}") from None
+    for folder in cfg.task.perturbations:
+        if not (Path(folder) / PERTURBATION_FILE).is_file():
+            raise ConfigError(f"task.perturbations: {folder} holds no {PERTURBATION_FILE}; give run folders of attacks")
+
+
+def _labels(names: List[str]) -> List[str]:
+    """``names`` made unique by numbering repeats (lenet, lenet-2, ...)."""
+    seen: Dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return labels
+
+
+def _read_perturbation(folder: Path, shape: Tuple[int, ...]) -> Tuple[str, Tensor]:
+    """(the model it was computed on, v C×H×W) of an attack's run folder, tensors-only."""
+    path = folder / PERTURBATION_FILE
+    try:
+        v = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure to read it means the file is not a perturbation
+        raise DamagedFileError(f"cannot read {path}: {err}") from None
+    if not isinstance(v, Tensor) or tuple(v.shape) != shape or not bool(torch.isfinite(v).all()):
+        raise ConfigError(f"{path} is not a finite perturbation of shape {shape} (the data's image shape)")
+    try:
+        name = json.loads((folder / "metrics.json").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = folder.name
+    return str(name), v.float()
+
+
+def run(setup: Setup) -> Dict[str, Any]:
+    """Score every perturbation on every victim; write the table, the heatmap and metrics.json."""
+    cfg, threat = setup.cfg, setup.threat
+    move_aside(setup.output_dir)
+    configs = [model_preset(entry) for entry in cfg.task.victims]
+    victim_labels = _labels([c.name for c in configs])
+    victims: List[Victim] = [setup.victim(c, log_training=False) for c in configs]
+    shape = tuple(setup.eval_images.shape[1:])
+
+    if cfg.task.perturbations:
+        read = [_read_perturbation(Path(folder), shape) for folder in cfg.task.perturbations]
+        source_labels = _labels([name for name, _ in read])
+        perturbations = [v for _, v in read]
+    else:
+        source_labels = list(victim_labels)
+        perturbations = []
+        for label, victim in zip(victim_labels, victims):
+            log.info("computing a perturbation on %s ...", label)
+            perturbations.append(universal_perturbation(setup, victim.net).perturbation)
+        for label, v in zip(source_labels, perturbations):
+            path = setup.output_dir / PERTURBATIONS_DIR / f"{label}.pt"
+            atomic_write(path, lambda f, v=v: torch.save(v.contiguous(), f))
+
+    table = pd.DataFrame(
+        [[eval_fooling_rate(setup, victim.net, v) for victim in victims] for v in perturbations],
+        index=[f"perturbation from {label}" for label in source_labels],
+        columns=victim_labels,
+    )
+    random_rates, accuracies = {}, {}
+    for label, victim in zip(victim_labels, victims):
+        clean = metrics.predict(victim.net, setup.eval_images, clip=cfg.attack.clip)
+        accuracies[label] = metrics.accuracy(clean, setup.eval_labels_for(victim))
+        random_rates[label] = mean_fooling_rate(
+            lambda noise, net=victim.net: metrics.predict(net, setup.eval_images, noise, clip=cfg.attack.clip),
+            clean,
+            shape,
+            threat.eps,
+            threat.p,
+            torch.Generator().manual_seed(setup.seed + 1),
+        )
+    table.loc[f"random {threat.symbol} noise"] = [random_rates[label] for label in victim_labels]
+    table.index.name = "fooling rate"
+
+    atomic_write_text(setup.output_dir / TRANSFER_CSV, table.to_csv())
+    title = f"{cfg.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
+    save_figure_png(transfer_figure(table.values, list(table.index), victim_labels, title),
+                    setup.output_dir / TRANSFER_PNG)
+    results = {
+        "fooling_rate": {row: dict(table.loc[row]) for row in table.index[:-1]},
+        "random_fooling_rate": random_rates,
+        "random_draws": DRAWS,
+        "clean_accuracy": accuracies,
+        "victim_accuracy": {label: v.test_accuracy for label, v in zip(victim_labels, victims)},
+        "victims": victim_labels,
+        "sources": source_labels,
+        "perturbation_folders": list(cfg.task.perturbations),
+        "eps": threat.eps,
+        "p": threat.p_name,
+        "method": cfg.attack.method,
+        "attack_images": len(setup.attack_images),
+        "eval_images": len(setup.eval_images),
+        "data": cfg.data.name,
+        "seed": cfg.seed,
+        "attack_seed": setup.seed,
+    }
+    write_metrics(setup.output_dir, results)
+    log.info("fooling rates (rows: perturbation; columns: victim)\n%s", table.to_markdown(floatfmt=".3f"))
+    log.info("files    %s", setup.output_dir.resolve())
+    return results

@@ -70,6 +70,11 @@ class ModelConfig:
     scheduler: str = "onecycle"  # onecycle | cosine | none
     label_smoothing: float = 0.0
     augment: bool = False  # random crop + horizontal flip during training
+    # Universal adversarial training (Shafahi et al., AAAI 2020). Unset (None) settings stay out of
+    # the victim's cache key; the training fills in the defaults.
+    adversarial: Optional[str] = None  # None | uat
+    adversarial_eps: Optional[float] = None  # ℓ∞ radius of the training perturbation, 0–255 units; None: the data preset's default ℓ∞ ε
+    adversarial_step: Optional[float] = None  # its signed-gradient step, 0–255 units; None: adversarial_eps / 2
 
 
 @dataclass
@@ -84,6 +89,8 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     log_every_n_steps: int = 20
     limit_train_batches: Optional[float] = None
+    strategy: Optional[str] = None  # Lightning strategy (auto, ddp_spawn, ...); None: Lightning's default
+    num_nodes: Optional[int] = None  # None: 1
 
 
 @dataclass
@@ -108,6 +115,8 @@ class AttackConfig:
     eval_batch_size: int = 512
     amp: bool = False  # autocast the victim during evaluation (GPU)
     channels_last: bool = False
+    devices: int = 1  # processes (CPU) or GPUs the attack runs on
+    strategy: str = "auto"  # Fabric strategy for devices > 1 (ddp_spawn on one machine)
 
 
 @dataclass
@@ -151,9 +160,10 @@ ATTACK_SCHEMAS: Dict[str, type] = {
 
 @dataclass
 class LoggerConfig:
-    """TensorBoard logging of the victim training and of the attack."""
+    """Where victim training and the attack log: TensorBoard and/or CSV (``logger=[tensorboard,csv]``)."""
 
-    tensorboard: bool = True
+    tensorboard: bool = False  # event files under <run dir>/tensorboard/
+    csv: bool = False  # metrics.csv files under <run dir>/csv/ (Lightning's CSVLogger)
     example_images: int = 8  # clean/perturbed pairs in examples.png and TensorBoard
     progress_bar: Optional[bool] = None  # None: only when the console is a terminal
 
@@ -167,9 +177,13 @@ class TaskConfig:
 
 @dataclass
 class AttackTaskConfig(TaskConfig):
-    """Compute one universal perturbation and evaluate it (the default)."""
+    """Compute one universal perturbation and evaluate it (the default).
+
+    The objective returned to Hydra sweepers is the fooling rate, or, with a target fooling
+    rate T, ε + 255·max(0, T − fooling rate)/T: ε itself once T is reached (to minimise)."""
 
     name: str = "attack"
+    target_fooling_rate: Optional[float] = None
 
 
 BENCH_ROWS = ("naive", "art", "deepfool_uap", "deepfool_uap_batched", "sgd_uap")
@@ -206,11 +220,25 @@ class GeneralisationTaskConfig(TaskConfig):
     sizes: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # sizes of X, images
 
 
+@dataclass
+class FinetuneTaskConfig(TaskConfig):
+    """Fine-tune the victim on images perturbed by a pool of universal perturbations, recomputed
+    every round, and attack it afresh (the paper's §3 defence)."""
+
+    name: str = "finetune"
+    rounds: int = 2  # the pool is recomputed on the current network at the start of every round
+    epochs: int = 3  # fine-tuning epochs per round
+    pool_size: int = 4  # universal perturbations in the pool, each from its own draw of X
+    probability: float = 0.5  # chance that a training image is perturbed by a pool member
+    lr: Optional[float] = None  # fine-tuning learning rate; None: model.lr / 10
+
+
 TASK_SCHEMAS: Dict[str, type] = {
     "attack": AttackTaskConfig,
     "bench": BenchTaskConfig,
     "transfer": TransferTaskConfig,
     "generalisation": GeneralisationTaskConfig,
+    "finetune": FinetuneTaskConfig,
 }
 
 

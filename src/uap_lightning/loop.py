@@ -7,29 +7,47 @@ perturbation, saves its state (v, the kept v, the pass, the generator, the histo
 Fabric's ``save`` and calls the ``on_attack_pass_end`` hook of every Fabric callback. Ctrl-C
 (or a SIGTERM turned into KeyboardInterrupt by the caller) ends the loop after the last
 finished pass: the outcome is marked ``interrupted`` and built from that pass.
+
+With a Fabric of several devices (strategy ``ddp_spawn``) :meth:`AttackLoop.run` launches the
+attack in as many processes, each running the same loop on the same X and the same eval set:
+the engine shares its passes through a :class:`~uap_lightning.attacks.TorchDistributed`
+reducer, every prediction (X, eval set) is shared out by rank and gathered, so every rank holds
+the same v and the same records; Fabric saves the state from rank 0 and the callbacks (the
+progress bar) draw on rank 0. The workers leave the loggers alone: rank 0 returns the outcome
+and each pass's record and v, and the main process logs them once the workers are done, so
+every log file has one writer. An interrupt stops all processes; the state saved after the last
+finished pass lets the same command continue.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from lightning.fabric import Fabric
+from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from uap_lightning import metrics
 from uap_lightning.attacks import (
+    SINGLE_PROCESS,
     KeptPerturbation,
     PassReport,
+    Reducer,
     ThreatModel,
+    TorchDistributed,
     UAPResult,
     UniversalAttack,
+    distributed,
     frozen_eval,
     run_passes,
 )
@@ -37,6 +55,8 @@ from uap_lightning.errors import DamagedFileError
 from uap_lightning.report.figures import perturbation_image
 
 STATE_VERSION = 1
+
+PassLogger = Callable[[Dict[str, Any], Tensor], None]  # (a pass's record, v after it)
 
 
 @dataclass
@@ -129,7 +149,8 @@ class AttackLoop:
         if self.state_path is None or not self.state_path.is_file():
             return None
         try:
-            return AttackState.from_dict(self.fabric.load(self.state_path, weights_only=True))
+            # torch.load, not Fabric's: a Fabric of several devices loads only once launched
+            return AttackState.from_dict(torch.load(self.state_path, map_location="cpu", weights_only=True))
         except Exception as err:  # any failure to read the state means it cannot be resumed
             raise DamagedFileError(f"attack state {self.state_path} cannot be read: {err}") from None
 
@@ -145,8 +166,37 @@ class AttackLoop:
         """Compute a universal perturbation on ``attack_images`` (X) and evaluate it on the eval set,
         continuing from ``resume`` when given (same settings, same X: the same final v).
 
-        Images are N×C×H×W in [0,1]; the model maps them to logits.
+        Images are N×C×H×W in [0,1]; the model maps them to logits and is left on
+        ``fabric.device``. With ``fabric.world_size`` > 1 the attack runs in processes Fabric
+        spawns (its strategy must spawn them: ``ddp_spawn``), see the module's notes.
         """
+        if self.fabric.world_size == 1:
+            return self._attack(
+                model, attack_images, eval_images, eval_labels, seed, resume, SINGLE_PROCESS, self._log_pass
+            )
+        # the loop travels with the function: Fabric's launcher walks the arguments, which a frozen
+        # dataclass (the threat model) stops
+        attack = functools.partial(_attack_on_rank, loop=self)
+        sent = self.fabric.launch(attack, model, attack_images, eval_images, eval_labels, seed, resume)
+        outcome, passes = apply_to_collection(sent, np.ndarray, torch.from_numpy)
+        for record, perturbation in passes:
+            self._log_pass(record, perturbation)
+        model.to(self.fabric.device)
+        return outcome
+
+    def _attack(
+        self,
+        model: nn.Module,
+        attack_images: Tensor,
+        eval_images: Tensor,
+        eval_labels: Tensor,
+        seed: int,
+        resume: Optional[AttackState],
+        reducer: Reducer,
+        log_pass: PassLogger,
+    ) -> AttackOutcome:
+        """The attack in this process, one of ``reducer.world_size`` (an interrupt on several
+        processes propagates); ``log_pass`` gets each pass's record and v."""
         model = model.to(self.fabric.device)
         if self.evaluation.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -160,8 +210,8 @@ class AttackLoop:
             latest = resume
 
         with frozen_eval(model):
-            clean_attack_labels = self.predict(model, attack_images)
-            clean_eval_labels = self.predict(model, eval_images)
+            clean_attack_labels = self.predict(model, attack_images, reducer=reducer)
+            clean_eval_labels = self.predict(model, eval_images, reducer=reducer)
             clean_accuracy = metrics.accuracy(clean_eval_labels, eval_labels)
             self.fabric.call("on_attack_start", loop=self, max_passes=self.max_passes, done=len(history))
             elapsed = resume.attack_seconds if resume is not None else 0.0
@@ -171,7 +221,9 @@ class AttackLoop:
                 nonlocal elapsed, pass_started, latest
                 pass_seconds = time.perf_counter() - pass_started
                 elapsed += pass_seconds
-                record = self._evaluate(model, report.perturbation, eval_images, eval_labels, clean_eval_labels)
+                record = self._evaluate(
+                    model, report.perturbation, eval_images, eval_labels, clean_eval_labels, reducer
+                )
                 record.update(
                     {
                         "pass": report.pass_index,
@@ -195,8 +247,7 @@ class AttackLoop:
                     elapsed,
                 )
                 self._save(latest)
-                self.fabric.log_dict({f"attack/{k}": v_ for k, v_ in record.items() if k != "pass"}, step=report.pass_index)
-                self._log_perturbation(report.perturbation, report.pass_index)
+                log_pass(record, report.perturbation)
                 self.fabric.call("on_attack_pass_end", loop=self, record=record, perturbation=report.perturbation)
                 pass_started = time.perf_counter()
 
@@ -219,8 +270,11 @@ class AttackLoop:
                     start_pass=0 if resume is None else resume.passes,
                     kept=None if resume is None else resume.kept,
                     on_pass_end=on_pass_end,
+                    reducer=reducer,
                 )
             except KeyboardInterrupt:
+                if reducer.world_size > 1:
+                    raise  # ranks stop at different points: no more collectives; the saved state continues
                 interrupted = True
                 result = self._result_of(latest, attack_images.shape[1:], attack_images.dtype)
             else:
@@ -229,9 +283,11 @@ class AttackLoop:
                     self._save(latest)
             wall = time.perf_counter() - start
             kept_v = result.perturbation
-            perturbed_eval_labels = self.predict(model, eval_images, kept_v)
+            perturbed_eval_labels = self.predict(model, eval_images, kept_v, reducer=reducer)
 
-        final = self._final_record(model, kept_v, result, history, eval_images, eval_labels, clean_eval_labels)
+        final = self._final_record(
+            model, kept_v, result, history, eval_images, eval_labels, clean_eval_labels, reducer
+        )
         final.update(loop_seconds=wall, clean_accuracy=clean_accuracy, attack_seconds=elapsed)
         self.fabric.call("on_attack_end", loop=self, result=result, final=final)
         return AttackOutcome(
@@ -244,13 +300,21 @@ class AttackLoop:
             resumed_from=0 if resume is None else resume.passes,
         )
 
-    def predict(self, model: nn.Module, images: Tensor, perturbation: Optional[Tensor] = None) -> Tensor:
-        """Labels (N,) of ``model``, in eval mode, on ``images`` (+ ``perturbation``); the loop's settings."""
+    def predict(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        perturbation: Optional[Tensor] = None,
+        reducer: Optional[Reducer] = None,
+    ) -> Tensor:
+        """Labels (N,) of ``model``, in eval mode, on ``images`` (+ ``perturbation``); the loop's
+        settings; with a ``reducer`` each rank predicts its shard and every rank gets all labels."""
         with frozen_eval(model):
-            return metrics.predict(
+            return distributed.predict(
                 model,
                 images,
                 perturbation,
+                reducer=reducer,
                 batch_size=self.evaluation.batch_size,
                 clip=self.clip,
                 amp=self.evaluation.amp,
@@ -266,12 +330,13 @@ class AttackLoop:
         eval_images: Tensor,
         eval_labels: Tensor,
         clean_labels: Tensor,
+        reducer: Reducer,
     ) -> Dict[str, Any]:
         """The evaluation record of the kept perturbation: its pass's record, or (no pass) a fresh one."""
         for record in history:
             if record["pass"] == result.best_pass:
                 return dict(record)
-        record = self._evaluate(model, kept_v, eval_images, eval_labels, clean_labels)
+        record = self._evaluate(model, kept_v, eval_images, eval_labels, clean_labels, reducer)
         record.update({"pass": result.best_pass, "fooling_rate_attack_set": result.fooling_rate})
         return record
 
@@ -300,10 +365,16 @@ class AttackLoop:
             os.replace(temporary, self.state_path)
 
     def _evaluate(
-        self, model: nn.Module, v: Tensor, eval_images: Tensor, eval_labels: Tensor, clean_labels: Tensor
+        self,
+        model: nn.Module,
+        v: Tensor,
+        eval_images: Tensor,
+        eval_labels: Tensor,
+        clean_labels: Tensor,
+        reducer: Reducer,
     ) -> Dict[str, Any]:
         """Fooling rate, perturbed accuracy and norms (0–255 units) of ``v`` on the eval set."""
-        perturbed = self.predict(model, eval_images, v)
+        perturbed = self.predict(model, eval_images, v, reducer=reducer)
         record = {
             "fooling_rate": metrics.fooling_rate(clean_labels, perturbed),
             "perturbed_accuracy": metrics.accuracy(perturbed, eval_labels),
@@ -314,11 +385,46 @@ class AttackLoop:
             record["targeted_success_rate"] = metrics.targeted_success_rate(clean_labels, perturbed, self.target_class)
         return record
 
-    def _log_perturbation(self, v: Tensor, step: int) -> None:
+    def _log_pass(self, record: Dict[str, Any], v: Tensor) -> None:
+        """Log a pass's record (scalars) and v (an image) at step ``record["pass"]``."""
+        step = record["pass"]
+        self.fabric.log_dict({f"attack/{k}": v_ for k, v_ in record.items() if k != "pass"}, step=step)
         for logger in self.fabric.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 experiment.add_image("attack/perturbation", perturbation_image(v.detach().cpu()), step)
+
+
+def _attack_on_rank(
+    fabric: Fabric,
+    model: nn.Module,
+    attack_images: Tensor,
+    eval_images: Tensor,
+    eval_labels: Tensor,
+    seed: int,
+    resume: Optional[AttackState],
+    *,
+    loop: AttackLoop,
+) -> Optional[Tuple[AttackOutcome, List[Tuple[Dict[str, Any], Any]]]]:
+    """The attack in one spawned process, on ``loop``'s settings with this process's ``fabric``.
+    Rank 0 returns the outcome and each pass's (record, v), tensors as numpy arrays: a tensor sent
+    back through the launcher's queue would live in the shared memory of a process that has
+    exited. Other ranks return None."""
+    loop = dataclasses.replace(loop, fabric=fabric)
+    passes: List[Tuple[Dict[str, Any], Tensor]] = []
+    outcome = loop._attack(
+        model,
+        attack_images,
+        eval_images,
+        eval_labels,
+        seed,
+        resume,
+        TorchDistributed(fabric.device),
+        lambda record, v: passes.append((dict(record), v.detach().cpu().clone())),
+    )
+    if not fabric.is_global_zero:
+        return None
+    return apply_to_collection((outcome, passes), Tensor, lambda t: t.numpy())
 
 
 class AttackProgressBar:

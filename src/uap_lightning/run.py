@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from uap_lightning.config import CONF_DIR, register_configs
+from uap_lightning.console import quiet_libraries
 from uap_lightning.errors import UserError
 from uap_lightning.rundir import remove_if_only_hydra, write_failure
 from uap_lightning.tasks import TASKS, run_task
@@ -81,6 +82,7 @@ def _full_error() -> bool:
 def entry(config_name: str) -> Any:
     """Run Hydra with ``config_name`` from the packaged configs, mapping outcomes to exit codes."""
     register_configs()
+    quiet_libraries()
     task_function = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(execute)
     try:
         return task_function()

@@ -13,8 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from uap_lightning.attacks import KEEP_CHOICES, ThreatModel, build_engine, engine_options
 from uap_lightning.config import ATTACK_SCHEMAS, TASK_SCHEMAS
 from uap_lightning.errors import ConfigError
+from uap_lightning.training import check_training_processes, resolve_adversarial
 
 _GPU_ACCELERATORS = ("gpu", "cuda")
+# attack.strategy: the attack spawns its processes from this one (auto: ddp_spawn for several devices)
+ATTACK_STRATEGIES = ("auto", "ddp_spawn")
 
 
 def check_schema(cfg: DictConfig) -> None:
@@ -98,6 +101,24 @@ def check_accelerator(accelerator: str) -> None:
         )
 
 
+def check_attack_devices(attack_cfg: Any, accelerator: str) -> None:
+    """ConfigError naming ``attack.devices`` or ``attack.strategy`` when the attack cannot run on
+    them: fewer than one device, more GPUs than this machine has, or a strategy that would start
+    its processes by running the whole command again."""
+    devices, strategy = attack_cfg.devices, attack_cfg.strategy
+    if devices < 1:
+        raise ConfigError(f"attack.devices must be at least 1; got {devices}")
+    if strategy not in ATTACK_STRATEGIES:
+        raise ConfigError(
+            f"attack.strategy={strategy} is not supported: the attack spawns its processes from this one "
+            f"(attack.strategy: {' | '.join(ATTACK_STRATEGIES)}); a strategy such as ddp would run the whole "
+            "command again per process. Under SLURM run one task per node (--ntasks-per-node=1, submitit "
+            "tasks_per_node=1) with attack.devices=<GPUs of the node>"
+        )
+    if accelerator in _GPU_ACCELERATORS and devices > torch.cuda.device_count():
+        raise ConfigError(f"attack.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def validate(cfg: DictConfig) -> ThreatModel:
     """Check every setting that can be checked without data or a model; return the threat model."""
     check_schema(cfg)
@@ -110,12 +131,15 @@ def validate(cfg: DictConfig) -> ThreatModel:
         raise ConfigError(f"attack.keep must be one of {', '.join(KEEP_CHOICES)}; got {cfg.attack.keep!r}")
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint} is not a file; give the path of your weights")
+    resolve_adversarial(cfg.model, cfg.data)  # model.adversarial and its radius and step
     if cfg.paths.lock_timeout <= 0:
         raise ConfigError(f"paths.lock_timeout must be a positive number of seconds; got {cfg.paths.lock_timeout}")
     target = cfg.attack.target_class
     if target is not None and (target < 0 or (cfg.data.num_classes is not None and target >= cfg.data.num_classes)):
         raise ConfigError(f"attack.target_class={target} is not a class of data={cfg.data.name}")
     check_accelerator(cfg.trainer.accelerator)
+    check_training_processes(cfg.trainer)
+    check_attack_devices(cfg.attack, cfg.trainer.accelerator)
     try:
         build_engine(cfg.attack.method, threat, **attack_options(cfg))
     except (TypeError, ValueError) as err:

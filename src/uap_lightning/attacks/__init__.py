@@ -3,6 +3,7 @@
 from uap_lightning.attacks.base import PassStats, UniversalAttack
 from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
 from uap_lightning.attacks.deepfool_uap import BatchedDeepFoolUAP, DeepFoolUAP
+from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, SingleProcess, TorchDistributed
 from uap_lightning.attacks.driver import (
     KEEP_CHOICES,
     KeptPerturbation,
@@ -26,8 +27,12 @@ __all__ = [
     "DeepFoolUAP",
     "ENGINES",
     "PassStats",
+    "Reducer",
+    "SINGLE_PROCESS",
     "SGDUAP",
+    "SingleProcess",
     "ThreatModel",
+    "TorchDistributed",
     "UAPResult",
     "UniversalAttack",
     "attack_set_rate",

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from uap_lightning.attacks.distributed import Reducer
 from uap_lightning.attacks.projections import project_lp
 from uap_lightning.attacks.threat import ThreatModel
 
@@ -28,6 +29,10 @@ class UniversalAttack(abc.ABC):
 
     A pass visits the attack set X once in the order ``torch.randperm(N, generator=generator)``.
     The model is expected in eval mode with frozen parameters (see ``frozen_eval``).
+
+    On several processes (a ``reducer`` of world size > 1) every rank is given the same X, v and
+    generator state and returns the same v: the engine shares the work of each global batch
+    among the ranks (see :mod:`uap_lightning.attacks.distributed`).
     """
 
     name: str
@@ -63,10 +68,12 @@ class UniversalAttack(abc.ABC):
         clean_labels: Tensor,
         generator: Optional[torch.Generator],
         pass_index: Optional[int] = None,
+        reducer: Optional[Reducer] = None,
     ) -> Tuple[Tensor, PassStats]:
         """One pass over ``images`` (N×C×H×W in [0,1]) with their clean predictions (N,).
 
-        Returns the new v (C×H×W, on v's device) and the pass's statistics. ``pass_index``
-        (0-based) drives step-size schedules; engines without one ignore it.
+        Returns the new v (C×H×W, on v's device) and the pass's statistics (over all ranks).
+        ``pass_index`` (0-based) drives step-size schedules; engines without one ignore it.
+        ``reducer`` (None: one process) joins the processes that run the pass together.
         """
 

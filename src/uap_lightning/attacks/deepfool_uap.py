@@ -7,6 +7,9 @@ DeepFool (its minimal ℓ2 step by default, as in the paper, whatever the threat
 from clip(x + v) (x + v when ``clip=False``); a step counts only when
 DeepFool converged. Steps are in [0,1] image scale; v is projected onto the ℓp ball of
 radius eps/255 after each update.
+
+On several processes ``BatchedDeepFoolUAP`` shares each global batch among the ranks and sums
+their steps; ``DeepFoolUAP``, sequential by definition, runs the same pass on every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import Tensor, nn
 
 from uap_lightning.attacks.base import PassStats, UniversalAttack
 from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
+from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, shard
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 from uap_lightning.metrics import perturb
 
@@ -89,6 +93,10 @@ class DeepFoolUAP(_DeepFoolEngine):
 
     ``per_image_reference=True`` checks one image at a time and runs :func:`deepfool_single`:
     the reference the windowed pass is tested against (same v up to float rounding).
+
+    Each update depends on the v left by the one before, so a pass cannot be shared: on several
+    processes every rank runs the whole pass (the same v), and only the evaluation on X between
+    passes is shared (see :func:`uap_lightning.attacks.driver.run_passes`).
     """
 
     name = "deepfool_uap"
@@ -105,6 +113,7 @@ class DeepFoolUAP(_DeepFoolEngine):
         clean_labels: Tensor,
         generator: Optional[torch.Generator],
         pass_index: Optional[int] = None,
+        reducer: Optional[Reducer] = None,
     ) -> Tuple[Tensor, PassStats]:
         v = v.detach().clone()
         clean = clean_labels.to(v.device)
@@ -189,7 +198,11 @@ class BatchedDeepFoolUAP(_DeepFoolEngine):
     The sum is the default by measurement: DeepFool steps of different images are nearly
     uncorrelated (on a CIFAR ResNet-20 the mean pairwise correlation of their ℓ∞ sign
     patterns is 0.002), so their mean shrinks towards zero and v barely grows, while the sum
-    keeps what they share and the projection bounds the rest."""
+    keeps what they share and the projection bounds the rest.
+
+    On several processes each rank runs DeepFool on its shard of every global batch of
+    ``batch_size`` images; the sums of the converged steps and their counts are summed over the
+    ranks, so every rank makes the one-process update (up to float rounding of the sum)."""
 
     name = "deepfool_uap_batched"
 
@@ -210,25 +223,46 @@ class BatchedDeepFoolUAP(_DeepFoolEngine):
         clean_labels: Tensor,
         generator: Optional[torch.Generator],
         pass_index: Optional[int] = None,
+        reducer: Optional[Reducer] = None,
     ) -> Tuple[Tensor, PassStats]:
+        reducer = reducer or SINGLE_PROCESS
         v = v.detach().clone()
         order = torch.randperm(images.shape[0], generator=generator)
-        iterations: List[int] = []
+        updates = iterations = 0
         for start in range(0, order.numel(), self.batch_size):
-            index = order[start : start + self.batch_size]
-            x = perturb(images[index].to(v.device), v, self.clip)
-            with torch.no_grad():
-                predicted = model(x).argmax(1)
-            todo = self.still_to_fool(predicted, clean_labels[index].to(v.device))
-            if not bool(todo.any()):
+            index = shard(reducer, order[start : start + self.batch_size])
+            step_sum, tally = self._local_steps(model, v, images, clean_labels, index)
+            tally = reducer.all_reduce_sum(tally)
+            count = int(tally[0])
+            if count == 0:
                 continue
-            result = self.deepfool(model, x[todo])
-            steps = result.perturbation[result.converged]
-            if steps.shape[0] == 0:
-                continue
-            v = self.project(v + (steps.mean(0) if self.aggregate == "mean" else steps.sum(0)))
-            iterations.extend(result.iterations[result.converged].tolist())
-        return v, _stats(iterations)
+            step_sum = reducer.all_reduce_sum(step_sum)
+            v = self.project(v + (step_sum / count if self.aggregate == "mean" else step_sum))
+            updates += count
+            iterations += int(tally[1])
+        return v, PassStats(updates=updates, mean_iterations=iterations / updates if updates else 0.0)
+
+    def _local_steps(
+        self, model: nn.Module, v: Tensor, images: Tensor, clean_labels: Tensor, index: Tensor
+    ) -> Tuple[Tensor, Tensor]:
+        """DeepFool on the images ``index`` (this rank's share of a batch) that v does not fool yet:
+        the sum of the converged steps (C×H×W) and an int64 tally (converged steps, their DeepFool
+        iterations)."""
+        step_sum = torch.zeros_like(v)
+        tally = torch.zeros(2, dtype=torch.int64, device=v.device)
+        if index.numel() == 0:
+            return step_sum, tally
+        x = perturb(images[index].to(v.device), v, self.clip)
+        with torch.no_grad():
+            predicted = model(x).argmax(1)
+        todo = self.still_to_fool(predicted, clean_labels[index].to(v.device))
+        if not bool(todo.any()):
+            return step_sum, tally
+        result = self.deepfool(model, x[todo])
+        converged = result.converged.to(v.device)
+        tally[0] = int(converged.sum())
+        tally[1] = int(result.iterations.to(v.device)[converged].sum())
+        return result.perturbation[converged].sum(0), tally
 
 
 def _stats(iterations: List[int]) -> PassStats:

@@ -1,7 +1,8 @@
 """The pass loop shared by the Python API and the Lightning attack loop.
 
 Runs engine passes over the attack set X until the fooling rate on X (targeted: the
-targeted success rate) reaches 1 − delta or ``max_passes`` passes have run.
+targeted success rate) reaches 1 − delta or ``max_passes`` passes have run, in one process or
+(with a reducer) on several, each rank running the same loop on the same X.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from uap_lightning import metrics
+from uap_lightning.attacks import distributed
 from uap_lightning.attacks.base import PassStats, UniversalAttack
+from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
 from uap_lightning.attacks.model_state import folded_copy, frozen_eval, model_device
 
 KEEP_CHOICES = ("best", "last")
@@ -75,9 +78,11 @@ def attack_set_rate(
     clip: bool = True,
     target_class: Optional[int] = None,
     batch_size: int = 512,
+    reducer: Optional[Reducer] = None,
 ) -> float:
-    """Fooling rate of v on ``images`` (targeted: share of non-target images sent to the target)."""
-    perturbed = metrics.predict(model, images, v, batch_size=batch_size, clip=clip)
+    """Fooling rate of v on ``images`` (targeted: share of non-target images sent to the target);
+    with a ``reducer`` each rank predicts its shard and every rank gets the rate on all images."""
+    perturbed = distributed.predict(model, images, v, reducer=reducer, batch_size=batch_size, clip=clip)
     clean = clean_labels.to(perturbed.device)
     if target_class is None:
         return metrics.fooling_rate(clean, perturbed)
@@ -101,6 +106,7 @@ def run_passes(
     start_pass: int = 0,
     kept: Optional[KeptPerturbation] = None,
     on_pass_end: Optional[PassCallback] = None,
+    reducer: Optional[Reducer] = None,
 ) -> UAPResult:
     """Run passes of ``engine`` on X = ``images`` (N×C×H×W in [0,1]) with clean predictions (N,).
 
@@ -112,7 +118,14 @@ def run_passes(
     evaluation) appended and ``on_pass_end(PassReport)`` called. The model is kept in eval
     mode with frozen parameters meanwhile; the engine runs on its batch-norm-folded copy
     (:func:`folded_copy`).
+
+    With a ``reducer`` of world size > 1 every rank calls this with the same arguments: the engine
+    shares its passes (it gets the reducer; engines whose ``run_pass`` takes none run in one
+    process only), the rate on X is shared, and after each pass every rank takes rank 0's v, so
+    the ranks agree even where GPU kernels are not bitwise reproducible.
     """
+    reducer = reducer or SINGLE_PROCESS
+    shared = {} if reducer.world_size == 1 else {"reducer": reducer}
     if engine.clip != clip or engine.target_class != target_class:
         raise ValueError(
             f"engine built with clip={engine.clip}, target_class={engine.target_class} "
@@ -135,17 +148,21 @@ def run_passes(
     passes = start_pass
     with frozen_eval(model):
         model = folded_copy(model)
-        rate = attack_set_rate(
-            model, images, clean_labels, v, clip=clip, target_class=target_class, batch_size=eval_batch_size
-        )
+
+        def rate_on_x(v: Tensor) -> float:
+            return attack_set_rate(
+                model, images, clean_labels, v, clip=clip, target_class=target_class, batch_size=eval_batch_size,
+                reducer=reducer,
+            )
+
+        rate = rate_on_x(v)
         if kept is None:
             kept = KeptPerturbation(v.detach().cpu(), rate, passes)
         while rate < 1.0 - delta and passes < max_passes:
             started = time.perf_counter()
-            v, stats = engine.run_pass(model, v, images, clean_labels, generator, pass_index=passes)
-            rate = attack_set_rate(
-                model, images, clean_labels, v, clip=clip, target_class=target_class, batch_size=eval_batch_size
-            )
+            v, stats = engine.run_pass(model, v, images, clean_labels, generator, pass_index=passes, **shared)
+            v = reducer.broadcast(v)
+            rate = rate_on_x(v)
             passes += 1
             if keep == "last" or rate > kept.fooling_rate or kept.pass_index == 0:
                 kept = KeptPerturbation(v.detach().cpu(), rate, passes)

@@ -5,6 +5,11 @@ untargeted, it raises mean(min(CE(logits, clean label), beta)), so images alread
 the boundary stop pulling; targeted, it lowers mean(max(CE(logits, target), TARGET_CE_FLOOR)),
 so images already confidently at the target (probability ≥ e^-0.1 ≈ 0.9) stop pulling.
 Step sizes are in 0–255 units; v is projected onto the ℓp ball after every step.
+
+On several processes each rank takes its shard of every global batch of ``batch_size`` images
+and the gradients of v are summed over the ranks: the loss is a sum over the rank's images
+divided by the global batch size, so the summed gradient is the one-process gradient of the
+batch mean (up to float rounding) and every rank takes the same step.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uap_lightning.attacks.base import PassStats, UniversalAttack
+from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, shard
 from uap_lightning.attacks.projections import lp_norm
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.metrics import perturb
@@ -80,12 +86,16 @@ class SGDUAP(UniversalAttack):
             return base
         return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
-    def loss(self, logits: Tensor, clean_labels: Tensor) -> Tensor:
-        """The scalar to minimise: −mean(min(CE, beta)), or (targeted) mean(max(CE to target, floor))."""
+    def loss(self, logits: Tensor, clean_labels: Tensor, batch_size: Optional[int] = None) -> Tensor:
+        """The scalar to minimise: −Σ min(CE, beta), or (targeted) Σ max(CE to target, floor), over
+        the images of ``logits`` (B×classes), divided by ``batch_size`` (None: B): the batch mean
+        when these are all its images."""
         if self.target_class is None:
-            return -F.cross_entropy(logits, clean_labels, reduction="none").clamp(max=self.beta).mean()
-        target = torch.full_like(clean_labels, self.target_class)
-        return F.cross_entropy(logits, target, reduction="none").clamp(min=TARGET_CE_FLOOR).mean()
+            terms = -F.cross_entropy(logits, clean_labels, reduction="none").clamp(max=self.beta)
+        else:
+            target = torch.full_like(clean_labels, self.target_class)
+            terms = F.cross_entropy(logits, target, reduction="none").clamp(min=TARGET_CE_FLOOR)
+        return terms.sum() / (logits.shape[0] if batch_size is None else batch_size)
 
     def run_pass(
         self,
@@ -95,7 +105,9 @@ class SGDUAP(UniversalAttack):
         clean_labels: Tensor,
         generator: Optional[torch.Generator],
         pass_index: Optional[int] = None,
+        reducer: Optional[Reducer] = None,
     ) -> Tuple[Tensor, PassStats]:
+        reducer = reducer or SINGLE_PROCESS
         index = self.passes_run if pass_index is None else pass_index
         self.passes_run = index + 1
         order = torch.randperm(images.shape[0], generator=generator)
@@ -108,12 +120,18 @@ class SGDUAP(UniversalAttack):
             adam = torch.optim.Adam([v], lr=self.step_at(index * batches, total))
         for b in range(batches):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            local = shard(reducer, batch)
             lr = self.step_at(index * batches + b, total)
-            x = images[batch].to(v.device)
-            y = clean_labels[batch].to(v.device)
-            with torch.enable_grad():
-                u = v.detach().requires_grad_(True)
-                grad = torch.autograd.grad(self.loss(model(perturb(x, u, self.clip)), y), u)[0]
+            if local.numel() > 0:
+                x = images[local].to(v.device)
+                y = clean_labels[local].to(v.device)
+                with torch.enable_grad():
+                    u = v.detach().requires_grad_(True)
+                    loss = self.loss(model(perturb(x, u, self.clip)), y, batch_size=batch.numel())
+                    grad = torch.autograd.grad(loss, u)[0]
+            else:  # a last batch smaller than the world: this rank has no image of it
+                grad = torch.zeros_like(v)
+            grad = reducer.all_reduce_sum(grad)
             with torch.no_grad():
                 if adam is None:
                     v = self.project(v - lr * _unit_direction(grad, self.threat.p))

@@ -32,7 +32,8 @@ def attack_summary(m: Dict[str, Any], output_dir: Path) -> List[str]:
     ratio = f"{m['fooling_rate'] / strongest:.1f}× the stronger" if strongest > 0 else "random noise fools nothing"
     lines = [
         f"victim   {m['model']} on {m['data']} ({m['victim_source']}): accuracy {m['victim_accuracy']:.4f}",
-        f"attack   {m['method']} {p} ε={m['eps']:g}: {m['passes']} passes in {m['attack_seconds']:.1f} s, "
+        f"attack   {m['method']} {p} ε={m['eps']:g}: {m['passes']} pass{'es' if m['passes'] != 1 else ''} in "
+        f"{m['attack_seconds']:.1f} s, "
         f"kept pass {m['best_pass']} ({stopped})",
         f"fooling  {m['fooling_rate']:.4f} on {m['eval_images']} eval images ({m['fooling_rate_attack_set']:.4f} on X)",
         f"random   {m['random_fooling_rate']:.4f} for random {p} noise of norm ε, {m['random_same_l2_fooling_rate']:.4f} "

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 from omegaconf import DictConfig
 
 from uap_lightning.attacks import ThreatModel
-from uap_lightning.tasks import attack, bench, generalisation, transfer
+from uap_lightning.tasks import attack, bench, finetune, generalisation, transfer
 from uap_lightning.tasks.setup import Setup, prepare
 from uap_lightning.validation import validate
 
@@ -27,10 +27,11 @@ class Task:
 
 
 TASKS: Dict[str, Task] = {
-    "attack": Task(attack.run),
+    "attack": Task(attack.run, attack.check, objective="objective"),
     "bench": Task(bench.run, bench.check, objective=""),
     "transfer": Task(transfer.run, transfer.check, objective=""),
     "generalisation": Task(generalisation.run, generalisation.check, objective=""),
+    "finetune": Task(finetune.run, finetune.check, objective="fooling_rate_after"),
 }
 
 

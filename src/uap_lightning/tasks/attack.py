@@ -18,15 +18,16 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
+from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.plugins.environments import LightningEnvironment
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from uap_lightning import metrics
-from uap_lightning.attacks import UAPResult, build_engine, frozen_eval, run_passes
+from uap_lightning.attacks import ThreatModel, UAPResult, build_engine, frozen_eval, run_passes
 from uap_lightning.baselines import RandomBaselines, random_baselines
-from uap_lightning.errors import DamagedFileError
+from uap_lightning.errors import ConfigError, DamagedFileError
 from uap_lightning.loop import (
     AttackLoop,
     AttackOutcome,
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # The settings whose change makes an earlier attack state of no use.
 _FINGERPRINT_KEYS = ("data", "model", "trainer", "attack", "task", "seed")
-_NOT_IN_FINGERPRINT = ("resume", "eval_batch_size", "amp", "channels_last")
+_NOT_IN_FINGERPRINT = ("resume", "eval_batch_size", "amp", "channels_last", "devices", "strategy")
 _FINAL_KEYS = (
     "fooling_rate",
     "fooling_rate_attack_set",
@@ -59,6 +60,7 @@ _FINAL_KEYS = (
     "victim_accuracy",
     "best_pass",
     "attack_seconds",
+    "beats_random",
 )
 _HISTORY_KEYS = (
     "pass",
@@ -85,18 +87,32 @@ def settings_fingerprint(cfg: DictConfig, data_fingerprint: str) -> str:
 
 
 def make_fabric(cfg: DictConfig, setup: Setup, name: str = "attack") -> Fabric:
-    """A one-device Fabric with the run's loggers (TensorBoard under ``tensorboard/<name>``)."""
-    loggers = []
+    """A Fabric on ``attack.devices`` devices (several: processes it spawns, see
+    :func:`attack_fabric_settings`) with the run's loggers (``tensorboard/<name>``, ``csv/<name>``)."""
+    loggers: List[Any] = []
     if cfg.logger.tensorboard:
         loggers.append(
             TensorBoardLogger(root_dir=str(setup.output_dir), name="tensorboard", version=name, default_hp_metric=False)
         )
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(root_dir=str(setup.output_dir), name="csv", version=name))
     return Fabric(
         accelerator=cfg.trainer.accelerator,
-        devices=1,
         loggers=loggers,
         callbacks=[AttackProgressBar(enabled=progress_bars(cfg))],
+        **attack_fabric_settings(cfg.attack),
     )
+
+
+def attack_fabric_settings(attack_cfg: Any) -> Dict[str, Any]:
+    """Fabric's ``devices`` (and, for several, ``strategy`` and cluster environment) for the
+    attack. Several devices take ``ddp_spawn`` (``attack.strategy=auto`` too): the processes are
+    spawned from this one, and Lightning's own environment numbers them, so SLURM's or torchrun's
+    variables (one task per node) do not."""
+    if attack_cfg.devices == 1:
+        return {"devices": 1}
+    strategy = "ddp_spawn" if attack_cfg.strategy == "auto" else attack_cfg.strategy
+    return {"devices": attack_cfg.devices, "strategy": strategy, "plugins": [LightningEnvironment()]}
 
 
 def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLoop:
@@ -215,11 +231,14 @@ def run(setup: Setup) -> Dict[str, Any]:
     dominant = figures.dominant_labels(outcome.clean_eval_labels, outcome.perturbed_eval_labels, len(label_names))
     results = attack_metrics(setup, victim, outcome, baselines, dominant, label_names)
     run_figures = attack_figures(setup, eval_labels, outcome, results, dominant, label_names)
+    final = {f"final/{k}": float(results[k]) for k in _FINAL_KEYS}
     for logger in fabric.loggers:
-        for name, figure in run_figures.items():
-            logger.experiment.add_figure(f"attack/{name}", figure, global_step=results["passes"], close=False)
-        logger.log_hyperparams(_hparams(cfg, setup), metrics={f"final/{k}": float(results[k]) for k in _FINAL_KEYS})
-        logger.experiment.add_scalar("final/beats_random", float(results["beats_random"]), results["passes"])
+        if isinstance(logger, TensorBoardLogger):
+            for name, figure in run_figures.items():
+                logger.experiment.add_figure(f"attack/{name}", figure, global_step=results["passes"], close=False)
+            logger.log_hyperparams(_hparams(cfg, setup), metrics=final)
+        else:
+            logger.log_metrics(final, step=results["passes"])
         logger.finalize("success")
     write_run_outputs(setup.output_dir, outcome.result.perturbation, run_figures, results)
     for line in attack_summary(results, setup.output_dir):
@@ -276,10 +295,26 @@ def attack_metrics(
         "attack_seed": setup.seed,
         "history": [{k: record[k] for k in _HISTORY_KEYS if k in record} for record in outcome.history],
     }
+    results["objective"] = objective(results["fooling_rate"], setup.threat.eps, cfg.task.target_fooling_rate)
     if cfg.attack.target_class is not None:
         results["target_class"] = cfg.attack.target_class
         results["targeted_success_rate"] = final["targeted_success_rate"]
     return results
+
+
+def objective(fooling_rate: float, eps: float, target: Optional[float]) -> float:
+    """What Hydra sweepers optimise: the fooling rate (maximise), or, with a target fooling rate,
+    ε + 255·max(0, target − fooling rate)/target (minimise: ε once the target is reached)."""
+    if target is None:
+        return fooling_rate
+    return eps + 255.0 * max(0.0, target - fooling_rate) / target
+
+
+def check(cfg: DictConfig, threat: ThreatModel) -> None:
+    """A target fooling rate, when given, lies in (0, 1]."""
+    target = cfg.task.target_fooling_rate
+    if target is not None and not 0.0 < target <= 1.0:
+        raise ConfigError(f"task.target_fooling_rate must lie in (0, 1] or be null; got {target}")
 
 
 def attack_figures(

@@ -13,7 +13,6 @@ import time
 from typing import Any, Dict
 
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 
 from uap_lightning import metrics

@@ -70,6 +70,7 @@ class Setup:
             logs = TrainingLogs(
                 log_dir=str(self.output_dir) if log_training else None,
                 tensorboard=bool(self.cfg.logger.tensorboard),
+                csv=bool(self.cfg.logger.csv),
                 progress_bar=progress_bars(self.cfg),
             )
             victim = obtain_victim(
@@ -85,13 +86,17 @@ class Setup:
             self._victims[key] = victim
         return self._victims[key]
 
-    def eval_labels_for(self, victim: Victim) -> Tensor:
-        """The eval labels in ``victim``'s output indices: an ImageNet head predicts over all class
-        folders, so its labels are the folders' positions."""
+    def labels_for(self, victim: Victim, labels: Tensor) -> Tensor:
+        """``labels`` (the data's classes, int64) in ``victim``'s output indices: an ImageNet head
+        predicts over all class folders, so its labels are the folders' positions."""
         folders = getattr(self.datamodule, "folder_class_indices", None)
         if victim.source == "pretrained" and folders:
-            return torch.as_tensor(folders)[self.eval_labels]
-        return self.eval_labels
+            return torch.as_tensor(folders)[labels]
+        return labels
+
+    def eval_labels_for(self, victim: Victim) -> Tensor:
+        """The eval labels in ``victim``'s output indices (see :meth:`labels_for`)."""
+        return self.labels_for(victim, self.eval_labels)
 
 
 def prepare(cfg: DictConfig, threat: ThreatModel) -> Setup:

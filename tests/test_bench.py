@@ -135,3 +135,10 @@ def test_smoke_benchmark_writes_bench_json(tmp_path):
     assert efficiency["efficiency"] > 0 and efficiency["candidates"] == 10
     assert 0.0 <= report["random_fooling_rate"] <= 1.0
     assert "vs naive" in done.stdout and "efficiency" in done.stdout
+    for method in ("deepfool_uap", "deepfool_uap_batched", "sgd_uap"):
+        profile = report["profiles"][method]
+        assert profile["images"] == 100 and profile["total_seconds"] > 0
+        assert {"forward_seconds", "gradient_seconds", "other_seconds", "images_per_second"} <= profile.keys()
+        assert by_method[method]["random_same_l2_fooling_rate"] is not None
+    assert report["forward_backward_images_per_second_batch1"] > 0
+    assert "one pass from v = 0" in done.stdout and "forward+backward images/s" in done.stdout

@@ -39,13 +39,15 @@ def compute_uap(
     target_class: Optional[int] = None,
     eval_batch_size: int = 512,
     keep: str = "best",
+    compile: bool = False,
     **options,
 ) -> UAPResult:
     """A universal perturbation of ``model`` (images in [0,1] → logits) on the attack set ``images``.
 
     Stops when the fooling rate on ``images`` (targeted: the targeted success rate) reaches
     1 − ``delta`` or after ``max_passes`` passes and returns the pass with the highest rate on
-    ``images`` (``keep="last"``: the last pass). ``method`` is deepfool_uap,
+    ``images`` (``keep="last"``: the last pass); ``compile`` runs the attack's predictions through
+    ``torch.compile``. ``method`` is deepfool_uap,
     deepfool_uap_batched or sgd_uap; ``options`` go to the engine (e.g. overshoot,
     batch_size, step_size). Runs on the model's device (images stay where they are and move
     batch by batch); the model's mode and parameter flags are restored afterwards; the
@@ -84,6 +86,7 @@ def compute_uap(
             clip=clip,
             target_class=target_class,
             keep=keep,
+            compile=compile,
         )
 
 

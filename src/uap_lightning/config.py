@@ -115,6 +115,7 @@ class AttackConfig:
     eval_batch_size: int = 512
     amp: bool = False  # autocast the victim during evaluation (GPU)
     channels_last: bool = False
+    compile: bool = False  # the attack's predictions through torch.compile (pays on long attacks)
     devices: int = 1  # processes (CPU) or GPUs the attack runs on
     strategy: str = "auto"  # Fabric strategy for devices > 1 (ddp_spawn on one machine)
 

@@ -61,11 +61,13 @@ PassLogger = Callable[[Dict[str, Any], Tensor], None]  # (a pass's record, v aft
 
 @dataclass
 class EvaluationSettings:
-    """How the eval set is predicted: batch size and the optional GPU speed-ups."""
+    """How images are predicted: batch size, the optional GPU speed-ups, and whether the
+    attack's predictions run compiled (``attack.compile``)."""
 
     batch_size: int = 512
     amp: bool = False
     channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -271,6 +273,7 @@ class AttackLoop:
                     kept=None if resume is None else resume.kept,
                     on_pass_end=on_pass_end,
                     reducer=reducer,
+                    compile=self.evaluation.compile,
                 )
             except KeyboardInterrupt:
                 if reducer.world_size > 1:

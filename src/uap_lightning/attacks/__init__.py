@@ -13,13 +13,14 @@ from uap_lightning.attacks.driver import (
     run_passes,
 )
 from uap_lightning.attacks.engines import ENGINES, build_engine, engine_options
-from uap_lightning.attacks.model_state import folded_copy, frozen_eval, model_device
+from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
 from uap_lightning.attacks.projections import dual_norm, dual_step, lp_norm, project_lp
 from uap_lightning.attacks.sgd_uap import SGDUAP
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 
 __all__ = [
     "BatchedDeepFoolUAP",
+    "CompiledPredictions",
     "KEEP_CHOICES",
     "KeptPerturbation",
     "PassReport",

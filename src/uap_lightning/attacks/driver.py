@@ -18,7 +18,7 @@ from uap_lightning import metrics
 from uap_lightning.attacks import distributed
 from uap_lightning.attacks.base import PassStats, UniversalAttack
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
-from uap_lightning.attacks.model_state import folded_copy, frozen_eval, model_device
+from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
 
 KEEP_CHOICES = ("best", "last")
 
@@ -107,6 +107,7 @@ def run_passes(
     kept: Optional[KeptPerturbation] = None,
     on_pass_end: Optional[PassCallback] = None,
     reducer: Optional[Reducer] = None,
+    compile: bool = False,
 ) -> UAPResult:
     """Run passes of ``engine`` on X = ``images`` (N×C×H×W in [0,1]) with clean predictions (N,).
 
@@ -117,7 +118,8 @@ def run_passes(
     fooling_rate_attack_set, updates, mean_deepfool_iterations, seconds of the pass and its
     evaluation) appended and ``on_pass_end(PassReport)`` called. The model is kept in eval
     mode with frozen parameters meanwhile; the engine runs on its batch-norm-folded copy
-    (:func:`folded_copy`).
+    (:func:`folded_copy`), whose predictions run compiled when ``compile``
+    (:class:`CompiledPredictions`; the compilation time counts in the passes' seconds).
 
     With a ``reducer`` of world size > 1 every rank calls this with the same arguments: the engine
     shares its passes (it gets the reducer; engines whose ``run_pass`` takes none run in one
@@ -148,6 +150,8 @@ def run_passes(
     passes = start_pass
     with frozen_eval(model):
         model = folded_copy(model)
+        if compile:
+            model = CompiledPredictions(model)
 
         def rate_on_x(v: Tensor) -> float:
             return attack_set_rate(

@@ -1,5 +1,6 @@
-"""Preparing a victim for an attack: eval mode and frozen parameters (restored after), and an
-attack copy with batch norm folded into the layers before it."""
+"""Preparing a victim for an attack: eval mode and frozen parameters (restored after), an
+attack copy with batch norm folded into the layers before it, and a copy whose predictions
+(forward passes without gradients) run compiled."""
 
 from __future__ import annotations
 
@@ -56,3 +57,18 @@ def folded_copy(model: nn.Module) -> nn.Module:
     for param in folded.parameters():
         param.requires_grad_(False)
     return folded
+
+
+class CompiledPredictions(nn.Module):
+    """``model`` whose forward passes without gradients run through ``torch.compile`` (dynamic
+    shapes, so batch sizes share one compiled graph); passes that build a graph for gradients
+    stay eager, because batched vector-Jacobian products (``is_grads_batched``) cannot run
+    through compiled backward graphs. Compilation happens on the first prediction."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.compiled = torch.compile(model, dynamic=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compiled(x) if not torch.is_grad_enabled() else self.model(x)

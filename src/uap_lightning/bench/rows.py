@@ -35,6 +35,7 @@ class BenchProblem:
     seed: int
     deepfool: Dict[str, Any]  # overshoot, num_candidates, max_deepfool_iters (shared by naive, ART, engines)
     keep: str = "best"  # which pass the engines return (naive and ART return their last)
+    compile: bool = False  # engines' predictions through torch.compile (compilation timed)
 
 
 @dataclass
@@ -129,6 +130,7 @@ def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) 
             generator=generator,
             clip=problem.clip,
             keep=problem.keep,
+            compile=problem.compile,
             on_pass_end=score_pass,
         )
         v, rate, passes = result.perturbation, result.fooling_rate, result.passes

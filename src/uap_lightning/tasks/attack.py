@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # The settings whose change makes an earlier attack state of no use.
 _FINGERPRINT_KEYS = ("data", "model", "trainer", "attack", "task", "seed")
-_NOT_IN_FINGERPRINT = ("resume", "eval_batch_size", "amp", "channels_last", "devices", "strategy")
+_NOT_IN_FINGERPRINT = ("resume", "eval_batch_size", "amp", "channels_last", "compile", "devices", "strategy")
 _FINAL_KEYS = (
     "fooling_rate",
     "fooling_rate_attack_set",
@@ -127,7 +127,9 @@ def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLo
         clip=cfg.attack.clip,
         target_class=cfg.attack.target_class,
         keep=cfg.attack.keep,
-        evaluation=EvaluationSettings(cfg.attack.eval_batch_size, cfg.attack.amp, cfg.attack.channels_last),
+        evaluation=EvaluationSettings(
+            cfg.attack.eval_batch_size, cfg.attack.amp, cfg.attack.channels_last, cfg.attack.compile
+        ),
         state_path=setup.output_dir / STATE_FILE,
         fingerprint=fingerprint,
     )
@@ -155,6 +157,7 @@ def universal_perturbation(
             clip=cfg.attack.clip,
             target_class=cfg.attack.target_class,
             keep=cfg.attack.keep,
+            compile=cfg.attack.compile,
         )
 
 

@@ -19,6 +19,7 @@ from uap_lightning.attacks import ENGINES, BatchedDeepFoolUAP, ThreatModel, buil
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.bench.art_peer import require_art
 from uap_lightning.bench.efficiency import batched_efficiency
+from uap_lightning.bench.profile import PassProfile, forward_backward_rate, profile_pass
 from uap_lightning.bench.rows import (
     REACH_TOLERANCE,
     REFERENCE_METHOD,
@@ -79,6 +80,22 @@ def check(cfg: DictConfig, threat: ThreatModel) -> None:
             raise ConfigError(str(err)) from None
 
 
+def format_profiles(profiles: Dict[str, PassProfile], batch1_rate: float) -> str:
+    """One line per engine: where one pass from v = 0 spends its time, and the sequential engine
+    against the victim's forward+backward throughput at batch 1."""
+    lines = ["one pass from v = 0:       seconds  forward  gradient   other  images/s"]
+    for method, p in profiles.items():
+        share = [100 * x / p.total_seconds if p.total_seconds else 0.0
+                 for x in (p.forward_seconds, p.gradient_seconds, p.other_seconds)]
+        lines.append(f"  {method:<22}{p.total_seconds:>9.1f}{share[0]:>8.0f}%{share[1]:>9.0f}%{share[2]:>7.0f}%"
+                     f"{p.images_per_second:>10.1f}")
+    if "deepfool_uap" in profiles:
+        rate = profiles["deepfool_uap"].images_per_second
+        lines.append(f"  deepfool_uap: {rate:.1f} images/s against {batch1_rate:.1f} forward+backward images/s of the "
+                     f"victim at batch 1 ({rate / batch1_rate:.2f} of it)")
+    return "\n".join(lines)
+
+
 def run(setup: Setup) -> Dict[str, Any]:
     """Run every row of ``task.rows`` on one victim and one X; write and return bench.json's content."""
     cfg, threat = setup.cfg, setup.threat
@@ -99,6 +116,7 @@ def run(setup: Setup) -> Dict[str, Any]:
         seed=setup.seed,
         deepfool={k: cfg.attack[k] for k in _DEEPFOOL_KEYS},
         keep=cfg.attack.keep,
+        compile=cfg.attack.compile,
     )
     rows = []
     for method in cfg.task.rows:
@@ -122,8 +140,24 @@ def run(setup: Setup) -> Dict[str, Any]:
             noisy_labels, problem.clean_eval_labels, shape, row.norm_l2, 2.0, torch.Generator().manual_seed(setup.seed + 2)
         )
 
+    clean_attack = metrics.predict(model, attack_images, clip=problem.clip)
+    profiles = {
+        method: profile_pass(
+            build_engine(method, threat, clip=problem.clip, **row_options(cfg, method)),
+            model,
+            attack_images,
+            clean_attack,
+            setup.seed,
+        )
+        for method in cfg.task.rows
+        if method in ENGINES
+    }
+    batch1_rate = forward_backward_rate(model, attack_images)
+
     report = {
         "rows": [row.as_dict() for row in rows],
+        "profiles": {method: profile.as_dict() for method, profile in profiles.items()},
+        "forward_backward_images_per_second_batch1": batch1_rate,
         "efficiency": efficiency.as_dict(),
         "random_fooling_rate": random_rate,
         "random_draws": DRAWS,
@@ -160,5 +194,6 @@ def run(setup: Setup) -> Dict[str, Any]:
         f"to ref: seconds until a row's eval fooling rate came within {REACH_TOLERANCE:.2f} of "
         f"{REFERENCE_METHOD}'s final one (per-pass scoring not timed)"
     )
+    print(format_profiles(profiles, batch1_rate))
     print(f"files    {(setup.output_dir / BENCH_FILE).resolve()}")
     return report

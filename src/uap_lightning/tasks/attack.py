@@ -25,7 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from uap_lightning import metrics
-from uap_lightning.attacks import ThreatModel, UAPResult, build_engine, frozen_eval, run_passes
+from uap_lightning.attacks import (
+    ThreatModel,
+    UAPResult,
+    build_engine,
+    frozen_eval,
+    run_passes,
+)
 from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.errors import ConfigError, DamagedFileError
 from uap_lightning.loop import (

@@ -15,7 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write_text
-from uap_lightning.attacks import ENGINES, BatchedDeepFoolUAP, ThreatModel, build_engine, engine_options
+from uap_lightning.attacks import (
+    ENGINES,
+    BatchedDeepFoolUAP,
+    ThreatModel,
+    build_engine,
+    engine_options,
+)
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.bench.art_peer import require_art
 from uap_lightning.bench.efficiency import batched_efficiency

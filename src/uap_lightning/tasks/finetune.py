@@ -40,7 +40,6 @@ from uap_lightning.attacks import ThreatModel, frozen_eval
 from uap_lightning.baselines import mean_fooling_rate
 from uap_lightning.errors import ConfigError
 from uap_lightning.models import VictimClassifier
-from uap_lightning.report.outputs import write_metrics
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.setup import Setup, progress_bars
@@ -186,25 +185,13 @@ def run(setup: Setup) -> Dict[str, Any]:
         "clean_accuracy_after": after["clean_accuracy"],
         "fooling_rate_after": after["fooling_rate"],
         "rows": rows,
-        "eps": setup.threat.eps,
-        "p": setup.threat.p_name,
-        "method": cfg.attack.method,
         "rounds": task.rounds,
         "epochs": task.epochs,
         "pool_size": task.pool_size,
         "probability": task.probability,
         "lr": lr,
-        "attack_images": len(setup.attack_images),
-        "eval_images": len(setup.eval_images),
-        "data": cfg.data.name,
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "attack_seed": setup.seed,
     }
-    write_metrics(setup.output_dir, results)
-    log.info("fine-tuning with universal perturbations\n%s", table.to_markdown(index=False, floatfmt=".3f"))
-    log.info("files    %s", setup.output_dir.resolve())
-    return results
+    return setup.finish(results, "fine-tuning with universal perturbations", table, index=False)
 
 
 def _log_row(row: Dict[str, Any]) -> None:

@@ -21,7 +21,6 @@ from uap_lightning.attacks import ThreatModel
 from uap_lightning.baselines import random_baselines
 from uap_lightning.errors import ConfigError
 from uap_lightning.report.figures import save_figure_png, size_curve_figure
-from uap_lightning.report.outputs import write_metrics
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.setup import Setup
@@ -93,18 +92,4 @@ def run(setup: Setup) -> Dict[str, Any]:
         f"{cfg.attack.method} {threat.symbol} ε={threat.eps:g} on {cfg.model.name}: fooling rate against |X|",
     )
     save_figure_png(figure, setup.output_dir / GENERALISATION_PNG)
-    results = {
-        "rows": rows,
-        "eps": threat.eps,
-        "p": threat.p_name,
-        "method": cfg.attack.method,
-        "eval_images": len(setup.eval_images),
-        "data": cfg.data.name,
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "attack_seed": setup.seed,
-    }
-    write_metrics(setup.output_dir, results)
-    log.info("fooling rate against |X|\n%s", table.to_markdown(index=False, floatfmt=".3f"))
-    log.info("files    %s", setup.output_dir.resolve())
-    return results
+    return setup.finish({"rows": rows}, "fooling rate against |X|", table, index=False)

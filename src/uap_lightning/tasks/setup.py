@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
@@ -22,6 +23,7 @@ from uap_lightning.attacks import ThreatModel
 from uap_lightning.data import build_datamodule
 from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
+from uap_lightning.report.outputs import write_metrics
 from uap_lightning.training import TrainingLogs, Victim, obtain_victim
 from uap_lightning.validation import attack_seed
 
@@ -56,6 +58,29 @@ class Setup:
     @property
     def num_classes(self) -> int:
         return self.datamodule.num_classes
+
+    def settings(self) -> Dict[str, Any]:
+        """What every task's metrics.json records of the run: threat, engine, data, model, seeds."""
+        return {
+            "eps": self.threat.eps,
+            "p": self.threat.p_name,
+            "method": self.cfg.attack.method,
+            "attack_images": len(self.attack_images),
+            "eval_images": len(self.eval_images),
+            "data": self.cfg.data.name,
+            "model": self.cfg.model.name,
+            "seed": self.cfg.seed,
+            "attack_seed": self.seed,
+        }
+
+    def finish(self, results: Dict[str, Any], title: str, table: pd.DataFrame, **markdown: Any) -> Dict[str, Any]:
+        """Write ``results`` with the run's settings as metrics.json (last), log ``table`` under
+        ``title`` and the run folder; return what was written."""
+        results = {**results, **self.settings()}
+        write_metrics(self.output_dir, results)
+        log.info("%s\n%s", title, table.to_markdown(floatfmt=".3f", **markdown))
+        log.info("files    %s", self.output_dir.resolve())
+        return results
 
     def attack_set(self, count: int) -> Tuple[Tensor, Tensor]:
         """An attack set of ``count`` images drawn with the attack seed (a prefix-stable draw)."""

@@ -27,7 +27,7 @@ from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.config import model_preset
 from uap_lightning.errors import ConfigError, DamagedFileError
 from uap_lightning.report.figures import save_figure_png, transfer_figure
-from uap_lightning.report.outputs import PERTURBATION_FILE, write_metrics
+from uap_lightning.report.outputs import PERTURBATION_FILE
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.setup import Setup
@@ -136,16 +136,5 @@ def run(setup: Setup) -> Dict[str, Any]:
         "victims": victim_labels,
         "sources": source_labels,
         "perturbation_folders": list(cfg.task.perturbations),
-        "eps": threat.eps,
-        "p": threat.p_name,
-        "method": cfg.attack.method,
-        "attack_images": len(setup.attack_images),
-        "eval_images": len(setup.eval_images),
-        "data": cfg.data.name,
-        "seed": cfg.seed,
-        "attack_seed": setup.seed,
     }
-    write_metrics(setup.output_dir, results)
-    log.info("fooling rates (rows: perturbation; columns: victim)\n%s", table.to_markdown(floatfmt=".3f"))
-    log.info("files    %s", setup.output_dir.resolve())
-    return results
+    return setup.finish(results, "fooling rates (rows: perturbation; columns: victim)", table)

@@ -171,6 +171,7 @@ def interrupt_after_first_pass(monkeypatch) -> None:
     monkeypatch.setattr(AttackLoop, "_save", save_then_interrupt)
 
 
+@pytest.mark.slow
 def test_the_attack_on_two_processes_writes_what_one_writes(make_cfg, tmp_path, monkeypatch):
     """deepfool_uap with attack.devices=2: the v, rates and history of one process, the same files
     (one writer each: a single TensorBoard events file), a state saved after each pass, and an

@@ -111,6 +111,7 @@ def test_resume_false_starts_afresh(tmp_path, monkeypatch):
     assert len(list((Path(cfg.paths.output_dir) / "stale").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_last_pass_and_the_same_command_continues(tmp_path):
     """SIGTERM mid-attack: exit 130, metrics.json marked interrupted; the same command finishes it."""
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}

@@ -61,6 +61,7 @@ def test_objective_is_eps_once_the_target_is_reached():
     assert objective(0.2, 32.0, 0.4) > objective(0.41, 128.0, 0.4)
 
 
+@pytest.mark.slow
 def test_a_two_worker_joblib_sweep_trains_the_victim_once(tmp_path):
     """Four jobs on two workers and an empty cache: the victim is trained once, the others wait and load it."""
     sweep = tmp_path / "sweep"
@@ -73,6 +74,7 @@ def test_a_two_worker_joblib_sweep_trains_the_victim_once(tmp_path):
     assert len([p for p in (tmp_path / "cache" / "victims").iterdir() if p.is_dir()]) == 1
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_and_names_the_best_eps(tmp_path):
     sweep = tmp_path / "search"
     done = cli(tmp_path, "hparams_search=smallest_eps", "hydra.sweeper.n_trials=2", *SMALL, "logger=none",

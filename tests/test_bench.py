@@ -68,6 +68,7 @@ def test_naive_reference_computes_the_same_v_as_deepfool_uap(p, eps):
         ("task.art_batch_size=1", "art_batch_size"),
         ("attack.target_class=3", "target_class"),
         ("attack.p=7", "attack.p"),
+        ("attack=sgd_uap", "DeepFool settings"),
     ],
 )
 def test_bad_bench_settings_fail_with_the_setting_named(tmp_path, override, message):

@@ -49,15 +49,17 @@ def small_net() -> nn.Module:
     return build_backbone(ModelConfig(name="cnn", width=8), num_classes=10, in_channels=1, image_size=8)
 
 
-def payload_checkpoint(tmp_path: Path) -> tuple:
+def payload_checkpoint(tmp_path: Path, zip_format: bool = True) -> tuple:
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": small_net().state_dict(), "hyper_parameters": Payload(marker)}, path)
+    payload = {"state_dict": small_net().state_dict(), "hyper_parameters": Payload(marker)}
+    torch.save(payload, path, _use_new_zipfile_serialization=zip_format)
     return path, marker
 
 
-def test_payload_checkpoint_is_refused_and_never_runs(tmp_path):
-    path, marker = payload_checkpoint(tmp_path)
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_payload_checkpoint_is_refused_and_never_runs(tmp_path, zip_format):
+    path, marker = payload_checkpoint(tmp_path, zip_format)
     with pytest.raises(UntrustedFileError, match="model.trust_checkpoint=true") as info:
         load_weights(small_net(), path)
     assert "posix.system" in str(info.value) or "os.system" in str(info.value)
@@ -79,10 +81,15 @@ def test_cli_refuses_a_payload_checkpoint_with_one_message(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_trusted_checkpoint_loads_with_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_trusted_checkpoint_loads_with_a_warning(tmp_path, caplog, zip_format):
     source = small_net()
     path = tmp_path / "with_note.pt"
-    torch.save({"state_dict": source.state_dict(), "note": Note("trained on digits")}, path)
+    torch.save(
+        {"state_dict": source.state_dict(), "note": Note("trained on digits")},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
     with pytest.raises(UntrustedFileError, match="Note"):
         load_weights(small_net(), path)
     target = small_net()

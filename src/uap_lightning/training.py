@@ -345,7 +345,7 @@ def train_victim(
     tester = trainer if trainer.world_size == 1 else lightning_trainer(trainer_cfg, logs, **_ONE_PROCESS)
     results = tester.test(module, datamodule=datamodule, verbose=False)
     accuracy = float(results[0]["test_acc"]) if results else None
-    log.info("victim trained in %.1f s, test accuracy %.4f", seconds, accuracy or float("nan"))
+    log.info("victim trained in %.1f s, test accuracy %.4f", seconds, float("nan") if accuracy is None else accuracy)
     return {
         "test_accuracy": accuracy,
         "train_seconds": seconds,

@@ -11,6 +11,7 @@ import collections
 import logging
 import os
 import pickle
+import re
 import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -73,7 +74,7 @@ def read_checkpoint(path: str, *, trust: bool = False, key: str = "model.checkpo
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        unsafe = _unsafe_globals(path)
+        unsafe = _unsafe_globals(path, err)
         if not unsafe:
             raise _damaged(path, key, err) from None
         if not trust:
@@ -89,13 +90,16 @@ def read_checkpoint(path: str, *, trust: bool = False, key: str = "model.checkpo
         raise _damaged(path, key, err) from None
 
 
-def _unsafe_globals(path: str) -> List[str]:
-    """The non-allow-listed globals a zip-format checkpoint refers to ([] when it cannot tell)."""
+def _unsafe_globals(path: str, err: pickle.UnpicklingError) -> List[str]:
+    """The non-allow-listed globals a checkpoint refers to ([] when it names none: a damaged file).
+
+    Zip-format files are scanned whole; for the legacy format, the global the tensors-only
+    unpickler stopped at (named in ``err``) is all there is to tell."""
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_CHECKPOINT_GLOBALS}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint: nothing to name
-        return []
+    except Exception:  # not a zip checkpoint
+        found = re.findall(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
     return [name for name in found if name not in allowed]
 
 

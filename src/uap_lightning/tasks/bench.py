@@ -69,6 +69,13 @@ def check(cfg: DictConfig, threat: ThreatModel) -> None:
         raise ConfigError(f"task.engines has options for unknown engine(s) {extra}; known: {', '.join(ENGINES)}")
     if cfg.attack.target_class is not None:
         raise ConfigError("the benchmark compares untargeted attacks; drop attack.target_class")
+    missing = [key for key in _DEEPFOOL_KEYS if key not in cfg.attack]
+    if missing:
+        raise ConfigError(
+            f"the benchmark takes its DeepFool settings ({', '.join(missing)}) from a DeepFool engine's "
+            f"attack config, which attack={cfg.attack.method} lacks: drop the attack= override "
+            "(per-row settings go in task.engines.<engine>)"
+        )
     if cfg.task.art_batch_size < 2:
         raise ConfigError(f"task.art_batch_size must be at least 2; got {cfg.task.art_batch_size}")
     if cfg.task.efficiency_batches < 1:

@@ -9,13 +9,13 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from uap_lightning.report.figures import (
     DominantLabels,
     curve_figure,
     dominant_labels,
     examples_figure,
-    figure_image,
     labels_figure,
     perturbation_figure,
     perturbation_scale,
@@ -24,6 +24,13 @@ from uap_lightning.report.figures import (
 )
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def figure_image(fig) -> np.ndarray:
+    """``fig`` rendered at its own dpi as an H×W×3 uint8 array."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _png_shape(fig, path: Path) -> tuple[int, ...]:

@@ -255,8 +255,6 @@ class RunConfig:
     task: Any = MISSING  # one of TASK_SCHEMAS, chosen by task=NAME
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
-    task_name: str = "uap"
-    tags: List[str] = field(default_factory=list)
 
 
 def model_preset(entry: Any) -> DictConfig:

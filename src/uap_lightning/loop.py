@@ -125,7 +125,6 @@ class AttackOutcome:
     clean_eval_labels: Tensor  # (N,) predictions on the eval set without perturbation
     perturbed_eval_labels: Tensor  # (N,) predictions with the kept perturbation
     interrupted: bool = False
-    resumed_from: int = 0  # passes already done when this call started
 
 
 @dataclass
@@ -300,7 +299,6 @@ class AttackLoop:
             clean_eval_labels.cpu(),
             perturbed_eval_labels.cpu(),
             interrupted=interrupted,
-            resumed_from=0 if resume is None else resume.passes,
         )
 
     def predict(

@@ -48,7 +48,6 @@ class Victim:
     test_accuracy: Optional[float]  # on the full test split, None when not measured
     train_seconds: Optional[float]
     cache_dir: Optional[str]
-    model_name: str = ""
 
     @property
     def net(self):
@@ -174,9 +173,9 @@ def obtain_victim(
     module = build_victim(model_cfg, trainer_cfg, datamodule)
     if model_cfg.checkpoint:
         load_weights(module.net, model_cfg.checkpoint, model_name=model_cfg.name, trust=model_cfg.trust_checkpoint)
-        return Victim(module, "checkpoint", None, None, None, model_cfg.name)
+        return Victim(module, "checkpoint", None, None, None)
     if model_cfg.pretrained:
-        return Victim(module, "pretrained", None, None, None, model_cfg.name)
+        return Victim(module, "pretrained", None, None, None)
 
     spec = victim_spec(model_cfg, trainer_cfg, datamodule, seed)
     entry = cache_entry(cache_dir, model_cfg.name, spec)
@@ -193,7 +192,6 @@ def obtain_victim(
         info.get("test_accuracy"),
         info.get("train_seconds"),
         str(entry.directory),
-        model_cfg.name,
     )
 
 

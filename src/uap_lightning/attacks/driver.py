@@ -36,14 +36,13 @@ class KeptPerturbation:
 @dataclass
 class PassReport:
     """What ``on_pass_end`` receives after each pass: v after it, the pass's statistics, the
-    rate of v on X, the perturbation kept so far and the generator (its state after the pass)."""
+    rate of v on X and the perturbation kept so far."""
 
     pass_index: int
     perturbation: Tensor
     stats: PassStats
     fooling_rate: float
     kept: KeptPerturbation
-    generator: Optional[torch.Generator]
 
 
 PassCallback = Callable[[PassReport], None]
@@ -180,7 +179,7 @@ def run_passes(
                 }
             )
             if on_pass_end is not None:
-                on_pass_end(PassReport(passes, v, stats, rate, kept, generator))
+                on_pass_end(PassReport(passes, v, stats, rate, kept))
     return UAPResult(
         perturbation=kept.perturbation,
         fooling_rate=kept.fooling_rate,

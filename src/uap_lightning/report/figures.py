@@ -26,7 +26,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -341,13 +340,6 @@ def save_figure_png(fig: Figure, path: Union[str, os.PathLike], dpi: int = DPI) 
         atomic_write(path, lambda f: f.write(buffer.getvalue()))
     finally:
         plt.close(fig)
-
-
-def figure_image(fig: Figure) -> np.ndarray:
-    """``fig`` rendered at its own dpi as an H×W×3 uint8 array (e.g. for TensorBoard's ``add_image``, HWC)."""
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _new_figure(size: tuple[float, float]) -> Figure:

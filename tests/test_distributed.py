@@ -264,3 +264,18 @@ def test_strategies_that_would_rerun_the_command_are_refused(make_cfg, overrides
 def test_spawning_strategies_pass_the_checks(make_cfg):
     validate(make_cfg("trainer.strategy=ddp_spawn", "trainer.devices=2", "attack.devices=2"))
     validate(make_cfg("trainer.strategy=single_device", "attack.strategy=ddp_spawn"))
+
+
+def test_two_processes_return_an_outcome_larger_than_a_pipe_holds(tmp_path):
+    """The outcome of 12,000 eval images (two label vectors, about 190 KB) comes back from the workers:
+    returned through Fabric's launcher it would block the worker on a full pipe forever."""
+    model, attack_images, _ = digits_victim()
+    eval_images = torch.rand(12_000, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    eval_labels = torch.zeros(12_000, dtype=torch.long)
+    fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", plugins=[LightningEnvironment()])
+    loop = AttackLoop(fabric, SGDUAP(THREAT, batch_size=32, max_passes=1), THREAT, delta=0.2, max_passes=1,
+                      state_path=tmp_path / STATE_FILE)
+    outcome = loop.run(model, attack_images, eval_images, eval_labels, seed=0)
+    assert outcome.perturbed_eval_labels.shape == (12_000,) and outcome.clean_eval_labels.shape == (12_000,)
+    assert outcome.result.passes == 1 and len(outcome.history) == 1
+    assert float(outcome.result.perturbation.abs().max()) > 0

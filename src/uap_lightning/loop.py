@@ -13,9 +13,10 @@ attack in as many processes, each running the same loop on the same X and the sa
 the engine shares its passes through a :class:`~uap_lightning.attacks.TorchDistributed`
 reducer, every prediction (X, eval set) is shared out by rank and gathered, so every rank holds
 the same v and the same records; Fabric saves the state from rank 0 and the callbacks (the
-progress bar) draw on rank 0. The workers leave the loggers alone: rank 0 returns the outcome
-and each pass's record and v, and the main process logs them once the workers are done, so
-every log file has one writer. An interrupt stops all processes; the state saved after the last
+progress bar) draw on rank 0. The workers leave the loggers alone: rank 0 writes the outcome
+and each pass's record and v to a file (tensors-only; Fabric's launcher would send a return
+value through a pipe it reads only after the workers exit, which a large value blocks), and the
+main process reads and logs them once the workers are done, so every log file has one writer. An interrupt stops all processes; the state saved after the last
 finished pass lets the same command continue.
 """
 
@@ -25,15 +26,14 @@ import dataclasses
 import functools
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from lightning.fabric import Fabric
-from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -177,9 +177,11 @@ class AttackLoop:
             )
         # the loop travels with the function: Fabric's launcher walks the arguments, which a frozen
         # dataclass (the threat model) stops
-        attack = functools.partial(_attack_on_rank, loop=self)
-        sent = self.fabric.launch(attack, model, attack_images, eval_images, eval_labels, seed, resume)
-        outcome, passes = apply_to_collection(sent, np.ndarray, torch.from_numpy)
+        with tempfile.TemporaryDirectory(prefix="uap-attack-") as folder:
+            sent = Path(folder) / "outcome.pt"
+            attack = functools.partial(_attack_on_rank, loop=self, sent=sent)
+            self.fabric.launch(attack, model, attack_images, eval_images, eval_labels, seed, resume)
+            outcome, passes = _received(sent)
         for record, perturbation in passes:
             self._log_pass(record, perturbation)
         model.to(self.fabric.device)
@@ -406,11 +408,10 @@ def _attack_on_rank(
     resume: Optional[AttackState],
     *,
     loop: AttackLoop,
-) -> Optional[Tuple[AttackOutcome, List[Tuple[Dict[str, Any], Any]]]]:
+    sent: Path,
+) -> None:
     """The attack in one spawned process, on ``loop``'s settings with this process's ``fabric``.
-    Rank 0 returns the outcome and each pass's (record, v), tensors as numpy arrays: a tensor sent
-    back through the launcher's queue would live in the shared memory of a process that has
-    exited. Other ranks return None."""
+    Rank 0 saves the outcome and each pass's (record, v) to ``sent`` for :func:`_received`."""
     loop = dataclasses.replace(loop, fabric=fabric)
     passes: List[Tuple[Dict[str, Any], Tensor]] = []
     outcome = loop._attack(
@@ -423,9 +424,16 @@ def _attack_on_rank(
         TorchDistributed(fabric.device),
         lambda record, v: passes.append((dict(record), v.detach().cpu().clone())),
     )
-    if not fabric.is_global_zero:
-        return None
-    return apply_to_collection((outcome, passes), Tensor, lambda t: t.numpy())
+    if fabric.is_global_zero:
+        torch.save({"outcome": dataclasses.asdict(outcome), "passes": passes}, sent)
+
+
+def _received(sent: Path) -> Tuple[AttackOutcome, List[Tuple[Dict[str, Any], Tensor]]]:
+    """What rank 0 saved at ``sent`` (read tensors-only): the outcome and each pass's (record, v)."""
+    saved = torch.load(sent, map_location="cpu", weights_only=True)
+    fields = saved["outcome"]
+    outcome = AttackOutcome(**{**fields, "result": UAPResult(**fields["result"])})
+    return outcome, [(record, perturbation) for record, perturbation in saved["passes"]]
 
 
 class AttackProgressBar:

@@ -33,7 +33,7 @@ class BenchProblem:
     max_passes: int
     clip: bool
     seed: int
-    deepfool: Dict[str, Any]  # overshoot, num_candidates, max_deepfool_iters (shared by naive, ART, engines)
+    deepfool: Dict[str, Any]  # overshoot, num_candidates, max_deepfool_iters, deepfool_norm (naive, ART, engines)
     keep: str = "best"  # which pass the engines return (naive and ART return their last)
     compile: bool = False  # engines' predictions through torch.compile (compilation timed)
 

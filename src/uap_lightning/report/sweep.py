@@ -143,7 +143,7 @@ def summarize(root: str | os.PathLike) -> Dict[str, Path]:
 class SweepSummaryCallback(Callback):
     """Hydra callback: summarize the sweep folder when a multirun ends.
 
-    Enable with ``hydra.callbacks.summary._target_=uap_lightning.report.sweep.SweepSummaryCallback``.
+    On by default as ``hydra.callbacks.sweep_summary`` (conf/hydra/default.yaml).
     A failing report is logged, never raised, so it cannot hide the sweep's results.
     """
 

@@ -9,7 +9,7 @@ from typing import Union
 
 NORMS = (1.0, 2.0, math.inf)
 _P_NAMES = {1.0: "1", 2.0: "2", math.inf: "inf"}
-_P_SYMBOLS = {1.0: "ℓ1", 2.0: "ℓ2", math.inf: "ℓ∞"}
+P_SYMBOLS = {1.0: "ℓ1", 2.0: "ℓ2", math.inf: "ℓ∞"}
 _EPS_HINT = "attack.eps must be a positive finite number in 0-255 pixel units (e.g. attack.eps=10)"
 
 
@@ -71,7 +71,7 @@ class ThreatModel:
     @property
     def symbol(self) -> str:
         """The norm for people: "ℓ∞", "ℓ2" or "ℓ1"."""
-        return _P_SYMBOLS[self.p]
+        return P_SYMBOLS[self.p]
 
     @property
     def p_name(self) -> str:

@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from uap_lightning.atomic import atomic_write  # noqa: E402
-from uap_lightning.attacks.threat import parse_p  # noqa: E402
+from uap_lightning.attacks.threat import P_SYMBOLS, parse_p  # noqa: E402
 from uap_lightning.metrics import norm_255  # noqa: E402
 
 DPI = 100
@@ -47,7 +47,6 @@ EXAMPLES_HEIGHT = 4.5
 MAX_BARS = 30
 TICK_CHARS = 70  # about the characters of 8-pt tick labels that fit across the bar chart unrotated
 
-_NORM_SYMBOL = {1.0: "ℓ1", 2.0: "ℓ2", math.inf: "ℓ∞"}
 _RANDOM_STYLES = ("--", (0, (6, 2, 1, 2)), (0, (2, 2)), (0, (8, 3)))
 _RANDOM_GREYS = ("0.45", "0.6", "0.3", "0.7")
 
@@ -195,7 +194,7 @@ def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
         axes[-1].set_axis_off()
     fig.colorbar(image, ax=list(axes[:channels]), label="v (0–255 units)", shrink=0.8)
     fig.suptitle(
-        f"{_NORM_SYMBOL[norm]} ε={float(eps):g} (colour scale ±{scale:.3g})\n"
+        f"{P_SYMBOLS[norm]} ε={float(eps):g} (colour scale ±{scale:.3g})\n"
         f"‖v‖∞={norm_255(v, math.inf):.1f}  ‖v‖₂={norm_255(v, 2.0):.1f}",
         fontsize=9,
     )

@@ -37,18 +37,17 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from uap_lightning.atomic import atomic_write, atomic_write_text  # noqa: E402
+from uap_lightning.rundir import FAILURE_FILE, METRICS_FILE, STALE_DIR  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-METRICS_FILE = "metrics.json"
-FAILURE_FILE = "failure.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 
 STATUSES = ("ok", "interrupted", "failed", "incomplete")
 PLOTTED_STATUSES = ("ok", "interrupted")
-SKIPPED_DIRS = frozenset({"stale", ".hydra"})
+SKIPPED_DIRS = frozenset({STALE_DIR, ".hydra"})
 RESERVED_COLUMNS = ("job", "overrides", "status", "error", "run_dir")
 MARKDOWN_METRICS = (
     "fooling_rate",

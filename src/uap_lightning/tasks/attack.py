@@ -44,7 +44,7 @@ from uap_lightning.loop import (
 from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_run_outputs
 from uap_lightning.report.summary import attack_summary, weak_result_advice
-from uap_lightning.rundir import STATE_FILE, move_aside
+from uap_lightning.rundir import METRICS_FILE, STATE_FILE, move_aside
 from uap_lightning.tasks.setup import Setup, progress_bars
 from uap_lightning.training import Victim
 from uap_lightning.validation import attack_options
@@ -167,11 +167,16 @@ def universal_perturbation(
         )
 
 
-def eval_fooling_rate(setup: Setup, net: nn.Module, perturbation: Tensor) -> float:
-    """Fooling rate of ``perturbation`` on the run's eval set for ``net`` (the paper's definition)."""
+def eval_fooling_rate(
+    setup: Setup, net: nn.Module, perturbation: Tensor, clean: Optional[Tensor] = None
+) -> float:
+    """Fooling rate of ``perturbation`` on the run's eval set for ``net`` (the paper's definition),
+    against ``clean``: ``net``'s (N,) predictions on the eval set without perturbation (computed
+    when not given)."""
     cfg = setup.cfg
     with frozen_eval(net):
-        clean = metrics.predict(net, setup.eval_images, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip)
+        if clean is None:
+            clean = metrics.predict(net, setup.eval_images, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip)
         perturbed = metrics.predict(
             net, setup.eval_images, perturbation, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip
         )
@@ -223,7 +228,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     if state is None:
         move_aside(setup.output_dir)
     else:
-        (setup.output_dir / "metrics.json").unlink(missing_ok=True)
+        (setup.output_dir / METRICS_FILE).unlink(missing_ok=True)
     victim = setup.victim()
     eval_labels = setup.eval_labels_for(victim)
     with sigterm_interrupts():

@@ -149,7 +149,7 @@ def evaluate_stage(setup: Setup, net: nn.Module, eval_labels: Tensor, stage: str
     return {
         "stage": stage,
         "clean_accuracy": metrics.accuracy(clean, eval_labels),
-        "fooling_rate": eval_fooling_rate(setup, net, v),
+        "fooling_rate": eval_fooling_rate(setup, net, v, clean),
         "random_fooling_rate": random_rate,
         "norm_l2": metrics.norm_255(v, 2.0),
         "norm_linf": metrics.norm_255(v, math.inf),

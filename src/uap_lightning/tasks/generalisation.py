@@ -68,7 +68,7 @@ def run(setup: Setup) -> Dict[str, Any]:
         rows.append(
             {
                 "attack_images": size,
-                "fooling_rate": eval_fooling_rate(setup, net, result.perturbation),
+                "fooling_rate": eval_fooling_rate(setup, net, result.perturbation, clean),
                 "fooling_rate_attack_set": result.fooling_rate,
                 "random_fooling_rate": baselines.same_norm,
                 "random_same_l2_fooling_rate": baselines.same_l2,

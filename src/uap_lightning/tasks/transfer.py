@@ -28,7 +28,7 @@ from uap_lightning.config import model_preset
 from uap_lightning.errors import ConfigError, DamagedFileError
 from uap_lightning.report.figures import save_figure_png, transfer_figure
 from uap_lightning.report.outputs import PERTURBATION_FILE
-from uap_lightning.rundir import move_aside
+from uap_lightning.rundir import METRICS_FILE, move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.setup import Setup
 from uap_lightning.training import Victim
@@ -74,7 +74,7 @@ def _read_perturbation(folder: Path, shape: Tuple[int, ...]) -> Tuple[str, Tenso
     if not isinstance(v, Tensor) or tuple(v.shape) != shape or not bool(torch.isfinite(v).all()):
         raise ConfigError(f"{path} is not a finite perturbation of shape {shape} (the data's image shape)")
     try:
-        name = json.loads((folder / "metrics.json").read_text())["model"]
+        name = json.loads((folder / METRICS_FILE).read_text())["model"]
     except (OSError, ValueError, KeyError, TypeError):
         name = folder.name
     return str(name), v.float()
@@ -103,14 +103,14 @@ def run(setup: Setup) -> Dict[str, Any]:
             path = setup.output_dir / PERTURBATIONS_DIR / f"{label}.pt"
             atomic_write(path, lambda f, v=v: torch.save(v.contiguous(), f))
 
+    cleans = [metrics.predict(victim.net, setup.eval_images, clip=cfg.attack.clip) for victim in victims]
     table = pd.DataFrame(
-        [[eval_fooling_rate(setup, victim.net, v) for victim in victims] for v in perturbations],
+        [[eval_fooling_rate(setup, victim.net, v, clean) for victim, clean in zip(victims, cleans)] for v in perturbations],
         index=[f"perturbation from {label}" for label in source_labels],
         columns=victim_labels,
     )
     random_rates, accuracies = {}, {}
-    for label, victim in zip(victim_labels, victims):
-        clean = metrics.predict(victim.net, setup.eval_images, clip=cfg.attack.clip)
+    for label, victim, clean in zip(victim_labels, victims, cleans):
         accuracies[label] = metrics.accuracy(clean, setup.eval_labels_for(victim))
         random_rates[label] = mean_fooling_rate(
             lambda noise, net=victim.net: metrics.predict(net, setup.eval_images, noise, clip=cfg.attack.clip),

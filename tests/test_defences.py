@@ -28,7 +28,6 @@ from uap_lightning.errors import ConfigError
 from uap_lightning.models import VictimClassifier, build_backbone
 from uap_lightning.models.cache import cache_entry
 from uap_lightning.tasks import run_task
-from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.finetune import PoolPerturbation
 from uap_lightning.tasks.setup import prepare
 from uap_lightning.training import resolve_adversarial, victim_spec
@@ -87,15 +86,11 @@ def finetune_runs(tmp_path_factory, victim_cache):
 
 
 @pytest.fixture(scope="module")
-def standard_and_uat(tmp_path_factory, victim_cache):
-    """{"standard": (setup, victim), "uat": (setup, victim)}: the SMALL victim and its UAT twin
-    (step ε/2: the step measured to defend on digits, see the tests below)."""
-    pairs = {}
-    for name, extra in (("standard", ()), ("uat", ("model.adversarial=uat",))):
-        cfg = small_config(tmp_path_factory.mktemp(name), victim_cache, *extra)
-        setup = prepare(cfg, validate(cfg))
-        pairs[name] = (setup, setup.victim(log_training=False))
-    return pairs
+def uat_victim(tmp_path_factory, victim_cache):
+    """(setup, victim) of the SMALL victim trained with universal adversarial training."""
+    cfg = small_config(tmp_path_factory.mktemp("uat"), victim_cache, "model.adversarial=uat")
+    setup = prepare(cfg, validate(cfg))
+    return setup, setup.victim(log_training=False)
 
 
 # -- task=finetune ------------------------------------------------------------------------------
@@ -219,8 +214,8 @@ def test_uat_victim_has_its_own_cache_entry(make_cfg):
     assert spec(explicit) == spec(uat)  # the defaults, written out, are the same victim
 
 
-def test_uat_training_perturbation_stays_within_eps(standard_and_uat):
-    setup, victim = standard_and_uat["uat"]
+def test_uat_training_perturbation_stays_within_eps(uat_victim):
+    setup, victim = uat_victim
     assert victim.source == "trained"
     eps = setup.cfg.data.default_eps["inf"] / 255
     v = victim.module.uat_perturbation
@@ -251,20 +246,6 @@ def test_uat_step_is_a_signed_gradient_step_projected_onto_the_ball():
         module.training_step((images, labels), 0).backward()
         assert torch.allclose(module.uat_perturbation, expected)
     assert module.uat_perturbation.abs().max().item() == pytest.approx(eps)
-
-
-def test_uat_victim_is_fooled_less_than_the_standard_victim(standard_and_uat):
-    """Measured at these settings (eval set; deepfool_uap ℓ∞ ε=64, X of 200, 3 passes; cnn, 10
-    epochs, seed 0): standard victim fooled 0.267 (clean accuracy 0.994), UAT victim with step ε/2
-    0.167 (clean accuracy 0.933); with sgd_uap 0.169 and 0.117.
-
-    Full attacks (X of 500, 10 passes), seeds 0/1/2, deepfool_uap | sgd_uap: standard 0.369/0.389/
-    0.478 | 0.531/0.700/0.681; UAT step ε/2 0.225/0.183/0.150 | 0.456/0.603/0.542; UAT with the
-    default step ε/10 0.250/0.503/0.297 | 0.747/0.644/0.511 (not a reliable defence on digits)."""
-    rates = {}
-    for name, (setup, victim) in standard_and_uat.items():
-        rates[name] = eval_fooling_rate(setup, victim.net, universal_perturbation(setup, victim.net).perturbation)
-    assert rates["uat"] <= rates["standard"] - 0.05
 
 
 # -- settings -----------------------------------------------------------------------------------

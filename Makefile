@@ -15,10 +15,10 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench,sweep]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench,sweep,imagenet]"
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the package (editable) with its dev, bench and sweep extras
+install: $(STAMP) ## Create .venv and install the package (editable) with its dev, bench, sweep and imagenet extras
 
 run: $(STAMP) ## Run the default experiment (digits, cnn, deepfool_uap); extra overrides: make run ARGS="attack.eps=64"
 	$(BIN)/python -m uap_lightning.run $(ARGS)

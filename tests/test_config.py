@@ -7,6 +7,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR
+from uap_lightning.data import dataset_class
 from uap_lightning.validation import ConfigError, resolve_threat, validate
 
 
@@ -17,6 +18,8 @@ def group_options(group: str) -> list[str]:
 @pytest.mark.parametrize("data", group_options("data"))
 def test_every_data_preset_composes(make_cfg, data):
     cfg = make_cfg(f"data={data}")
+    if not dataset_class(cfg.data.name).has_training_split:  # victims come pretrained
+        cfg = make_cfg(f"data={data}", "model=efficientnet_lite0")
     assert cfg.data.image_size > 0 and cfg.data.in_channels in (1, 3)
     assert len(cfg.data.mean) == len(cfg.data.std) == cfg.data.in_channels
     # every preset has a default ε for the required norms

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -9,7 +11,18 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from uap_lightning.config import ModelConfig
+from uap_lightning.errors import ConfigError
 from uap_lightning.models import CheckpointMismatchError, VictimClassifier, build_backbone, load_weights
+from uap_lightning.models.cifar_resnet import resnet_cifar
+from uap_lightning.models.layouts import LAYOUTS, renames
+
+# The renames of the cifar_resnet_a preset, spelled out as a user's model.key_map.
+CIFAR_RESNET_A_KEY_MAP = [
+    (r"^layer1\.", "layers.0."),
+    (r"^layer2\.", "layers.1."),
+    (r"^layer3\.", "layers.2."),
+    (r"^linear\.", "fc."),
+]
 
 
 def _backbone(width: int = 8, in_channels: int = 1):
@@ -103,3 +116,102 @@ def test_non_state_dict_file_is_rejected(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointMismatchError, match="not a state dict"):
         load_weights(_backbone(), tmp_path / "list.pt")
+
+
+def _random_resnet(depth: int) -> torch.nn.Module:
+    """A CIFAR ResNet whose every parameter and buffer (BN statistics included) is random."""
+    net = resnet_cifar(depth, 3, 10)
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+            else:
+                tensor.fill_(int(torch.randint(1, 100, ())))
+    return net.eval()
+
+
+def _published_layout(net: torch.nn.Module) -> dict:
+    """``net``'s weights as the common option-A CIFAR ResNet code saves them from DataParallel."""
+
+    def published(key: str) -> str:
+        key = re.sub(r"^layers\.(\d)\.", lambda m: f"layer{int(m[1]) + 1}.", key)
+        return "module." + re.sub(r"^fc\.", "linear.", key)
+
+    return {"state_dict": {published(k): v for k, v in net.state_dict().items()}}
+
+
+@pytest.fixture
+def published_resnet20(tmp_path):
+    """A random ResNet-20 saved under the published layout: (path, net)."""
+    torch.manual_seed(0)
+    net = _random_resnet(20)
+    torch.save(_published_layout(net), tmp_path / "resnet20.th")
+    return tmp_path / "resnet20.th", net
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+@pytest.mark.parametrize("renaming", ["layout", "key_map"])
+def test_published_cifar_resnet_loads_exactly(tmp_path, depth, renaming):
+    """A published-layout ResNet-20/56 loads via the preset or an explicit key_map, tensor for tensor."""
+    torch.manual_seed(depth)
+    source = _random_resnet(depth)
+    torch.save(_published_layout(source), tmp_path / "w.th")
+    fresh = resnet_cifar(depth, 3, 10).eval()
+    kwargs = {"layout": "cifar_resnet_a"} if renaming == "layout" else {"key_map": CIFAR_RESNET_A_KEY_MAP}
+    load_weights(fresh, tmp_path / "w.th", **kwargs)
+    assert _same_weights(fresh, source)
+    batch = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(batch), source(batch))
+
+
+def test_preset_matches_its_spelled_out_key_map():
+    """The cifar_resnet_a preset holds exactly the documented renames."""
+    assert list(LAYOUTS["cifar_resnet_a"]) == CIFAR_RESNET_A_KEY_MAP
+
+
+def test_layout_renames_come_before_key_map():
+    """renames() returns the preset's renames, compiled, then key_map's, in order."""
+    rules = renames("cifar_resnet_a", [(r"^fc\.", "head.")])
+    assert [(p.pattern, r) for p, r in rules] == CIFAR_RESNET_A_KEY_MAP + [(r"^fc\.", "head.")]
+    assert renames(None) == []
+
+
+def test_published_layout_without_renames_lists_keys_and_hint(published_resnet20):
+    """Without renames the published layout fails, listing missing/unexpected keys and the fix."""
+    path, _ = published_resnet20
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_weights(resnet_cifar(20, 3, 10), path, model_name="resnet20")
+    msg = str(info.value)
+    assert "110 missing key(s): layers.0.0.conv1.weight" in msg
+    assert "110 unexpected key(s): layer1.0.conv1.weight" in msg
+    assert "model.layout (cifar_resnet_a)" in msg and "model.key_map" in msg
+
+
+@pytest.mark.parametrize(
+    "key_map",
+    [[("layer(", "x")], [(r"^layer(\d)", r"\2")], [("only-a-pattern",)], ["^layer1"], [5]],
+    ids=["bad-pattern", "bad-group-reference", "not-a-pair", "bare-string", "number"],
+)
+def test_invalid_key_map_is_config_error(published_resnet20, key_map):
+    """A malformed rename raises ConfigError naming model.key_map."""
+    path, _ = published_resnet20
+    with pytest.raises(ConfigError, match="model.key_map"):
+        load_weights(resnet_cifar(20, 3, 10), path, key_map=key_map)
+
+
+def test_unknown_layout_is_config_error(published_resnet20):
+    """An unknown preset raises ConfigError naming model.layout and the known presets."""
+    path, _ = published_resnet20
+    with pytest.raises(ConfigError, match="model.layout=resnet_b") as info:
+        load_weights(resnet_cifar(20, 3, 10), path, layout="resnet_b")
+    assert "cifar_resnet_a" in str(info.value)
+
+
+def test_colliding_renames_are_refused(published_resnet20):
+    """A rename that merges two keys fails naming both of the file's keys."""
+    path, _ = published_resnet20
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_weights(resnet_cifar(20, 3, 10), path, key_map=[(r"^layer\d\.", "layers.0.")])
+    msg = str(info.value)
+    assert "module.layer1.0.conv1.weight" in msg and "module.layer2.0.conv1.weight" in msg

@@ -40,6 +40,7 @@ def compute_uap(
     eval_batch_size: int = 512,
     keep: str = "best",
     compile: bool = False,
+    augment: bool = False,
     **options,
 ) -> UAPResult:
     """A universal perturbation of ``model`` (images in [0,1] → logits) on the attack set ``images``.
@@ -47,8 +48,8 @@ def compute_uap(
     Stops when the fooling rate on ``images`` (targeted: the targeted success rate) reaches
     1 − ``delta`` or after ``max_passes`` passes and returns the pass with the highest rate on
     ``images`` (``keep="last"``: the last pass); ``compile`` runs the attack's predictions through
-    ``torch.compile``. ``method`` is deepfool_uap,
-    deepfool_uap_batched or sgd_uap; ``options`` go to the engine (e.g. overshoot,
+    ``torch.compile``; ``augment`` shows each pass a new random crop and flip of every image.
+    ``method`` is deepfool_uap, deepfool_uap_batched or sgd_uap; ``options`` go to the engine (e.g. overshoot,
     batch_size, step_size). Runs on the model's device (images stay where they are and move
     batch by batch); the model's mode and parameter flags are restored afterwards; the
     result depends only on the inputs and ``seed``.
@@ -87,6 +88,7 @@ def compute_uap(
             target_class=target_class,
             keep=keep,
             compile=compile,
+            augment=bool(augment),
         )
 
 

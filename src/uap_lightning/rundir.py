@@ -29,6 +29,7 @@ RUN_OUTPUTS = (
     FAILURE_FILE,
     STATE_FILE,
     "perturbation.pt",
+    "perturbation.npy",
     "perturbation.png",
     "examples.png",
     "curve.png",

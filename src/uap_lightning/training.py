@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # Data keys that do not change the trained victim (attack/eval selection, loader settings).
 _DATA_KEYS_NOT_IN_VICTIM = ("attack_images", "eval_images", "default_eps", "num_workers", "download")
 # Model keys that select weights rather than training them.
-_MODEL_KEYS_NOT_IN_VICTIM = ("checkpoint", "trust_checkpoint")
+_MODEL_KEYS_NOT_IN_VICTIM = ("checkpoint", "trust_checkpoint", "layout", "key_map", "weights")
 # Trainer keys that do not change the trained weights.
 _TRAINER_KEYS_NOT_IN_VICTIM = ("enable_progress_bar", "log_every_n_steps")
 
@@ -111,8 +111,8 @@ def build_victim(model_cfg: Any, trainer_cfg: Any, datamodule: UAPDataModule) ->
     backbone = build_backbone(model_cfg, num_classes=datamodule.num_classes, in_channels=channels, image_size=size)
     return VictimClassifier(
         backbone,
-        mean=list(datamodule.mean),
-        std=list(datamodule.std),
+        mean=list(config_value(model_cfg, "mean") or datamodule.mean),
+        std=list(config_value(model_cfg, "std") or datamodule.std),
         num_classes=output_classes(model_cfg, datamodule.num_classes),
         optimizer=model_cfg.optimizer,
         lr=model_cfg.lr,
@@ -172,7 +172,14 @@ def obtain_victim(
     model_cfg = resolve_adversarial(model_cfg, datamodule.cfg)
     module = build_victim(model_cfg, trainer_cfg, datamodule)
     if model_cfg.checkpoint:
-        load_weights(module.net, model_cfg.checkpoint, model_name=model_cfg.name, trust=model_cfg.trust_checkpoint)
+        load_weights(
+            module.net,
+            model_cfg.checkpoint,
+            model_name=model_cfg.name,
+            trust=model_cfg.trust_checkpoint,
+            layout=config_value(model_cfg, "layout"),
+            key_map=config_value(model_cfg, "key_map", ()),
+        )
         return Victim(module, "checkpoint", None, None, None)
     if model_cfg.pretrained:
         return Victim(module, "pretrained", None, None, None)

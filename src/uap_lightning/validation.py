@@ -12,7 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from uap_lightning.attacks import KEEP_CHOICES, ThreatModel, build_engine, engine_options
 from uap_lightning.config import ATTACK_SCHEMAS, TASK_SCHEMAS
+from uap_lightning.data import dataset_class
+from uap_lightning.data.sample_folder import no_training_split_message
 from uap_lightning.errors import ConfigError
+from uap_lightning.models.layouts import renames
+from uap_lightning.models.zoo import IMAGENET_PRETRAINED
 from uap_lightning.training import check_training_processes, resolve_adversarial
 
 _GPU_ACCELERATORS = ("gpu", "cuda")
@@ -92,6 +96,21 @@ def attack_seed(cfg: DictConfig) -> int:
     return int(cfg.seed if cfg.attack.seed is None else cfg.attack.seed)
 
 
+def check_victim_source(model_cfg: Any, data_cfg: Any) -> None:
+    """ConfigError when the victim of ``model_cfg`` cannot be obtained on ``data_cfg``: pretrained
+    weights asked of a model that ships none, or training asked on data without a training split."""
+    if model_cfg.pretrained and model_cfg.name not in IMAGENET_PRETRAINED:
+        raise ConfigError(
+            f"model.pretrained=true but model={model_cfg.name} has no pretrained weights (those that have: "
+            f"{', '.join(IMAGENET_PRETRAINED)}); train it (model.pretrained=false) or give model.checkpoint=PATH"
+        )
+    if not dataset_class(data_cfg.name).has_training_split and not (model_cfg.pretrained or model_cfg.checkpoint):
+        raise ConfigError(no_training_split_message(data_cfg))
+    if (model_cfg.layout or model_cfg.key_map) and not model_cfg.checkpoint:
+        raise ConfigError("model.layout and model.key_map rename the keys of model.checkpoint, which is not set")
+    renames(model_cfg.layout, model_cfg.key_map)
+
+
 def check_accelerator(accelerator: str) -> None:
     """ConfigError when ``accelerator`` asks for a GPU and this machine has none."""
     if accelerator in _GPU_ACCELERATORS and not torch.cuda.is_available():
@@ -132,6 +151,7 @@ def validate(cfg: DictConfig) -> ThreatModel:
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint} is not a file; give the path of your weights")
     resolve_adversarial(cfg.model, cfg.data)  # model.adversarial and its radius and step
+    check_victim_source(cfg.model, cfg.data)
     if cfg.paths.lock_timeout <= 0:
         raise ConfigError(f"paths.lock_timeout must be a positive number of seconds; got {cfg.paths.lock_timeout}")
     target = cfg.attack.target_class

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from uap_lightning import metrics
 from uap_lightning.attacks import distributed
+from uap_lightning.attacks.augment import crop_flip
 from uap_lightning.attacks.base import PassStats, UniversalAttack
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
 from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
@@ -107,6 +108,7 @@ def run_passes(
     on_pass_end: Optional[PassCallback] = None,
     reducer: Optional[Reducer] = None,
     compile: bool = False,
+    augment: bool = False,
 ) -> UAPResult:
     """Run passes of ``engine`` on X = ``images`` (N×C×H×W in [0,1]) with clean predictions (N,).
 
@@ -119,6 +121,9 @@ def run_passes(
     mode with frozen parameters meanwhile; the engine runs on its batch-norm-folded copy
     (:func:`folded_copy`), whose predictions run compiled when ``compile``
     (:class:`CompiledPredictions`; the compilation time counts in the passes' seconds).
+    With ``augment`` each pass works on a new random crop and flip of every image of X
+    (:func:`~uap_lightning.attacks.augment.crop_flip`, drawn from ``generator``) with the model's
+    clean predictions on them; the rate on X, the stop and the kept pass stay on X itself.
 
     With a ``reducer`` of world size > 1 every rank calls this with the same arguments: the engine
     shares its passes (it gets the reducer; engines whose ``run_pass`` takes none run in one
@@ -163,7 +168,11 @@ def run_passes(
             kept = KeptPerturbation(v.detach().cpu(), rate, passes)
         while rate < 1.0 - delta and passes < max_passes:
             started = time.perf_counter()
-            v, stats = engine.run_pass(model, v, images, clean_labels, generator, pass_index=passes, **shared)
+            seen, seen_labels = images, clean_labels
+            if augment:
+                seen = crop_flip(images, generator)
+                seen_labels = distributed.predict(model, seen, reducer=reducer, batch_size=eval_batch_size)
+            v, stats = engine.run_pass(model, v, seen, seen_labels, generator, pass_index=passes, **shared)
             v = reducer.broadcast(v)
             rate = rate_on_x(v)
             passes += 1

@@ -9,6 +9,7 @@ from uap_lightning.errors import ConfigError, DataNotFoundError
 from .base import Splits, UAPDataModule, config_value
 from .digits import DigitsDataModule
 from .imagefolder import ImageFolderDataModule
+from .sample_folder import SampleFolderDataModule
 from .torchvision_sets import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -23,7 +24,20 @@ IN_MEMORY_DATASETS: Dict[str, Type[UAPDataModule]] = {
     "cifar10": CIFAR10DataModule,
     "cifar100": CIFAR100DataModule,
 }
-DATASET_NAMES = tuple(IN_MEMORY_DATASETS) + ("imagefolder",)
+FOLDER_DATASETS: Dict[str, Type[ImageFolderDataModule]] = {
+    "imagefolder": ImageFolderDataModule,
+    "sample_folder": SampleFolderDataModule,
+}
+DATASET_NAMES = tuple(IN_MEMORY_DATASETS) + tuple(FOLDER_DATASETS)
+
+
+def dataset_class(name: str) -> Type[UAPDataModule]:
+    """The datamodule class of ``data.name``; ConfigError listing the known names otherwise."""
+    if name in FOLDER_DATASETS:
+        return FOLDER_DATASETS[name]
+    if name not in IN_MEMORY_DATASETS:
+        raise ConfigError(f"unknown data.name={name!r}; known: {', '.join(DATASET_NAMES)}")
+    return IN_MEMORY_DATASETS[name]
 
 
 def build_datamodule(cfg: Any, *, cache_dir: Optional[str] = None) -> UAPDataModule:
@@ -33,11 +47,9 @@ def build_datamodule(cfg: Any, *, cache_dir: Optional[str] = None) -> UAPDataMod
     victim (``model.augment``), which applies it on the device.
     """
     name = config_value(cfg, "name")
-    if name == "imagefolder":
-        return ImageFolderDataModule(cfg, cache_dir=cache_dir)
-    if name not in IN_MEMORY_DATASETS:
-        raise ConfigError(f"unknown data.name={name!r}; known: {', '.join(DATASET_NAMES)}")
-    return IN_MEMORY_DATASETS[name](cfg)
+    if name in FOLDER_DATASETS:
+        return FOLDER_DATASETS[name](cfg, cache_dir=cache_dir)
+    return dataset_class(name)(cfg)
 
 
 __all__ = [
@@ -49,7 +61,9 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "SampleFolderDataModule",
     "Splits",
     "UAPDataModule",
     "build_datamodule",
+    "dataset_class",
 ]

@@ -56,6 +56,8 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
     ``split_seed``); the rest is the fit set used for training and for the attack set.
     """
 
+    has_training_split = True  # False: victims cannot be trained on it (pretrained or checkpoint only)
+
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.cfg = cfg
@@ -238,8 +240,10 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         rows = self._fit_index[chosen]
         return to_float(splits.train_images[rows]), splits.train_labels[rows]
 
-    def eval_set(self) -> Tuple[Tensor, Tensor]:
+    def eval_set(self, attack_seed: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """The evaluation set: all of test, or ``eval_images`` drawn class-balanced (seeded).
+        ``attack_seed`` matters only to datasets without a test split, whose evaluation set is what
+        X (drawn with that seed) leaves.
 
         Returns (float N×C×H×W in [0,1], int64 N), in file order.
         """
@@ -263,6 +267,11 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
                 digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    @property
+    def eval_source(self) -> str:
+        """Where the evaluation set comes from, for metrics.json."""
+        return "test split"
 
     @property
     def class_names(self) -> List[str]:

@@ -60,6 +60,8 @@ class ImageFolderDataModule(UAPDataModule):
     Decoded splits are cached in ``cache_dir/datasets/`` when ``cache_dir`` is given.
     """
 
+    layout = LAYOUT  # the folder layout, for messages
+
     def __init__(self, cfg: Any, *, cache_dir: Optional[str] = None):
         super().__init__(cfg)
         self.cache_dir = cache_dir
@@ -90,10 +92,13 @@ class ImageFolderDataModule(UAPDataModule):
     def _root(self) -> Path:
         root = config_value(self.cfg, "root")
         if root is None:
-            raise ConfigError(f"data.root is not set: point it at a folder laid out as {LAYOUT}")
+            raise ConfigError(f"data.root is not set: point it at a folder laid out as {self.layout}")
         path = Path(os.path.expanduser(str(root))).absolute()
         if not path.is_dir():
-            raise DataNotFoundError(f"data.root {path} does not exist; expected {LAYOUT}")
+            raise DataNotFoundError(
+                f"data.root {path} does not exist; put the images there ({self.layout}), point data.root at them, "
+                "or set UAP_DATA_DIR to the folder that holds the data folders"
+            )
         return path
 
     @staticmethod
@@ -112,7 +117,7 @@ class ImageFolderDataModule(UAPDataModule):
         """The kept class folder names, sorted; sets ``folder_class_indices``."""
         available = _class_folders(train_dir)
         if not available:
-            raise DataNotFoundError(f"{train_dir} has no class folders; expected {LAYOUT}")
+            raise DataNotFoundError(f"{train_dir} has no class folders; expected {self.layout}")
         in_test = _class_folders(test_dir)
         if in_test != available:
             only_train = sorted(set(available) - set(in_test))
@@ -162,6 +167,11 @@ class ImageFolderDataModule(UAPDataModule):
             "test": self._list_split(root, test_dir, classes),
         }
         self.check_sizes(len(listing["train"]), len(listing["test"]))
+        return Splits(**self._decoded(root, listing, classes))
+
+    def _decoded(self, root: Path, listing: Dict[str, List[FileEntry]], classes: List[str]) -> Dict[str, Any]:
+        """``{<split>_images, <split>_labels, class_names}`` of the listed files, decoded (uint8
+        N×3×S×S) or read from the disk cache; labels follow the order of ``classes``."""
         cache_path = None
         if self.cache_dir is not None:
             key = {
@@ -175,7 +185,7 @@ class ImageFolderDataModule(UAPDataModule):
             cached = cache.load(cache_path)
             if cached is not None:
                 log.info("loaded decoded images of %s from %s", root, cache_path)
-                return Splits(**cached)
+                return cached
         label_of = {name: label for label, name in enumerate(classes)}
         tensors: Dict[str, Any] = {"class_names": classes}
         start = time.perf_counter()
@@ -193,4 +203,4 @@ class ImageFolderDataModule(UAPDataModule):
         )
         if cache_path is not None:
             cache.save(tensors, cache_path)
-        return Splits(**tensors)
+        return tensors

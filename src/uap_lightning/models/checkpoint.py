@@ -13,7 +13,7 @@ import os
 import pickle
 import re
 import typing
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from lightning.fabric.utilities.data import AttributeDict
@@ -26,6 +26,7 @@ from uap_lightning.errors import (
     UntrustedFileError,
     UserError,
 )
+from uap_lightning.models.layouts import LAYOUTS, Rename, renames
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,24 @@ def _strip_wrappers(keys: Iterable[str]) -> Dict[str, str]:
     return dict(zip(stripped, keys))
 
 
+def _renamed(keys: Mapping[str, str], rules: Sequence[Rename], path: str) -> Dict[str, str]:
+    """``keys`` (name → the file's key) with each name passed through ``rules`` in order.
+
+    Raises CheckpointMismatchError naming both of the file's keys when two names become one.
+    """
+    renamed: Dict[str, str] = {}
+    for name, source in keys.items():
+        for pattern, replacement in rules:
+            name = pattern.sub(replacement, name)
+        if name in renamed:
+            raise CheckpointMismatchError(
+                f"model.checkpoint={path}: model.layout/model.key_map rename both {renamed[name]} "
+                f"and {source} to {name}; change the renames so that each key stays distinct"
+            )
+        renamed[name] = source
+    return renamed
+
+
 def _shape(t: torch.Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
 
@@ -159,10 +178,24 @@ def _mismatch_report(
         lines.append(f"{len(missing)} missing key(s): {', '.join(missing[:_SHOWN])}")
     if unexpected:
         lines.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:_SHOWN])}")
+    if missing or unexpected:
+        lines.append(
+            "keys are compared after stripping wrapper prefixes (module., ...) and renaming; if the "
+            f"file names the same tensors differently, set model.layout ({', '.join(sorted(LAYOUTS))}) "
+            "or model.key_map=[[PATTERN, REPLACEMENT], ...] (regular expressions, applied in order)"
+        )
     return lines
 
 
-def load_weights(module: nn.Module, path: str, *, model_name: Optional[str] = None, trust: bool = False) -> None:
+def load_weights(
+    module: nn.Module,
+    path: str,
+    *,
+    model_name: Optional[str] = None,
+    trust: bool = False,
+    key_map: Sequence[Tuple[str, str]] = (),
+    layout: Optional[str] = None,
+) -> None:
     """Load the weights at ``path`` into ``module`` (a backbone, a victim's ``net`` or a
     ``VictimClassifier``), on CPU.
 
@@ -170,17 +203,24 @@ def load_weights(module: nn.Module, path: str, *, model_name: Optional[str] = No
     ``net.`` / ``net.1.``), a state dict of the backbone or of the whole ``net``, with or
     without DataParallel's ``module.`` prefix. Every parameter and buffer must match.
 
+    After the wrapper prefixes are stripped, the file's keys are renamed by the preset
+    ``layout`` (see :data:`~uap_lightning.models.layouts.LAYOUTS`), then by ``key_map``:
+    ``(pattern, replacement)`` pairs applied in order with :func:`re.sub`. A bad preset or
+    rename raises ConfigError before the file is read.
+
     The file is read by :func:`read_checkpoint` (``trust`` as there). Raises
     FileNotFoundError when ``path`` does not exist, and CheckpointMismatchError
-    (a ValueError) listing the first mismatching keys when the weights do not fit;
-    ``model_name`` (default: the module's class name) names the model in that message.
+    (a ValueError) listing the first mismatching keys when the weights do not fit or
+    naming the two keys a rename merges; ``model_name`` (default: the module's class
+    name) names the model in that message.
     """
+    rules = renames(layout, key_map)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise NotFoundError(f"model.checkpoint={path}: no such file; give the path of your weights")
     found_raw = _state_dict_of(read_checkpoint(path, trust=trust), path)
     target = module.state_dict()
-    found_keys = _strip_wrappers(found_raw)
+    found_keys = _renamed(_strip_wrappers(found_raw), rules, path)
     target_keys = _strip_wrappers(target)
     found = {k: found_raw[full] for k, full in found_keys.items()}
     expected = {k: target[full] for k, full in target_keys.items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from typing import List
+from typing import List, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -66,14 +66,32 @@ def weights_file(arch: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", name)
 
 
+def pretrained_weights_path(arch: str, weights: Optional[str]) -> str:
+    """The ImageNet weight file of ``arch``: ``weights`` (model.weights) when given, else the
+    default file in the local hub cache; PretrainedWeightsNotFoundError when it is absent."""
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise PretrainedWeightsNotFoundError(f"model.weights={weights}: no such file; give the path of the weights")
+        return weights
+    path = weights_file(arch)
+    if not os.path.isfile(path):
+        raise PretrainedWeightsNotFoundError(
+            f"model.pretrained=true needs the ImageNet weights of {arch!r}: file "
+            f"{os.path.basename(path)!r} is not in {os.path.dirname(path)!r}. Put it there (or set "
+            "TORCH_HOME to a folder whose hub/checkpoints/ holds it), or give the file as model.weights=PATH; "
+            "nothing is downloaded."
+        )
+    return path
+
+
 def torchvision_classifier(
-    arch: str, *, num_classes: int, in_channels: int, pretrained: bool
+    arch: str, *, num_classes: int, in_channels: int, pretrained: bool, weights: Optional[str] = None
 ) -> nn.Module:
     """torchvision classifier ``arch``; N×C×H×W → N×num_classes (N×1000 when pretrained).
 
-    ``pretrained`` loads the default ImageNet weights, only from the local hub cache
-    (never downloads), and keeps the 1000-way ImageNet head whatever ``num_classes``
-    is. One-channel images are repeated to three channels.
+    ``pretrained`` loads ImageNet weights, tensors-only: the file ``weights`` when given, else the
+    default weights from the local hub cache (never downloads); the 1000-way ImageNet head is
+    kept whatever ``num_classes`` is. One-channel images are repeated to three channels.
     """
     names = classifier_names()
     if arch not in names:
@@ -87,15 +105,10 @@ def torchvision_classifier(
         raise ConfigError(
             f"model=torchvision takes 1- or 3-channel images, the data has {in_channels}"
         )
+    if weights is not None and not pretrained:
+        raise ConfigError("model.weights needs model.pretrained=true (or use model.checkpoint for your own weights)")
     if pretrained:
-        path = weights_file(arch)
-        if not os.path.isfile(path):
-            raise PretrainedWeightsNotFoundError(
-                f"model.pretrained=true needs the ImageNet weights of {arch!r}: file "
-                f"{os.path.basename(path)!r} is not in {os.path.dirname(path)!r}. Put it "
-                f"there (or set TORCH_HOME to a folder whose hub/checkpoints/ holds it); "
-                f"nothing is downloaded."
-            )
+        path = pretrained_weights_path(arch, weights)
         if num_classes != IMAGENET_CLASSES:
             warnings.warn(
                 f"pretrained {arch!r} keeps its {IMAGENET_CLASSES}-way ImageNet head: its "
@@ -103,7 +116,8 @@ def torchvision_classifier(
                 stacklevel=2,
             )
         model = torchvision.models.get_model(arch, weights=None)
-        model.load_state_dict(read_checkpoint(path, key=f"the ImageNet weights of {arch}"))
+        key = "model.weights" if weights is not None else f"the ImageNet weights of {arch}"
+        model.load_state_dict(read_checkpoint(path, key=key))
     else:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if in_channels == 1:

@@ -9,6 +9,8 @@ from torch import nn
 from uap_lightning.errors import ConfigError
 
 from .cifar_resnet import resnet18_cifar, resnet_cifar
+from .efficientnet_lite import VARIANTS as LITE_VARIANTS
+from .efficientnet_lite import efficientnet_lite
 from .small import LeNet, SmallCNN
 from .torchvision_zoo import (
     IMAGENET_CLASSES,
@@ -30,9 +32,19 @@ _BUILDERS: Dict[str, _Builder] = {
     "vgg16": lambda cfg, k, c, s: VGG(16, c, k, s),
     "mobilenet_v2": lambda cfg, k, c, s: mobilenet_v2_small(c, k, s),
     "torchvision": lambda cfg, k, c, s: torchvision_classifier(
-        _require_arch(cfg), num_classes=k, in_channels=c, pretrained=bool(cfg.pretrained)
+        _require_arch(cfg),
+        num_classes=k,
+        in_channels=c,
+        pretrained=bool(cfg.pretrained),
+        weights=getattr(cfg, "weights", None),
     ),
 }
+for _lite in LITE_VARIANTS:
+    _BUILDERS[_lite] = lambda cfg, k, c, s, name=_lite: efficientnet_lite(
+        name, num_classes=k, in_channels=c, image_size=s, pretrained=bool(cfg.pretrained)
+    )
+# Models whose pretrained weights are ImageNet classifiers (their 1000-way head is kept).
+IMAGENET_PRETRAINED = ("torchvision", *LITE_VARIANTS)
 
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -44,9 +56,9 @@ def _require_arch(cfg: Any) -> str:
 
 
 def output_classes(cfg: Any, num_classes: int) -> int:
-    """Number of logits the backbone of ``cfg`` gives: 1000 for a pretrained torchvision
-    model (its ImageNet head is kept), else ``num_classes``."""
-    if cfg.name == "torchvision" and bool(cfg.pretrained):
+    """Number of logits the backbone of ``cfg`` gives: 1000 for a pretrained ImageNet model
+    (torchvision, EfficientNet-Lite: its ImageNet head is kept), else ``num_classes``."""
+    if cfg.name in IMAGENET_PRETRAINED and bool(cfg.pretrained):
         return IMAGENET_CLASSES
     return num_classes
 

@@ -16,10 +16,12 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from uap_lightning.atomic import atomic_write, atomic_write_text
+from uap_lightning.perturbation_io import write_perturbation_npy
 from uap_lightning.report.figures import save_figure_png
 from uap_lightning.rundir import METRICS_FILE
 
 PERTURBATION_FILE = "perturbation.pt"
+PERTURBATION_NPY = "perturbation.npy"  # H×W×C in 0–255 units, the form others publish in
 
 
 def write_metrics(run_dir: str | Path, metrics: Dict[str, Any]) -> Path:
@@ -32,17 +34,26 @@ def write_metrics(run_dir: str | Path, metrics: Dict[str, Any]) -> Path:
 def write_run_outputs(
     run_dir: str | Path, perturbation: Tensor, figures: Mapping[str, Figure], metrics: Dict[str, Any]
 ) -> Dict[str, Path]:
-    """Write the perturbation (C×H×W, [0,1] scale), each figure as ``<name>.png``, then metrics.json."""
+    """Write the perturbation (``perturbation.pt``: C×H×W, [0,1] scale; ``perturbation.npy``: H×W×C,
+    0–255 units, float32), each figure as ``<name>.png``, then metrics.json."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a stale file must not outlive a failed rerun
-    paths = {PERTURBATION_FILE: run_dir / PERTURBATION_FILE}
+    paths = {PERTURBATION_FILE: run_dir / PERTURBATION_FILE, PERTURBATION_NPY: run_dir / PERTURBATION_NPY}
     v = perturbation.detach().cpu().float().contiguous()
     atomic_write(paths[PERTURBATION_FILE], lambda f: torch.save(v, f))
-    for name, figure in figures.items():
-        paths[f"{name}.png"] = run_dir / f"{name}.png"
-        save_figure_png(figure, paths[f"{name}.png"])
+    write_perturbation_npy(paths[PERTURBATION_NPY], v)
+    paths.update(write_figures(run_dir, figures))
     paths[METRICS_FILE] = write_metrics(run_dir, metrics)
+    return paths
+
+
+def write_figures(run_dir: str | Path, figures: Mapping[str, Figure]) -> Dict[str, Path]:
+    """Write each figure as ``<name>.png`` in ``run_dir``; return the paths by file name."""
+    paths = {}
+    for name, figure in figures.items():
+        paths[f"{name}.png"] = Path(run_dir) / f"{name}.png"
+        save_figure_png(figure, paths[f"{name}.png"])
     return paths
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 from omegaconf import DictConfig
 
 from uap_lightning.attacks import ThreatModel
-from uap_lightning.tasks import attack, bench, finetune, generalisation, transfer
+from uap_lightning.tasks import attack, bench, evaluate, finetune, generalisation, transfer
 from uap_lightning.tasks.setup import Setup, prepare
 from uap_lightning.validation import validate
 
@@ -32,6 +32,7 @@ TASKS: Dict[str, Task] = {
     "transfer": Task(transfer.run, transfer.check, objective=""),
     "generalisation": Task(generalisation.run, generalisation.check, objective=""),
     "finetune": Task(finetune.run, finetune.check, objective="fooling_rate_after"),
+    "evaluate": Task(evaluate.run, evaluate.check),
 }
 
 

@@ -29,6 +29,7 @@ from uap_lightning.attacks import (
     ThreatModel,
     UAPResult,
     build_engine,
+    folded_copy,
     frozen_eval,
     run_passes,
 )
@@ -133,6 +134,7 @@ def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLo
         clip=cfg.attack.clip,
         target_class=cfg.attack.target_class,
         keep=cfg.attack.keep,
+        augment=cfg.attack.augment,
         evaluation=EvaluationSettings(
             cfg.attack.eval_batch_size, cfg.attack.amp, cfg.attack.channels_last, cfg.attack.compile
         ),
@@ -164,6 +166,7 @@ def universal_perturbation(
             target_class=cfg.attack.target_class,
             keep=cfg.attack.keep,
             compile=cfg.attack.compile,
+            augment=cfg.attack.augment,
         )
 
 
@@ -230,18 +233,19 @@ def run(setup: Setup) -> Dict[str, Any]:
     else:
         (setup.output_dir / METRICS_FILE).unlink(missing_ok=True)
     victim = setup.victim()
+    net = folded_copy(victim.net)  # the same function with batch norm folded: faster to run and differentiate
     eval_labels = setup.eval_labels_for(victim)
     with sigterm_interrupts():
-        outcome = loop.run(victim.net, setup.attack_images, setup.eval_images, eval_labels, seed=setup.seed, resume=state)
+        outcome = loop.run(net, setup.attack_images, setup.eval_images, eval_labels, seed=setup.seed, resume=state)
     baselines = random_baselines(
-        lambda noise: loop.predict(victim.net, setup.eval_images, noise),
+        lambda noise: loop.predict(net, setup.eval_images, noise),
         outcome.clean_eval_labels,
         setup.eval_images.shape[1:],
         setup.threat,
         outcome.result.perturbation,
         seed=setup.seed + 1,
     )
-    label_names = _label_names(setup.class_names, victim)
+    label_names = victim_label_names(setup.class_names, victim)
     dominant = figures.dominant_labels(outcome.clean_eval_labels, outcome.perturbed_eval_labels, len(label_names))
     results = attack_metrics(setup, victim, outcome, baselines, dominant, label_names)
     run_figures = attack_figures(setup, eval_labels, outcome, results, dominant, label_names)
@@ -300,6 +304,7 @@ def attack_metrics(
         "victim_train_seconds": victim.train_seconds,
         "attack_images": len(setup.attack_images),
         "eval_images": len(setup.eval_images),
+        "eval_source": setup.datamodule.eval_source,
         "dominant_label": dominant.label,
         "dominant_label_name": None if dominant.label is None else label_names[dominant.label],
         "dominant_label_share": dominant.share,
@@ -365,7 +370,7 @@ def attack_figures(
     }
 
 
-def _label_names(names: List[str], victim: Victim) -> List[str]:
+def victim_label_names(names: List[str], victim: Victim) -> List[str]:
     """A name for every output of ``victim``: the class names, then indices (an ImageNet head
     predicts beyond the data's classes)."""
     outputs = int(victim.module.hparams.num_classes)

@@ -67,6 +67,7 @@ class Setup:
             "method": self.cfg.attack.method,
             "attack_images": len(self.attack_images),
             "eval_images": len(self.eval_images),
+            "eval_source": self.datamodule.eval_source,
             "data": self.cfg.data.name,
             "model": self.cfg.model.name,
             "seed": self.cfg.seed,
@@ -74,9 +75,9 @@ class Setup:
         }
 
     def finish(self, results: Dict[str, Any], title: str, table: pd.DataFrame, **markdown: Any) -> Dict[str, Any]:
-        """Write ``results`` with the run's settings as metrics.json (last), log ``table`` under
-        ``title`` and the run folder; return what was written."""
-        results = {**results, **self.settings()}
+        """Write ``results`` with the run's settings (a key in ``results`` wins) as metrics.json
+        (last), log ``table`` under ``title`` and the run folder; return what was written."""
+        results = {**self.settings(), **results}
         write_metrics(self.output_dir, results)
         log.info("%s\n%s", title, table.to_markdown(floatfmt=".3f", **markdown))
         log.info("files    %s", self.output_dir.resolve())
@@ -135,7 +136,7 @@ def prepare(cfg: DictConfig, threat: ThreatModel) -> Setup:
         raise ConfigError(f"attack.target_class={target} is not one of the {datamodule.num_classes} classes")
     seed = attack_seed(cfg)
     attack_images, attack_labels = datamodule.attack_set(seed=seed)
-    eval_images, eval_labels = datamodule.eval_set()
+    eval_images, eval_labels = datamodule.eval_set(attack_seed=seed)
     return Setup(
         cfg=cfg,
         threat=threat,

@@ -2,7 +2,7 @@
 victim fools the others.
 
 Each perturbation (computed on each victim of ``task.victims`` with the run's attack settings,
-or read from the run folders of ``task.perturbations``) is scored on every victim's eval-set
+or read from the files or run folders of ``task.perturbations``) is scored on every victim's eval-set
 predictions. Writes ``transfer.csv`` (rows: where the perturbation comes from; columns: the
 victim; a last row: each victim's random ℓp baseline), ``transfer.png``, the computed
 perturbations under ``perturbations/`` and ``metrics.json``.
@@ -25,13 +25,14 @@ from uap_lightning.atomic import atomic_write, atomic_write_text
 from uap_lightning.attacks import ThreatModel
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.config import model_preset
-from uap_lightning.errors import ConfigError, DamagedFileError
+from uap_lightning.errors import ConfigError
+from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report.figures import save_figure_png, transfer_figure
-from uap_lightning.report.outputs import PERTURBATION_FILE
 from uap_lightning.rundir import METRICS_FILE, move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.setup import Setup
 from uap_lightning.training import Victim
+from uap_lightning.validation import check_victim_source
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,11 @@ def check(cfg: DictConfig, threat: ThreatModel) -> None:
         raise ConfigError("task.victims is empty; list model presets, e.g. task.victims=[cnn,lenet]")
     for entry in cfg.task.victims:
         try:
-            model_preset(entry)
+            check_victim_source(model_preset(entry), cfg.data)
         except ValueError as err:
             raise ConfigError(f"task.victims: {err}") from None
-    for folder in cfg.task.perturbations:
-        if not (Path(folder) / PERTURBATION_FILE).is_file():
-            raise ConfigError(f"task.perturbations: {folder} holds no {PERTURBATION_FILE}; give run folders of attacks")
+    for source in cfg.task.perturbations:
+        check_reading(source, layout=cfg.perturbation.layout, scale=cfg.perturbation.scale)
 
 
 def _labels(names: List[str]) -> List[str]:
@@ -64,20 +64,17 @@ def _labels(names: List[str]) -> List[str]:
     return labels
 
 
-def _read_perturbation(folder: Path, shape: Tuple[int, ...]) -> Tuple[str, Tensor]:
-    """(the model it was computed on, v C×H×W) of an attack's run folder, tensors-only."""
-    path = folder / PERTURBATION_FILE
+def _read_perturbation(source: Path, shape: Tuple[int, ...], reading: Any) -> Tuple[str, Tensor]:
+    """(a name for it, v C×H×W in [0,1] scale) of a perturbation file (read as ``reading``, the
+    ``perturbation`` settings, say) or of an attack's run folder (named by the model it attacked)."""
+    v = read_perturbation_source(source, shape=shape, layout=reading.layout, scale=reading.scale, key=reading.key)
+    if not source.is_dir():
+        return source.stem, v
     try:
-        v = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any failure to read it means the file is not a perturbation
-        raise DamagedFileError(f"cannot read {path}: {err}") from None
-    if not isinstance(v, Tensor) or tuple(v.shape) != shape or not bool(torch.isfinite(v).all()):
-        raise ConfigError(f"{path} is not a finite perturbation of shape {shape} (the data's image shape)")
-    try:
-        name = json.loads((folder / METRICS_FILE).read_text())["model"]
+        name = json.loads((source / METRICS_FILE).read_text())["model"]
     except (OSError, ValueError, KeyError, TypeError):
-        name = folder.name
-    return str(name), v.float()
+        name = source.name
+    return str(name), v
 
 
 def run(setup: Setup) -> Dict[str, Any]:
@@ -90,7 +87,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     shape = tuple(setup.eval_images.shape[1:])
 
     if cfg.task.perturbations:
-        read = [_read_perturbation(Path(folder), shape) for folder in cfg.task.perturbations]
+        read = [_read_perturbation(Path(source), shape, cfg.perturbation) for source in cfg.task.perturbations]
         source_labels = _labels([name for name, _ in read])
         perturbations = [v for _, v in read]
     else:

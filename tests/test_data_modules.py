@@ -127,12 +127,22 @@ def test_unknown_name_lists_the_known_ones():
 
 def test_balanced_indices_fills_from_the_larger_classes():
     labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 5)
+    assert labels[balanced_indices(labels, 8, seed=0)].bincount().tolist() == [3, 2, 3]
     chosen = balanced_indices(labels, 9, seed=0)
-    assert labels[chosen].bincount().tolist() == [4, 2, 3]
+    assert sorted(labels[chosen].bincount().tolist()) == [2, 3, 4]
     assert torch.equal(chosen, chosen.sort().values)
     assert torch.equal(chosen, balanced_indices(labels, 9, seed=0))
     with pytest.raises(ValueError):
         balanced_indices(labels, 18, seed=0)
+
+
+def test_one_image_per_class_is_drawn_at_random_not_by_label_order():
+    """With one image per class a draw of half the classes depends on the seed and spans the labels."""
+    labels = torch.arange(1000)
+    first, second = balanced_indices(labels, 500, seed=0), balanced_indices(labels, 500, seed=1)
+    assert 150 < len(set(first.tolist()) & set(second.tolist())) < 350
+    assert 150 < int((first < 500).sum()) < 350
+    assert set(balanced_indices(labels, 100, seed=0).tolist()) <= set(first.tolist())
 
 
 def test_training_batches_keep_shape_and_range():

@@ -22,6 +22,18 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def registered(engine: type) -> Iterator[type]:
+    """Inside, ``engine`` (a test engine class) is registered under its name; removed after."""
+    from uap_lightning.attacks import ENGINES
+
+    ENGINES[engine.name] = engine
+    try:
+        yield engine
+    finally:
+        del ENGINES[engine.name]
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run a test on one intra-op thread."""

@@ -1,22 +1,23 @@
 """Universal attack engines, the pass driver, the engine factory and frozen_eval."""
 
 import math
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 from torch import nn
 
-from attack_helpers import digits_victim, one_thread, random_conv_net  # noqa: F401
+from attack_helpers import digits_victim, one_thread, random_conv_net, registered  # noqa: F401
 from uap_lightning import metrics
 from uap_lightning.attacks import (
     SGDUAP,
+    AttackSettings,
     BatchedDeepFoolUAP,
     DeepFoolUAP,
     PassStats,
     ThreatModel,
     UniversalAttack,
     build_engine,
-    engine_options,
     folded_copy,
     frozen_eval,
     run_passes,
@@ -40,19 +41,11 @@ def random_sign(shape, eps, seed=0):
     return (torch.randint(0, 2, shape, generator=generator).float() * 2 - 1) * eps / 255
 
 
-def attack(model, images, engine, max_passes, seed=0):
-    clean = metrics.predict(model, images)
-    return run_passes(
-        model,
-        engine,
-        images,
-        clean,
-        delta=0.05,
-        max_passes=max_passes,
-        generator=torch.Generator().manual_seed(seed),
-        clip=engine.clip,
-        target_class=engine.target_class,
+def attack(model, images, threat, method, max_passes, seed=0, target_class=None, **options):
+    settings = AttackSettings(
+        threat, method=method, options=options, delta=0.05, max_passes=max_passes, seed=seed, target_class=target_class
     )
+    return run_passes(model, settings, images, metrics.predict(model, images))
 
 
 def held_out_rate(model, images, v, target=None):
@@ -77,9 +70,7 @@ def held_out_rate(model, images, v, target=None):
 def test_engines_beat_random_noise_of_the_same_norm(victim, method, options, max_passes):
     model, X, held_out = victim
     threat = ThreatModel.parse(EPS, "inf")
-    if method == "sgd_uap":
-        options = {**options, "max_passes": max_passes}
-    result = attack(model, X, build_engine(method, threat, **options), max_passes)
+    result = attack(model, X, threat, method, max_passes, **options)
     v = result.perturbation
     assert v.shape == X.shape[1:] and v.device.type == "cpu"
     assert float(v.abs().max()) <= threat.radius + 1e-6
@@ -95,8 +86,7 @@ def test_targeted_engines_beat_random_noise(victim, method):
     target = 3
     threat = ThreatModel.parse(EPS, "inf")
     passes = 10 if method == "sgd_uap" else 3
-    options = {"max_passes": passes} if method == "sgd_uap" else {}
-    result = attack(model, X, build_engine(method, threat, target_class=target, **options), passes)
+    result = attack(model, X, threat, method, passes, target_class=target)
     baseline = max(held_out_rate(model, held_out, random_sign((1, 8, 8), EPS, seed), target) for seed in range(3))
     assert held_out_rate(model, held_out, result.perturbation, target) > baseline + 0.3
 
@@ -104,7 +94,7 @@ def test_targeted_engines_beat_random_noise(victim, method):
 def test_l2_deepfool_uap_stays_in_the_ball_and_fools(victim):
     model, X, held_out = victim
     threat = ThreatModel.parse(EPS * 8, 2)  # the ℓ2 norm of a ±EPS pattern on 8×8 pixels
-    v = attack(model, X, DeepFoolUAP(threat), 2).perturbation
+    v = attack(model, X, threat, "deepfool_uap", 2).perturbation
     assert float(v.norm()) <= threat.radius * (1 + 1e-5)
     baseline = max(held_out_rate(model, held_out, random_sign(v.shape, EPS, seed)) for seed in range(3))
     assert held_out_rate(model, held_out, v) > baseline + 0.1
@@ -255,7 +245,7 @@ def test_pass_visits_images_in_randperm_order():
 def test_sgd_schedule_and_step_counts():
     threat = ThreatModel.parse(50, "inf")
     engine = SGDUAP(threat, max_passes=4, batch_size=8)
-    assert engine.step_size == pytest.approx(5.0)
+    assert engine.step_size == pytest.approx(5.0)  # ε / 10, in 0–255 units
     assert engine.step_at(0, 40) == pytest.approx(5.0 / 255)
     assert engine.step_at(20, 40) == pytest.approx(2.5 / 255)
     assert engine.step_at(40, 40) == pytest.approx(0.0, abs=1e-12)
@@ -277,19 +267,21 @@ def test_sgd_steps_have_the_step_size_in_the_norm(p):
     assert float(torch.linalg.vector_norm(v.flatten(), ord=p)) == pytest.approx(3.0 / 255, rel=1e-4)
 
 
+@dataclass
+class CountingOptions:
+    step: float = 0.1
+    indices: list = field(default_factory=list)  # the pass indices the engine was given
+
+
 class CountingEngine(UniversalAttack):
     """Adds a fixed pattern per pass; records the pass indices it was given."""
 
     name = "counting"
-
-    def __init__(self, threat, step, **options):
-        super().__init__(threat, **options)
-        self.step = step
-        self.indices = []
+    Options = CountingOptions
 
     def run_pass(self, model, v, images, clean_labels, generator, pass_index=None):
-        self.indices.append(pass_index)
-        return self.project(v + self.step), PassStats(updates=1, mean_iterations=2.0)
+        self.options.indices.append(pass_index)
+        return self.project(v + self.options.step), PassStats(updates=1, mean_iterations=2.0)
 
 
 def step_model():
@@ -306,16 +298,18 @@ def test_run_passes_history_callback_and_stopping():
     images = (0.04 + 0.05 * torch.arange(10.0)).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     clean = metrics.predict(model, images)
     assert not clean.any()
-    engine = CountingEngine(ThreatModel.parse(255, "inf"), step=0.1)
-    seen = []
-    result = run_passes(
-        model, engine, images, clean, delta=0.45, max_passes=10, generator=None,
-        on_pass_end=lambda report: seen.append((report.pass_index, report.fooling_rate, report.stats.updates)),
-    )
+    indices, seen = [], []
+    with registered(CountingEngine):
+        settings = AttackSettings(ThreatModel.parse(255, "inf"), method="counting", options={"indices": indices},
+                                  delta=0.45)
+        result = run_passes(
+            model, settings, images, clean,
+            on_pass_end=lambda report: seen.append((report.pass_index, report.fooling_rate, report.stats.updates)),
+        )
     # pixel values 0.04, 0.09, ..., 0.49; after pass k those above 0.5 − 0.1k are fooled: 60% after pass 3
     assert result.passes == 3 and result.converged
     assert [entry["pass"] for entry in result.history] == [1, 2, 3]
-    assert engine.indices == [0, 1, 2]
+    assert indices == [0, 1, 2]
     assert [i for i, _, _ in seen] == [1, 2, 3]
     assert result.fooling_rate == pytest.approx(0.6) and seen[-1][1] == result.fooling_rate
     keys = {"pass", "fooling_rate_attack_set", "updates", "mean_deepfool_iterations", "seconds"}
@@ -328,22 +322,33 @@ def test_run_passes_resumes_from_an_initial_perturbation():
     model = step_model()
     images = (0.04 + 0.05 * torch.arange(10.0)).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     clean = metrics.predict(model, images)
-    engine = CountingEngine(ThreatModel.parse(255, "inf"), step=0.1)
-    result = run_passes(
-        model, engine, images, clean, delta=0.45, max_passes=10, generator=None,
-        initial=torch.full((1, 2, 2), 0.2), start_pass=2,
-    )
-    assert engine.indices == [2] and result.passes == 3 and [h["pass"] for h in result.history] == [3]
-    capped = run_passes(model, engine, images, clean, delta=0.01, max_passes=2, generator=None)
+    indices = []
+    with registered(CountingEngine):
+        settings = AttackSettings(ThreatModel.parse(255, "inf"), method="counting", options={"indices": indices},
+                                  delta=0.45)
+        result = run_passes(model, settings, images, clean, initial=torch.full((1, 2, 2), 0.2), start_pass=2)
+        assert indices == [2] and result.passes == 3 and [h["pass"] for h in result.history] == [3]
+        capped = run_passes(model, settings.replace(delta=0.01, max_passes=2), images, clean)
     assert capped.passes == 2 and not capped.converged
 
 
-def test_run_passes_refuses_mismatched_engine_settings():
-    model = step_model()
-    images = torch.rand(4, 1, 2, 2)
-    engine = CountingEngine(ThreatModel.parse(10, "inf"), step=0.1, target_class=1)
-    with pytest.raises(ValueError, match="target_class"):
-        run_passes(model, engine, images, metrics.predict(model, images), delta=0.2, max_passes=1, generator=None)
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(delta=1.0), "attack.delta"),
+        (dict(max_passes=0), "attack.max_passes"),
+        (dict(keep="first"), "attack.keep"),
+        (dict(target_class=-1), "attack.target_class"),
+        (dict(eval_batch_size=0), "attack.eval_batch_size"),
+        (dict(method="fgsm"), "attack.method"),
+    ],
+)
+def test_attack_settings_refuse_values_that_cannot_work(change, key):
+    """AttackSettings checks every value once, naming its key."""
+    with pytest.raises(ValueError, match=key):
+        AttackSettings(ThreatModel.parse(10, "inf"), **change)
+    with pytest.raises(TypeError, match="aggregate"):
+        AttackSettings(ThreatModel.parse(10, "inf"), method="deepfool_uap", options={"aggregate": "sum"})
 
 
 def test_frozen_eval_restores_modes_and_flags_even_on_error():
@@ -388,7 +393,8 @@ def test_build_engine_registry_and_errors():
     assert isinstance(build_engine("sgd_uap", threat, beta=5.0), SGDUAP)
     assert build_engine("deepfool_uap", threat, deepfool_norm="2").deepfool_norm == 2.0
     assert build_engine("deepfool_uap", threat).deepfool_norm == 2.0  # the paper's step for every p
-    assert {"aggregate", "overshoot", "clip"} <= set(engine_options("deepfool_uap_batched"))
+    assert {"aggregate", "overshoot"} <= set(BatchedDeepFoolUAP.option_names())
+    assert build_engine("deepfool_uap_batched", threat, batch_size=8).options.batch_size == 8
     with pytest.raises(ValueError, match="deepfool_uap, deepfool_uap_batched, sgd_uap"):
         build_engine("fgsm", threat)
     with pytest.raises(TypeError, match="aggregate"):

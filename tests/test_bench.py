@@ -14,7 +14,7 @@ import torch
 from attack_helpers import random_conv_net, single_thread
 from conftest import compose_config
 from uap_lightning import metrics
-from uap_lightning.attacks import DeepFoolUAP, ThreatModel, frozen_eval, run_passes
+from uap_lightning.attacks import AttackSettings, ThreatModel, frozen_eval, run_passes
 from uap_lightning.tasks import bench as bench_task
 from uap_lightning.bench.naive import naive_deepfool, naive_uap
 from uap_lightning.attacks import deepfool_single
@@ -44,15 +44,8 @@ def test_naive_reference_computes_the_same_v_as_deepfool_uap(p, eps):
         naive_v, naive_rate, naive_passes = naive_uap(
             model, images, threat, delta=0.1, max_passes=2, generator=torch.Generator().manual_seed(0)
         )
-        result = run_passes(
-            model,
-            DeepFoolUAP(threat),
-            images,
-            metrics.predict(model, images),
-            delta=0.1,
-            max_passes=2,
-            generator=torch.Generator().manual_seed(0),
-        )
+        settings = AttackSettings(threat, method="deepfool_uap", delta=0.1, max_passes=2, seed=0)
+        result = run_passes(model, settings, images, metrics.predict(model, images))
     assert float(naive_v.abs().sum()) > 0
     torch.testing.assert_close(naive_v, result.perturbation)
     assert naive_passes == result.passes and naive_rate == pytest.approx(result.fooling_rate)
@@ -68,7 +61,7 @@ def test_naive_reference_computes_the_same_v_as_deepfool_uap(p, eps):
         ("task.art_batch_size=1", "art_batch_size"),
         ("attack.target_class=3", "target_class"),
         ("attack.p=7", "attack.p"),
-        ("attack=sgd_uap", "DeepFool settings"),
+        ("+task.engines.sgd_uap.max_passes=0", "attack.max_passes"),
     ],
 )
 def test_bad_bench_settings_fail_with_the_setting_named(tmp_path, override, message):

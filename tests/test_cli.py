@@ -72,20 +72,21 @@ def test_keys_added_with_plus_and_engine_mismatch_are_refused(make_cfg):
     validate(make_cfg("attack=sgd_uap", "attack.beta=5"))
 
 
-def test_every_engine_schema_key_is_an_engine_option_or_a_shared_setting():
-    """One schema per engine: its own keys are exactly what its engine takes."""
+def test_every_engine_schema_is_the_shared_settings_and_the_engines_options():
+    """One schema per engine, derived from it: the shared keys plus exactly its options, with the
+    engine's defaults."""
     import dataclasses
 
-    from uap_lightning.attacks import engine_options
-    from uap_lightning.config import ATTACK_SCHEMAS, AttackConfig
+    from uap_lightning.attacks import ENGINES
+    from uap_lightning.config import AttackConfig, attack_schemas
 
     shared = {f.name for f in dataclasses.fields(AttackConfig)}
-    for method, schema in ATTACK_SCHEMAS.items():
-        own = {f.name for f in dataclasses.fields(schema)} - shared
-        options = set(engine_options(method))
-        assert own <= options, method
-        # every engine option is a setting, except the per-image reference switch of the API
-        assert options - own - shared <= {"per_image_reference"}, method
+    schemas = attack_schemas()
+    assert set(schemas) == set(ENGINES)
+    for method, schema in schemas.items():
+        own = {f.name: f.default for f in dataclasses.fields(schema) if f.name not in shared}
+        engine = ENGINES[method]
+        assert own == {f.name: f.default for f in dataclasses.fields(engine.Options)}, method
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def test_config_that_contradicts_the_data_is_rejected():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown data.name='svhn'.*digits.*cifar10.*imagefolder"):
+    with pytest.raises(ValueError, match=r"unknown data.name='svhn'.*digits.*imagefolder.*sample_folder.*cifar10"):
         build_datamodule(digits_cfg(name="svhn"))
 
 

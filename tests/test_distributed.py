@@ -16,7 +16,7 @@ from torch import nn
 
 from attack_helpers import digits_victim, single_thread
 from uap_lightning import metrics
-from uap_lightning.attacks import SGDUAP, BatchedDeepFoolUAP, DeepFoolUAP, ThreatModel, TorchDistributed, distributed
+from uap_lightning.attacks import SGDUAP, AttackSettings, BatchedDeepFoolUAP, DeepFoolUAP, ThreatModel, TorchDistributed, distributed
 from uap_lightning.attacks.base import UniversalAttack
 from uap_lightning.data import build_datamodule
 from uap_lightning.errors import ConfigError
@@ -273,9 +273,9 @@ def test_two_processes_return_an_outcome_larger_than_a_pipe_holds(tmp_path):
     eval_images = torch.rand(12_000, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     eval_labels = torch.zeros(12_000, dtype=torch.long)
     fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", plugins=[LightningEnvironment()])
-    loop = AttackLoop(fabric, SGDUAP(THREAT, batch_size=32, max_passes=1), THREAT, delta=0.2, max_passes=1,
-                      state_path=tmp_path / STATE_FILE)
-    outcome = loop.run(model, attack_images, eval_images, eval_labels, seed=0)
+    settings = AttackSettings(THREAT, method="sgd_uap", options={"batch_size": 32}, max_passes=1)
+    loop = AttackLoop(fabric, settings, state_path=tmp_path / STATE_FILE)
+    outcome = loop.run(model, attack_images, eval_images, eval_labels)
     assert outcome.perturbed_eval_labels.shape == (12_000,) and outcome.clean_eval_labels.shape == (12_000,)
     assert outcome.result.passes == 1 and len(outcome.history) == 1
     assert float(outcome.result.perturbation.abs().max()) > 0

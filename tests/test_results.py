@@ -4,6 +4,7 @@ a warning for weak results, attack seeds apart from the victim, and a default ru
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from uap_lightning import metrics
-from uap_lightning.attacks import PassStats, ThreatModel, UniversalAttack, build_engine, run_passes
+from attack_helpers import registered
+from uap_lightning.attacks import AttackSettings, PassStats, ThreatModel, UniversalAttack, build_engine, run_passes
 from uap_lightning.data import build_datamodule
 from uap_lightning.report.summary import attack_summary, weak_result_advice
 from uap_lightning.tasks import run_task
@@ -27,17 +29,19 @@ def test_the_paper_l2_deepfool_step_is_the_default(make_cfg):
         assert build_engine(method, threat, deepfool_norm="inf").deepfool_norm == math.inf
 
 
+@dataclass(frozen=True)
+class ScriptedOptions:
+    values: tuple = ()  # v's value after each pass
+
+
 class ScriptedEngine(UniversalAttack):
     """Sets v to a scripted value each pass, so the rate on X rises, then falls, then rises a little."""
 
     name = "scripted"
-
-    def __init__(self, threat, values, **options):
-        super().__init__(threat, **options)
-        self.values = list(values)
+    Options = ScriptedOptions
 
     def run_pass(self, model, v, images, clean_labels, generator, pass_index=None):
-        return torch.full_like(v, self.values[pass_index]), PassStats(updates=1, mean_iterations=1.0)
+        return torch.full_like(v, self.options.values[pass_index]), PassStats(updates=1, mean_iterations=1.0)
 
 
 def threshold_model():
@@ -56,8 +60,10 @@ def test_the_pass_with_the_highest_fooling_rate_on_x_is_kept(keep, expected_pass
     clean = metrics.predict(model, images)
     # pixel values 0.04 ... 0.49: v fools those above 0.5 − v
     values = [0.15, 0.3, 0.05, 0.2]  # rates 0.3, 0.6, 0.1, 0.4
-    engine = ScriptedEngine(ThreatModel.parse(255, "inf"), values)
-    result = run_passes(model, engine, images, clean, delta=0.01, max_passes=4, generator=None, keep=keep)
+    with registered(ScriptedEngine):
+        settings = AttackSettings(ThreatModel.parse(255, "inf"), method="scripted", options={"values": tuple(values)},
+                                  delta=0.01, max_passes=4, keep=keep)
+        result = run_passes(model, settings, images, clean)
     rates = [h["fooling_rate_attack_set"] for h in result.history]
     assert rates == pytest.approx([0.3, 0.6, 0.1, 0.4])
     assert result.passes == 4 and len(result.history) == 4

@@ -6,7 +6,7 @@ import torch
 
 from attack_helpers import digits_victim, single_thread
 from uap_lightning import metrics
-from uap_lightning.attacks import CompiledPredictions, ThreatModel, build_engine, frozen_eval, run_passes
+from uap_lightning.attacks import AttackSettings, CompiledPredictions, ThreatModel, build_engine, frozen_eval, run_passes
 from uap_lightning.bench.profile import forward_backward_rate, profile_pass
 
 
@@ -22,9 +22,8 @@ def test_compiled_predictions_equal_the_eager_ones_on_the_digits_cnn():
             torch.testing.assert_close(compiled(x), model(x))
         threat = ThreatModel.parse(64, "inf")
         results = [
-            run_passes(model, build_engine("deepfool_uap", threat), attack_images[:40],
-                       metrics.predict(model, attack_images[:40]), delta=0.05, max_passes=1,
-                       generator=torch.Generator().manual_seed(0), compile=compile_)
+            run_passes(model, AttackSettings(threat, delta=0.05, max_passes=1, compile=compile_), attack_images[:40],
+                       metrics.predict(model, attack_images[:40]))
             for compile_ in (False, True)
         ]
     assert torch.equal(results[0].perturbation, results[1].perturbation)

@@ -332,7 +332,7 @@ def test_payload_in_an_attack_state_is_never_loaded(tmp_path, caplog):
     attack starts afresh."""
     from lightning.fabric import Fabric
 
-    from uap_lightning.attacks import ThreatModel, build_engine
+    from uap_lightning.attacks import AttackSettings, ThreatModel
     from uap_lightning.loop import AttackLoop
     from uap_lightning.tasks.attack import _resumable
 
@@ -340,8 +340,7 @@ def test_payload_in_an_attack_state_is_never_loaded(tmp_path, caplog):
     state = tmp_path / "attack_state.ckpt"
     torch.save({"version": 1, "history": Payload(marker)}, state)
     threat = ThreatModel.parse(64, "inf")
-    loop = AttackLoop(Fabric(accelerator="cpu", devices=1), build_engine("deepfool_uap", threat), threat, 0.2, 2,
-                      state_path=state)
+    loop = AttackLoop(Fabric(accelerator="cpu", devices=1), AttackSettings(threat, max_passes=2), state_path=state)
     with caplog.at_level(logging.WARNING):
         assert _resumable(loop, resume=True) is None
     assert "cannot be read" in caplog.text and not marker.exists()

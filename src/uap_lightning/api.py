@@ -8,16 +8,15 @@ perturbation is C×H×W in [0,1] scale.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
-from typing import Optional, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from uap_lightning import metrics
-from uap_lightning.attacks.driver import KEEP_CHOICES, UAPResult, run_passes
-from uap_lightning.attacks.engines import build_engine, engine_options
+from uap_lightning.attacks.driver import UAPResult, run_passes
+from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.model_state import frozen_eval, model_device
 from uap_lightning.attacks.threat import ThreatModel
 
@@ -27,69 +26,73 @@ RANGE_TOLERANCE = 1e-4
 
 def compute_uap(
     model: nn.Module,
-    images: Images,
+    images: Optional[Images],
     *,
     eps: float,
     p: Union[str, float] = "inf",
-    delta: float = 0.2,
-    max_passes: int = 10,
-    method: str = "deepfool_uap",
-    seed: int = 0,
-    clip: bool = True,
+    method: str = AttackSettings.method,
+    delta: float = AttackSettings.delta,
+    max_passes: int = AttackSettings.max_passes,
+    keep: str = AttackSettings.keep,
+    seed: int = AttackSettings.seed,
+    clip: bool = AttackSettings.clip,
     target_class: Optional[int] = None,
-    eval_batch_size: int = 512,
-    keep: str = "best",
-    compile: bool = False,
-    augment: bool = False,
+    augment: bool = AttackSettings.augment,
+    eval_batch_size: int = AttackSettings.eval_batch_size,
+    compile: bool = AttackSettings.compile,
+    image_shape: Optional[Tuple[int, int, int]] = None,
     **options,
 ) -> UAPResult:
     """A universal perturbation of ``model`` (images in [0,1] → logits) on the attack set ``images``.
 
-    Stops when the fooling rate on ``images`` (targeted: the targeted success rate) reaches
-    1 − ``delta`` or after ``max_passes`` passes and returns the pass with the highest rate on
-    ``images`` (``keep="last"``: the last pass); ``compile`` runs the attack's predictions through
-    ``torch.compile``; ``augment`` shows each pass a new random crop and flip of every image.
-    ``method`` is deepfool_uap, deepfool_uap_batched or sgd_uap; ``options`` go to the engine (e.g. overshoot,
-    batch_size, step_size). Runs on the model's device (images stay where they are and move
-    batch by batch); the model's mode and parameter flags are restored afterwards; the
-    result depends only on the inputs and ``seed``.
+    ``eps`` is in 0–255 pixel units for every ``p``. Stops when the fooling rate on ``images``
+    (targeted: the targeted success rate) reaches 1 − ``delta`` or after ``max_passes`` passes
+    and returns the pass with the highest rate on ``images`` (``keep="last"``: the last pass);
+    ``augment`` shows each pass a new random crop and flip of every image; ``compile`` runs the
+    attack's predictions through ``torch.compile``. ``method`` names an engine
+    (``uap_lightning.attacks.ENGINES``: deepfool_uap, deepfool_uap_batched, sgd_uap, ...);
+    ``options`` are its own settings (e.g. overshoot, batch_size, step_size). Runs on the model's
+    device (images stay where they are and move batch by batch); the model's mode and parameter
+    flags are restored afterwards; the result depends only on the inputs and ``seed``.
+
+    ``images=None`` runs a data-free engine (``method="gd_uap"`` with ``prior`` none or range) on
+    the model alone: give ``image_shape`` (C, H, W); it stops when the engine reports that v has
+    settled or after ``max_passes`` passes, and returns the last pass.
     """
-    threat = ThreatModel.parse(eps, p)
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), e.g. delta=0.2 to stop at 80% fooling rate; got {delta!r}")
-    if isinstance(max_passes, bool) or not isinstance(max_passes, numbers.Integral) or max_passes < 1:
-        raise ValueError(f"max_passes must be an integer >= 1; got {max_passes!r}")
-    if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, numbers.Integral) or eval_batch_size < 1:
-        raise ValueError(f"eval_batch_size must be an integer >= 1; got {eval_batch_size!r}")
-    if "max_passes" in engine_options(method) and "max_passes" not in options:
-        options["max_passes"] = max_passes
-    if keep not in KEEP_CHOICES:
-        raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}; got {keep!r}")
-    engine = build_engine(method, threat, clip=clip, target_class=target_class, **options)
+    settings = AttackSettings(
+        ThreatModel.parse(eps, p),
+        method=method,
+        options=options,
+        delta=delta,
+        max_passes=max_passes,
+        keep=keep,
+        clip=clip,
+        target_class=target_class,
+        seed=seed,
+        augment=bool(augment),
+        eval_batch_size=eval_batch_size,
+        compile=bool(compile),
+    )
+    if images is None:
+        return _data_free(model, settings, image_shape)
     x = as_images(images, model)
-    generator = torch.Generator().manual_seed(int(seed))
     with frozen_eval(model):
         classes = check_logits(model, x)
-        if target_class is not None:
-            valid = isinstance(target_class, numbers.Integral) and not isinstance(target_class, bool)
-            if not valid or not 0 <= target_class < classes:
-                raise ValueError(f"target_class must be an integer in [0, {classes - 1}]; got {target_class!r}")
-        clean = metrics.predict(model, x, batch_size=eval_batch_size, clip=clip)
-        return run_passes(
-            model,
-            engine,
-            x,
-            clean,
-            delta=float(delta),
-            max_passes=int(max_passes),
-            generator=generator,
-            eval_batch_size=int(eval_batch_size),
-            clip=clip,
-            target_class=target_class,
-            keep=keep,
-            compile=compile,
-            augment=bool(augment),
-        )
+        if target_class is not None and target_class >= classes:
+            raise ValueError(f"target_class must be an integer in [0, {classes - 1}]; got {target_class!r}")
+        clean = metrics.predict(model, x, batch_size=settings.eval_batch_size, clip=settings.clip)
+        return run_passes(model, settings, x, clean)
+
+
+def _data_free(model: nn.Module, settings: AttackSettings, image_shape: Optional[Sequence[int]]) -> UAPResult:
+    """compute_uap without images: a data-free engine on C×H×W = ``image_shape``."""
+    if image_shape is None or len(image_shape) != 3 or not all(isinstance(n, int) and n > 0 for n in image_shape):
+        raise ValueError(f"images=None needs image_shape=(C, H, W), positive integers; got {image_shape!r}")
+    if settings.engine().reads_images:
+        raise ValueError(f"method={settings.method} with these options reads images; give images (or prior=none|range)")
+    with frozen_eval(model):
+        check_logits(model, torch.full((1, *image_shape), 0.5, dtype=_float_dtype(model)))
+        return run_passes(model, settings, None, None, image_shape=image_shape)
 
 
 def fooling_rate(

@@ -8,12 +8,17 @@ composition with a message naming the key; keys added with ``+`` are caught by
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Type
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from uap_lightning.attacks import ENGINES, AttackSettings, UniversalAttack
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra tree, shipped inside the package
 
@@ -101,69 +106,57 @@ class TrainerConfig:
 
 @dataclass
 class AttackConfig:
-    """Settings every universal attack shares. ε is in 0–255 pixel units for every p.
+    """Settings every universal attack shares (see :class:`AttackSettings`, whose defaults these
+    are). ε is in 0–255 pixel units for every p.
 
-    Each engine has its own schema below (``attack=NAME`` picks it), so a key that does not
-    belong to the chosen engine is an error.
+    Each engine's schema adds its own options to these (:func:`attack_schema`; ``attack=NAME``
+    picks it), so a key that does not belong to the chosen engine is an error.
     """
 
-    method: str = MISSING  # deepfool_uap | deepfool_uap_batched | sgd_uap
+    method: str = MISSING  # the engine: a name of uap_lightning.attacks.ENGINES
     eps: Optional[float] = None  # None: the data preset's default for this p
     p: str = "inf"  # inf | 2 | 1
-    delta: float = 0.2  # stop when the fooling rate on X reaches 1 - delta
-    max_passes: int = 10
-    clip: bool = True  # clip x + v to [0,1]
+    delta: float = AttackSettings.delta  # stop when the fooling rate on X reaches 1 - delta
+    max_passes: int = AttackSettings.max_passes
+    clip: bool = AttackSettings.clip  # clip x + v to [0,1]
     target_class: Optional[int] = None  # targeted mode: push images to this class
-    keep: str = "best"  # best: the pass with the highest fooling rate on X | last
+    keep: str = AttackSettings.keep  # best: the pass with the highest fooling rate on X | last
     seed: Optional[int] = None  # draw and order of X, attack randomness; None: the run's seed
     resume: bool = True  # continue an interrupted attack found in the run folder
-    augment: bool = False  # each pass on a new random crop (50–100% of the area) and flip of every image of X
+    augment: bool = AttackSettings.augment  # each pass on a new random crop (50–100% of the area) and flip of X
     # evaluation and devices
-    eval_batch_size: int = 512
+    eval_batch_size: int = AttackSettings.eval_batch_size
     amp: bool = False  # autocast the victim during evaluation (GPU)
     channels_last: bool = False
-    compile: bool = False  # the attack's predictions through torch.compile (pays on long attacks)
+    compile: bool = AttackSettings.compile  # the attack's predictions through torch.compile
     devices: int = 1  # processes (CPU) or GPUs the attack runs on
     strategy: str = "auto"  # Fabric strategy for devices > 1 (ddp_spawn on one machine)
 
 
-@dataclass
-class DeepFoolUAPConfig(AttackConfig):
-    """The paper's Algorithm 1: sequential DeepFool steps, projected onto the ℓp ball."""
-
-    method: str = "deepfool_uap"
-    overshoot: float = 0.02
-    num_candidates: int = 10
-    max_deepfool_iters: int = 10
-    deepfool_norm: str = "2"  # 2: the paper's minimal ℓ2 step for every p; inf | 1: variants
-
-
-@dataclass
-class BatchedDeepFoolUAPConfig(DeepFoolUAPConfig):
-    """Algorithm 1 on mini-batches: the converged DeepFool steps of a batch combined, then projected."""
-
-    method: str = "deepfool_uap_batched"
-    batch_size: int = 32
-    aggregate: str = "sum"  # sum | mean
+@functools.lru_cache(maxsize=None)
+def attack_schema(engine: Type[UniversalAttack]) -> type:
+    """The ``attack`` schema of ``engine``: :class:`AttackConfig` with the fields of the engine's
+    ``Options`` (their defaults are the engine's) and ``method`` set to its name."""
+    hints = typing.get_type_hints(engine.Options)
+    fields = [(f.name, hints[f.name], _same_default(f)) for f in dataclasses.fields(engine.Options)]
+    fields.append(("method", str, field(default=engine.name)))
+    schema = dataclasses.make_dataclass(f"{engine.__name__}Config", fields, bases=(AttackConfig,))
+    # a module attribute, so that configs holding it pickle (processes spawned for training)
+    schema.__module__ = __name__
+    globals()[schema.__name__] = schema
+    return schema
 
 
-@dataclass
-class SGDUAPConfig(AttackConfig):
-    """SGD-UAP (Shafahi et al., AAAI 2020): ascent on a clipped cross-entropy."""
-
-    method: str = "sgd_uap"
-    batch_size: int = 32
-    optimizer: str = "sign"  # sign | adam
-    step_size: Optional[float] = None  # first step, 0–255 units; None: eps / 10
-    lr_schedule: str = "cosine"  # cosine | constant
-    beta: float = 9.0  # cross-entropy clip
+def _same_default(option: dataclasses.Field) -> Any:
+    """A field with ``option``'s default (or default factory)."""
+    if option.default is dataclasses.MISSING:
+        return field(default_factory=option.default_factory)
+    return field(default=option.default)
 
 
-ATTACK_SCHEMAS: Dict[str, type] = {
-    "deepfool_uap": DeepFoolUAPConfig,
-    "deepfool_uap_batched": BatchedDeepFoolUAPConfig,
-    "sgd_uap": SGDUAPConfig,
-}
+def attack_schemas() -> Dict[str, type]:
+    """The ``attack`` schema of every engine, by name."""
+    return {name: attack_schema(engine) for name, engine in ENGINES.items()}
 
 
 @dataclass
@@ -195,82 +188,6 @@ class TaskConfig:
 
 
 @dataclass
-class AttackTaskConfig(TaskConfig):
-    """Compute one universal perturbation and evaluate it (the default).
-
-    The objective returned to Hydra sweepers is the fooling rate, or, with a target fooling
-    rate T, ε + 255·max(0, T − fooling rate)/T: ε itself once T is reached (to minimise)."""
-
-    name: str = "attack"
-    target_fooling_rate: Optional[float] = None
-
-
-BENCH_ROWS = ("naive", "art", "deepfool_uap", "deepfool_uap_batched", "sgd_uap")
-
-
-@dataclass
-class BenchTaskConfig(TaskConfig):
-    """Run ART, a naive reference and the engines side by side on one victim and one X."""
-
-    name: str = "bench"
-    rows: List[str] = field(default_factory=lambda: list(BENCH_ROWS))  # any of BENCH_ROWS, in order
-    # per-engine options over the shared ``attack`` settings, e.g. {sgd_uap: {max_passes: 5}}
-    engines: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    art_batch_size: int = 128  # ART's prediction batch size (its end-of-pass check runs at 1)
-    efficiency_batches: int = 4  # batches of X timed for the batched engine's efficiency
-
-
-@dataclass
-class TransferTaskConfig(TaskConfig):
-    """Score every perturbation on every victim (the paper's Table 2)."""
-
-    name: str = "transfer"
-    # model presets (names of conf/model/*.yaml) or mappings {preset: NAME, <model key>: value, ...}
-    victims: List[Any] = field(default_factory=lambda: ["cnn", "lenet"])
-    # perturbation files (read as ``perturbation`` says) or run folders holding perturbation.pt;
-    # empty: compute one on each victim
-    perturbations: List[str] = field(default_factory=list)
-
-
-@dataclass
-class GeneralisationTaskConfig(TaskConfig):
-    """Fooling rate on the eval set against the size of X (the paper's Fig. 6)."""
-
-    name: str = "generalisation"
-    sizes: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # sizes of X, images
-
-
-@dataclass
-class EvaluateTaskConfig(TaskConfig):
-    """Score one perturbation file (``perturbation.path``) on the run's victim and eval set."""
-
-    name: str = "evaluate"
-
-
-@dataclass
-class FinetuneTaskConfig(TaskConfig):
-    """Fine-tune the victim on images perturbed by a pool of universal perturbations, recomputed
-    every round, and attack it afresh (the paper's §3 defence)."""
-
-    name: str = "finetune"
-    rounds: int = 2  # the pool is recomputed on the current network at the start of every round
-    epochs: int = 3  # fine-tuning epochs per round
-    pool_size: int = 4  # universal perturbations in the pool, each from its own draw of X
-    probability: float = 0.5  # chance that a training image is perturbed by a pool member
-    lr: Optional[float] = None  # fine-tuning learning rate; None: model.lr / 10
-
-
-TASK_SCHEMAS: Dict[str, type] = {
-    "attack": AttackTaskConfig,
-    "bench": BenchTaskConfig,
-    "transfer": TransferTaskConfig,
-    "generalisation": GeneralisationTaskConfig,
-    "finetune": FinetuneTaskConfig,
-    "evaluate": EvaluateTaskConfig,
-}
-
-
-@dataclass
 class RunConfig:
     """The whole run: compose -> validate -> prepare (data, victims) -> task -> outputs."""
 
@@ -278,8 +195,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    attack: Any = MISSING  # one of ATTACK_SCHEMAS, chosen by attack=NAME
-    task: Any = MISSING  # one of TASK_SCHEMAS, chosen by task=NAME
+    attack: Any = MISSING  # an engine's schema (attack_schemas), chosen by attack=NAME
+    task: Any = MISSING  # a task's schema (its module's TASK.schema), chosen by task=NAME
     perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
@@ -304,11 +221,23 @@ def model_preset(entry: Any) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), changes)
 
 
+def default_eps(data_cfg: Any, p: str) -> Optional[float]:
+    """The data preset's default ε (0–255 units) for the norm named ``p`` ("inf", "2", "1"), or None."""
+    defaults = data_cfg.default_eps or {}
+    return float(defaults[p]) if p in defaults else None
+
+
 def register_configs() -> None:
     """Register the schemas: ``run_schema`` for the primary configs, ``<name>_schema`` in the
-    ``attack`` and ``task`` groups for the presets of those groups."""
+    ``attack`` group for every engine and in the ``task`` group for every task."""
+    from uap_lightning.tasks import TASKS  # tasks import this module
+
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
-    for group, schemas in (("attack", ATTACK_SCHEMAS), ("task", TASK_SCHEMAS)):
-        for name, schema in schemas.items():
-            store.store(group=group, name=f"{name}_schema", node=schema)
+    for name, schema in attack_schemas().items():
+        store.store(group="attack", name=f"{name}_schema", node=schema)
+    for name, task in TASKS.items():
+        store.store(group="task", name=f"{name}_schema", node=task.schema)
+
+
+attack_schemas()  # every engine's schema a module attribute from the start (see attack_schema)

@@ -41,13 +41,12 @@ from tqdm.auto import tqdm
 from uap_lightning import metrics
 from uap_lightning.attacks import (
     SINGLE_PROCESS,
+    AttackSettings,
     KeptPerturbation,
     PassReport,
     Reducer,
-    ThreatModel,
     TorchDistributed,
     UAPResult,
-    UniversalAttack,
     distributed,
     frozen_eval,
     run_passes,
@@ -64,13 +63,11 @@ PassLogger = Callable[[Dict[str, Any], Tensor], None]  # (a pass's record, v aft
 
 @dataclass
 class EvaluationSettings:
-    """How images are predicted: batch size, the optional GPU speed-ups, and whether the
-    attack's predictions run compiled (``attack.compile``)."""
+    """The optional speed-ups of predictions on a GPU (``attack.amp``, ``attack.channels_last``);
+    the batch size and compilation are the attack's settings."""
 
-    batch_size: int = 512
     amp: bool = False
     channels_last: bool = False
-    compile: bool = False
 
 
 @dataclass
@@ -132,17 +129,11 @@ class AttackOutcome:
 
 @dataclass
 class AttackLoop:
-    """Runs ``engine`` pass by pass until the fooling rate on X reaches 1 − δ or ``max_passes``."""
+    """Runs the attack of ``settings`` pass by pass until the fooling rate on X reaches 1 − δ or
+    ``settings.max_passes``."""
 
     fabric: Fabric
-    engine: UniversalAttack
-    threat: ThreatModel
-    delta: float
-    max_passes: int
-    clip: bool = True
-    target_class: Optional[int] = None
-    keep: str = "best"
-    augment: bool = False  # each pass on new random crops and flips of X (see run_passes)
+    settings: AttackSettings
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     state_path: Optional[Path] = None  # where the state is saved after each pass
     fingerprint: str = ""
@@ -165,7 +156,6 @@ class AttackLoop:
         attack_images: Tensor,
         eval_images: Tensor,
         eval_labels: Tensor,
-        seed: int,
         resume: Optional[AttackState] = None,
     ) -> AttackOutcome:
         """Compute a universal perturbation on ``attack_images`` (X) and evaluate it on the eval set,
@@ -177,14 +167,14 @@ class AttackLoop:
         """
         if self.fabric.world_size == 1:
             return self._attack(
-                model, attack_images, eval_images, eval_labels, seed, resume, SINGLE_PROCESS, self._log_pass
+                model, attack_images, eval_images, eval_labels, resume, SINGLE_PROCESS, self._log_pass
             )
         # the loop travels with the function: Fabric's launcher walks the arguments, which a frozen
         # dataclass (the threat model) stops
         with tempfile.TemporaryDirectory(prefix="uap-attack-") as folder:
             sent = Path(folder) / "outcome.pt"
             attack = functools.partial(_attack_on_rank, loop=self, sent=sent)
-            self.fabric.launch(attack, model, attack_images, eval_images, eval_labels, seed, resume)
+            self.fabric.launch(attack, model, attack_images, eval_images, eval_labels, resume)
             outcome, passes = _received(sent)
         for record, perturbation in passes:
             self._log_pass(record, perturbation)
@@ -197,7 +187,6 @@ class AttackLoop:
         attack_images: Tensor,
         eval_images: Tensor,
         eval_labels: Tensor,
-        seed: int,
         resume: Optional[AttackState],
         reducer: Reducer,
         log_pass: PassLogger,
@@ -208,7 +197,7 @@ class AttackLoop:
         if self.evaluation.channels_last:
             model = model.to(memory_format=torch.channels_last)
         attack_images = attack_images.to(self.fabric.device)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generator = self.settings.generator()
         history: List[Dict[str, Any]] = []
         latest: Optional[AttackState] = None
         if resume is not None:
@@ -220,7 +209,7 @@ class AttackLoop:
             clean_attack_labels = self.predict(model, attack_images, reducer=reducer)
             clean_eval_labels = self.predict(model, eval_images, reducer=reducer)
             clean_accuracy = metrics.accuracy(clean_eval_labels, eval_labels)
-            self.fabric.call("on_attack_start", loop=self, max_passes=self.max_passes, done=len(history))
+            self.fabric.call("on_attack_start", loop=self, max_passes=self.settings.max_passes, done=len(history))
             elapsed = resume.attack_seconds if resume is not None else 0.0
 
             def on_pass_end(report: PassReport) -> None:
@@ -263,23 +252,15 @@ class AttackLoop:
             try:
                 result = run_passes(
                     model,
-                    self.engine,
+                    self.settings,
                     attack_images,
                     clean_attack_labels,
-                    delta=self.delta,
-                    max_passes=self.max_passes,
                     generator=generator,
-                    eval_batch_size=self.evaluation.batch_size,
-                    clip=self.clip,
-                    target_class=self.target_class,
-                    keep=self.keep,
                     initial=None if resume is None else resume.perturbation,
                     start_pass=0 if resume is None else resume.passes,
                     kept=None if resume is None else resume.kept,
                     on_pass_end=on_pass_end,
                     reducer=reducer,
-                    compile=self.evaluation.compile,
-                    augment=self.augment,
                 )
             except KeyboardInterrupt:
                 if reducer.world_size > 1:
@@ -323,8 +304,8 @@ class AttackLoop:
                 images,
                 perturbation,
                 reducer=reducer,
-                batch_size=self.evaluation.batch_size,
-                clip=self.clip,
+                batch_size=self.settings.eval_batch_size,
+                clip=self.settings.clip,
                 amp=self.evaluation.amp,
                 channels_last=self.evaluation.channels_last,
             )
@@ -358,7 +339,7 @@ class AttackLoop:
             state.kept.perturbation,
             state.kept.fooling_rate,
             passes=state.passes,
-            converged=rate >= 1.0 - self.delta,
+            converged=rate >= 1.0 - self.settings.delta,
             best_pass=state.kept.pass_index,
             last_perturbation=state.perturbation,
         )
@@ -389,8 +370,9 @@ class AttackLoop:
             "norm_l2": metrics.norm_255(v, 2),
             "norm_linf": metrics.norm_255(v, math.inf),
         }
-        if self.target_class is not None:
-            record["targeted_success_rate"] = metrics.targeted_success_rate(clean_labels, perturbed, self.target_class)
+        target = self.settings.target_class
+        if target is not None:
+            record["targeted_success_rate"] = metrics.targeted_success_rate(clean_labels, perturbed, target)
         return record
 
     def _log_pass(self, record: Dict[str, Any], v: Tensor) -> None:
@@ -409,7 +391,6 @@ def _attack_on_rank(
     attack_images: Tensor,
     eval_images: Tensor,
     eval_labels: Tensor,
-    seed: int,
     resume: Optional[AttackState],
     *,
     loop: AttackLoop,
@@ -424,7 +405,6 @@ def _attack_on_rank(
         attack_images,
         eval_images,
         eval_labels,
-        seed,
         resume,
         TorchDistributed(fabric.device),
         lambda record, v: passes.append((dict(record), v.detach().cpu().clone())),
@@ -455,7 +435,7 @@ class AttackProgressBar:
         self._max_passes = max_passes
         if self.enabled and loop.fabric.is_global_zero:
             self._bar = tqdm(
-                total=max_passes, initial=done, desc=f"{loop.engine.name} passes", unit="pass", dynamic_ncols=True
+                total=max_passes, initial=done, desc=f"{loop.settings.method} passes", unit="pass", dynamic_ncols=True
             )
 
     def on_attack_pass_end(self, loop: AttackLoop, record: Dict[str, Any], perturbation: Tensor) -> None:

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from uap_lightning.units import to_pixel_units
+
 
 def perturb(images: Tensor, perturbation: Optional[Tensor], clip: bool = True) -> Tensor:
     """x + v, clipped to [0,1] when ``clip``; ``perturbation`` broadcasts over the batch."""
@@ -82,4 +84,4 @@ def targeted_success_rate(clean_labels: Tensor, perturbed_labels: Tensor, target
 
 def norm_255(perturbation: Tensor, p: float) -> float:
     """ℓp norm of a perturbation in 0–255 pixel units (``p`` may be ``math.inf``)."""
-    return float(torch.linalg.vector_norm(perturbation.detach().flatten().double(), ord=p).item() * 255.0)
+    return to_pixel_units(float(torch.linalg.vector_norm(perturbation.detach().flatten().double(), ord=p).item()))

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from uap_lightning.atomic import atomic_write
 from uap_lightning.errors import ConfigError, DamagedFileError, NotFoundError, UntrustedFileError
+from uap_lightning.units import PIXEL_SCALE, to_pixel_units
 
 LAYOUTS = ("hwc", "chw")  # perturbation.layout: axis order of a 3-D array in the file
 SCALES = (255, 1)  # perturbation.scale: 0–255 pixel units, or [0,1] image scale
@@ -116,7 +117,7 @@ def write_perturbation_npy(path: str | os.PathLike, perturbation: Tensor) -> Non
     0–255 pixel units (the form authors publish in), atomically."""
     if perturbation.dim() != 3:
         raise ValueError(f"a perturbation is C×H×W, got shape {tuple(perturbation.shape)}")
-    hwc = (perturbation.detach().to("cpu", torch.float32) * 255).permute(1, 2, 0).contiguous().numpy()
+    hwc = to_pixel_units(perturbation.detach().to("cpu", torch.float32)).permute(1, 2, 0).contiguous().numpy()
     atomic_write(path, lambda f: np.save(f, hwc, allow_pickle=False))
 
 
@@ -266,7 +267,7 @@ def _scale_of(v: Tensor, scale: Optional[float]) -> float:
     """The given scale, or 255 when some |value| exceeds 1 and 1 otherwise."""
     if scale is not None:
         return float(scale)
-    return 255.0 if v.numel() and float(v.abs().max()) > 1 else 1.0
+    return PIXEL_SCALE if v.numel() and float(v.abs().max()) > 1 else 1.0
 
 
 def _pickled(path: Path, err: BaseException) -> bool:

@@ -100,5 +100,11 @@ def main() -> Any:
     return entry("config")
 
 
+def bench_main() -> Any:
+    """``python -m uap_lightning.bench`` and the ``uap-bench`` console script: the run's entry point
+    with the ``bench`` primary config (task=bench)."""
+    return entry("bench")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,8 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from uap_lightning.attacks.threat import ThreatModel
+from uap_lightning.units import to_image_scale
+from uap_lightning.config import default_eps
 from uap_lightning.data.base import UAPDataModule, config_value
 from uap_lightning.errors import ConfigError
 from uap_lightning.models import VictimClassifier, build_backbone, load_weights, output_classes
@@ -85,13 +86,12 @@ def resolve_adversarial(model_cfg: Any, data_cfg: Any) -> Any:
     if mode not in ADVERSARIAL_MODES:
         raise ConfigError(f"unknown model.adversarial={mode!r}; known: {', '.join(ADVERSARIAL_MODES)} (null: none)")
     if eps is None:
-        defaults = config_value(data_cfg, "default_eps", {}) or {}
-        if "inf" not in defaults:
+        eps = default_eps(data_cfg, "inf")
+        if eps is None:
             raise ConfigError(
                 f"model.adversarial_eps is not set and data={config_value(data_cfg, 'name')} has no default ℓ∞ ε; "
                 "set model.adversarial_eps=<ε in 0–255 pixel units>"
             )
-        eps = defaults["inf"]
     step = eps / 2 if step is None else step
     for key, value in (("adversarial_eps", eps), ("adversarial_step", step)):
         if not (math.isfinite(value) and 0 < value <= 255):
@@ -123,9 +123,8 @@ def build_victim(model_cfg: Any, trainer_cfg: Any, datamodule: UAPDataModule) ->
         max_epochs=trainer_cfg.max_epochs,
         augment=model_cfg.augment,
         adversarial=model_cfg.adversarial,
-        # 0–255 units → [0,1] scale, the threat model's conversion
-        adversarial_eps=ThreatModel(model_cfg.adversarial_eps, math.inf).radius if adversarial else None,
-        adversarial_step=ThreatModel(model_cfg.adversarial_step, math.inf).radius if adversarial else None,
+        adversarial_eps=to_image_scale(model_cfg.adversarial_eps) if adversarial else None,
+        adversarial_step=to_image_scale(model_cfg.adversarial_step) if adversarial else None,
         image_shape=datamodule.image_shape if adversarial else None,
     )
 

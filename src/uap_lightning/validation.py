@@ -10,8 +10,9 @@ from typing import Any, Dict
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from uap_lightning.attacks import KEEP_CHOICES, ThreatModel, build_engine, engine_options
-from uap_lightning.config import ATTACK_SCHEMAS, TASK_SCHEMAS
+from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class
+from uap_lightning.attacks.threat import p_name
+from uap_lightning.config import attack_schemas, default_eps
 from uap_lightning.data import dataset_class
 from uap_lightning.data.sample_folder import no_training_split_message
 from uap_lightning.errors import ConfigError
@@ -28,7 +29,10 @@ def check_schema(cfg: DictConfig) -> None:
     """Refuse keys the schema does not know, including those added with ``+`` (Hydra lets
     ``+key=value`` through a structured config), and an ``attack.method`` or ``task.name``
     that differs from the preset chosen with ``attack=NAME`` / ``task=NAME``."""
-    for group, schemas, name_key in (("attack", ATTACK_SCHEMAS, "method"), ("task", TASK_SCHEMAS, "name")):
+    from uap_lightning.tasks import TASKS  # tasks import this module
+
+    task_schemas = {name: task.schema for name, task in TASKS.items()}
+    for group, schemas, name_key in (("attack", attack_schemas(), "method"), ("task", task_schemas, "name")):
         node = cfg[group]
         chosen = node[name_key]
         if chosen not in schemas:
@@ -64,36 +68,45 @@ def _check_known_keys(node: Any, prefix: str) -> None:
 def resolve_threat(cfg: DictConfig) -> ThreatModel:
     """The run's threat model: ``attack.eps``, or the data preset's default ε for ``attack.p``."""
     try:
-        p_name = ThreatModel.parse(1.0, cfg.attack.p).p_name
+        p = p_name(cfg.attack.p)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     eps = cfg.attack.eps
     if eps is None:
-        defaults = cfg.data.default_eps or {}
-        if p_name not in defaults:
+        eps = default_eps(cfg.data, p)
+        if eps is None:
             raise ConfigError(
-                f"attack.eps is not set and data={cfg.data.name} has no default ε for p={p_name}; "
+                f"attack.eps is not set and data={cfg.data.name} has no default ε for p={p}; "
                 f"set attack.eps=<ε in 0–255 pixel units>"
             )
-        eps = defaults[p_name]
     try:
         return ThreatModel.parse(eps, cfg.attack.p)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def attack_options(cfg: DictConfig) -> Dict[str, Any]:
-    """Keyword options of the engine named by ``attack.method``, taken from the ``attack`` config."""
+def attack_settings(cfg: DictConfig) -> AttackSettings:
+    """The run's :class:`AttackSettings`, built once from ``attack`` (the threat model resolved,
+    the seed ``attack.seed`` or ``seed``); ConfigError naming the key of a value that cannot work."""
+    attack = cfg.attack
     try:
-        names = engine_options(cfg.attack.method)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return {name: cfg.attack[name] for name in names if name in cfg.attack}
-
-
-def attack_seed(cfg: DictConfig) -> int:
-    """The seed of X's draw and order and of the attack's randomness: ``attack.seed`` or ``seed``."""
-    return int(cfg.seed if cfg.attack.seed is None else cfg.attack.seed)
+        options = {name: attack[name] for name in engine_class(attack.method).option_names()}
+        return AttackSettings(
+            resolve_threat(cfg),
+            method=attack.method,
+            options=options,
+            delta=attack.delta,
+            max_passes=attack.max_passes,
+            keep=attack.keep,
+            clip=attack.clip,
+            target_class=attack.target_class,
+            seed=int(cfg.seed if attack.seed is None else attack.seed),
+            augment=attack.augment,
+            eval_batch_size=attack.eval_batch_size,
+            compile=attack.compile,
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"attack settings: {err}") from None
 
 
 def check_victim_source(model_cfg: Any, data_cfg: Any) -> None:
@@ -138,30 +151,20 @@ def check_attack_devices(attack_cfg: Any, accelerator: str) -> None:
         raise ConfigError(f"attack.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
-def validate(cfg: DictConfig) -> ThreatModel:
-    """Check every setting that can be checked without data or a model; return the threat model."""
+def validate(cfg: DictConfig) -> AttackSettings:
+    """Check every setting that can be checked without data or a model; return the attack's settings."""
     check_schema(cfg)
-    threat = resolve_threat(cfg)
-    if not 0.0 < cfg.attack.delta < 1.0:
-        raise ConfigError(f"attack.delta must lie in (0, 1); got {cfg.attack.delta}")
-    if cfg.attack.max_passes < 1:
-        raise ConfigError(f"attack.max_passes must be at least 1; got {cfg.attack.max_passes}")
-    if cfg.attack.keep not in KEEP_CHOICES:
-        raise ConfigError(f"attack.keep must be one of {', '.join(KEEP_CHOICES)}; got {cfg.attack.keep!r}")
+    attack = attack_settings(cfg)
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         raise ConfigError(f"model.checkpoint={cfg.model.checkpoint} is not a file; give the path of your weights")
     resolve_adversarial(cfg.model, cfg.data)  # model.adversarial and its radius and step
     check_victim_source(cfg.model, cfg.data)
     if cfg.paths.lock_timeout <= 0:
         raise ConfigError(f"paths.lock_timeout must be a positive number of seconds; got {cfg.paths.lock_timeout}")
-    target = cfg.attack.target_class
-    if target is not None and (target < 0 or (cfg.data.num_classes is not None and target >= cfg.data.num_classes)):
+    target = attack.target_class
+    if target is not None and cfg.data.num_classes is not None and target >= cfg.data.num_classes:
         raise ConfigError(f"attack.target_class={target} is not a class of data={cfg.data.name}")
     check_accelerator(cfg.trainer.accelerator)
     check_training_processes(cfg.trainer)
     check_attack_devices(cfg.attack, cfg.trainer.accelerator)
-    try:
-        build_engine(cfg.attack.method, threat, **attack_options(cfg))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"attack settings do not fit attack.method={cfg.attack.method}: {err}") from None
-    return threat
+    return attack

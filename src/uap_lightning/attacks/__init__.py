@@ -5,20 +5,23 @@ from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, dee
 from uap_lightning.attacks.deepfool_uap import BatchedDeepFoolUAP, DeepFoolUAP
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, SingleProcess, TorchDistributed
 from uap_lightning.attacks.driver import (
-    KEEP_CHOICES,
     KeptPerturbation,
     PassReport,
     UAPResult,
     attack_set_rate,
     run_passes,
 )
-from uap_lightning.attacks.engines import ENGINES, build_engine, engine_options
+from uap_lightning.attacks.engines import ENGINES, build_engine, engine_class, import_engine_modules, register_engine
 from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
 from uap_lightning.attacks.projections import dual_norm, dual_step, lp_norm, project_lp
+from uap_lightning.attacks.settings import KEEP_CHOICES, AttackSettings
 from uap_lightning.attacks.sgd_uap import SGDUAP
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 
+import_engine_modules()  # an engine module added to this package registers itself
+
 __all__ = [
+    "AttackSettings",
     "BatchedDeepFoolUAP",
     "CompiledPredictions",
     "KEEP_CHOICES",
@@ -42,12 +45,13 @@ __all__ = [
     "deepfool_single",
     "dual_norm",
     "dual_step",
-    "engine_options",
+    "engine_class",
     "folded_copy",
     "frozen_eval",
     "lp_norm",
     "model_device",
     "parse_p",
     "project_lp",
+    "register_engine",
     "run_passes",
 ]

@@ -1,11 +1,18 @@
-"""The interface every universal attack engine implements: one pass over the attack set."""
+"""The interface every universal attack engine implements: one pass over the attack set.
+
+An engine declares itself: a subclass of :class:`UniversalAttack` decorated with
+:func:`register_engine` is registered under its ``name`` when its module is imported, and its
+``Options`` dataclass (field defaults are the defaults) is both what its constructor accepts and
+the schema of its ``attack`` settings.
+"""
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -14,14 +21,24 @@ from uap_lightning.attacks.distributed import Reducer
 from uap_lightning.attacks.projections import project_lp
 from uap_lightning.attacks.threat import ThreatModel
 
+# Every registered engine class, by name, in the order their modules were imported.
+ENGINES: Dict[str, Type["UniversalAttack"]] = {}
+
 
 @dataclass
 class PassStats:
-    """What one pass did: ``updates`` (DeepFool steps added to v, or SGD steps) and the mean
-    DeepFool iterations of those steps (0 for SGD)."""
+    """What one pass did: ``updates`` (DeepFool steps added to v, or gradient steps), the mean
+    DeepFool iterations of those steps (0 for gradient engines) and ``converged``, the engine's own
+    judgement that more passes would not change v much (the stop of an attack without X)."""
 
     updates: int
     mean_iterations: float
+    converged: bool = False
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of an engine that has none beyond the shared ones."""
 
 
 class UniversalAttack(abc.ABC):
@@ -30,23 +47,52 @@ class UniversalAttack(abc.ABC):
     A pass visits the attack set X once in the order ``torch.randperm(N, generator=generator)``.
     The model is expected in eval mode with frozen parameters (see ``frozen_eval``).
 
+    Subclasses set ``name`` and ``Options``, a dataclass of their own settings, and register with
+    :func:`register_engine`; ``engine.options`` holds the values given to the constructor over
+    the defaults.
+
     On several processes (a ``reducer`` of world size > 1) every rank is given the same X, v and
     generator state and returns the same v: the engine shares the work of each global batch
     among the ranks (see :mod:`uap_lightning.attacks.distributed`).
     """
 
-    name: str
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
 
-    def __init__(self, threat: ThreatModel, *, clip: bool = True, target_class: Optional[int] = None) -> None:
+    def __init__(
+        self, threat: ThreatModel, *, clip: bool = True, target_class: Optional[int] = None, **options: Any
+    ) -> None:
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a ThreatModel; got {type(threat).__name__}")
         if target_class is not None and (
             isinstance(target_class, bool) or not isinstance(target_class, numbers.Integral) or target_class < 0
         ):
             raise ValueError(f"attack.target_class must be a class index >= 0 or null; got {target_class!r}")
+        unknown = sorted(set(options) - set(self.option_names()))
+        if unknown:
+            raise TypeError(
+                f"attack.method={self.name} does not take option(s) {', '.join(unknown)}; "
+                f"its options: {', '.join(self.option_names()) or 'none'}"
+            )
         self.threat = threat
         self.clip = bool(clip)
         self.target_class = None if target_class is None else int(target_class)
+        self.options = self.Options(**options)
+
+    @classmethod
+    def option_names(cls) -> Tuple[str, ...]:
+        """The names of the engine's own options (the fields of ``Options``)."""
+        return tuple(f.name for f in dataclasses.fields(cls.Options))
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "UniversalAttack":
+        """The engine for ``settings`` (an :class:`~uap_lightning.attacks.settings.AttackSettings`)."""
+        return cls(settings.threat, clip=settings.clip, target_class=settings.target_class, **settings.options)
+
+    @property
+    def reads_images(self) -> bool:
+        """Whether a pass reads the attack set X (data-free engines: False, and X may be None)."""
+        return True
 
     def project(self, v: Tensor) -> Tensor:
         """v projected onto the threat model's ℓp ball (radius eps/255)."""
@@ -77,3 +123,19 @@ class UniversalAttack(abc.ABC):
         ``reducer`` (None: one process) joins the processes that run the pass together.
         """
 
+
+EngineClass = TypeVar("EngineClass", bound=Type[UniversalAttack])
+
+
+def register_engine(cls: EngineClass) -> EngineClass:
+    """Class decorator: make ``cls`` available as ``attack=<cls.name>`` (and ``method=``)."""
+    ENGINES[cls.name] = cls
+    return cls
+
+
+def engine_class(method: str) -> Type[UniversalAttack]:
+    """The engine registered under ``method``; ValueError listing the known names otherwise."""
+    try:
+        return ENGINES[method]
+    except KeyError:
+        raise ValueError(f"attack.method must be one of {', '.join(ENGINES)}; got {method!r}") from None

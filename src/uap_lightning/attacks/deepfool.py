@@ -34,13 +34,33 @@ class DeepFoolResult:
     converged: Union[Tensor, bool]
 
 
+@dataclass(frozen=True)
+class DeepFoolOptions:
+    """DeepFool's settings, the defaults of the authors' code (the ``attack`` keys of the DeepFool
+    engines): ``overshoot`` (the step is (1 + overshoot) times the linearised one),
+    ``num_candidates`` (classes considered: the top of the prediction at the start),
+    ``max_deepfool_iters`` (iterations per image) and ``deepfool_norm`` (the norm of the step:
+    "2", the paper's minimal ℓ2 step, for every p of the threat model; "inf" or "1" are variants).
+    """
+
+    overshoot: float = 0.02
+    num_candidates: int = 10
+    max_deepfool_iters: int = 10
+    deepfool_norm: str = "2"
+
+    def __post_init__(self) -> None:
+        if not self.overshoot >= 0:
+            raise ValueError(f"attack.overshoot must be >= 0; got {self.overshoot}")
+        if self.num_candidates < 2:
+            raise ValueError(f"attack.num_candidates must be at least 2; got {self.num_candidates}")
+        if self.max_deepfool_iters < 1:
+            raise ValueError(f"attack.max_deepfool_iters must be at least 1; got {self.max_deepfool_iters}")
+        parse_p(self.deepfool_norm)
+
+
 def _check(num_candidates: int, overshoot: float, max_iters: int, norm: Union[float, str]) -> float:
-    if num_candidates < 2:
-        raise ValueError(f"attack.num_candidates must be at least 2; got {num_candidates}")
-    if overshoot < 0:
-        raise ValueError(f"attack.overshoot must be >= 0; got {overshoot}")
-    if max_iters < 0:
-        raise ValueError(f"attack.max_deepfool_iters must be >= 0; got {max_iters}")
+    """The step's norm as a number, after checking the options as :class:`DeepFoolOptions` does."""
+    DeepFoolOptions(overshoot, num_candidates, max_iters, str(norm))
     return parse_p(norm)
 
 
@@ -60,10 +80,10 @@ def deepfool_single(
     model: nn.Module,
     x: Tensor,
     *,
-    num_candidates: int = 10,
-    overshoot: float = 0.02,
-    max_iters: int = 10,
-    norm: Union[float, str] = 2.0,
+    num_candidates: int = DeepFoolOptions.num_candidates,
+    overshoot: float = DeepFoolOptions.overshoot,
+    max_iters: int = DeepFoolOptions.max_deepfool_iters,
+    norm: Union[float, str] = DeepFoolOptions.deepfool_norm,
     target: Optional[int] = None,
 ) -> DeepFoolResult:
     """DeepFool on one image ``x`` (C×H×W), one backward pass per candidate class per iteration."""
@@ -113,10 +133,10 @@ def deepfool_batched(
     model: nn.Module,
     x: Tensor,
     *,
-    num_candidates: int = 10,
-    overshoot: float = 0.02,
-    max_iters: int = 10,
-    norm: Union[float, str] = 2.0,
+    num_candidates: int = DeepFoolOptions.num_candidates,
+    overshoot: float = DeepFoolOptions.overshoot,
+    max_iters: int = DeepFoolOptions.max_deepfool_iters,
+    norm: Union[float, str] = DeepFoolOptions.deepfool_norm,
     target: Optional[int] = None,
     start: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> DeepFoolResult:

@@ -14,13 +14,14 @@ their steps; ``DeepFoolUAP``, sequential by definition, runs the same pass on ev
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from uap_lightning.attacks.base import PassStats, UniversalAttack
-from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
+from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
+from uap_lightning.attacks.deepfool import DeepFoolOptions, DeepFoolResult, deepfool_batched, deepfool_single
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, shard
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 from uap_lightning.metrics import perturb
@@ -30,37 +31,19 @@ MAX_WINDOW = 64  # most images DeepFoolUAP predicts in one check forward pass
 
 
 class _DeepFoolEngine(UniversalAttack):
-    """Options shared by the DeepFool engines.
+    """What the DeepFool engines share: DeepFool with the engine's :class:`DeepFoolOptions`.
 
-    ``deepfool_norm`` is the norm of DeepFool's step: 2 (default) is the paper's Algorithm 1,
-    Δv = arg min ‖r‖₂ s.t. the label of x + v + r changes, for every p of the threat model (only
-    the projection depends on p), as in the authors' code; "inf" or 1 take the dual-norm step
-    of that norm instead, a variant (on a CIFAR-10 ResNet-20, ℓ∞ ξ=8, X = 500, 3 passes it
-    fooled 0.62 against 0.69 for the ℓ2 step).
+    ``deepfool_norm`` "2" (default) is the paper's Algorithm 1, Δv = arg min ‖r‖₂ s.t. the label
+    of x + v + r changes, for every p of the threat model (only the projection depends on p), as
+    in the authors' code; "inf" or "1" take the dual-norm step of that norm instead, a variant
+    (on a CIFAR-10 ResNet-20, ℓ∞ ξ=8, X = 500, 3 passes it fooled 0.62 against 0.69 for ℓ2).
     """
 
-    def __init__(
-        self,
-        threat: ThreatModel,
-        *,
-        clip: bool = True,
-        target_class: Optional[int] = None,
-        overshoot: float = 0.02,
-        num_candidates: int = 10,
-        max_deepfool_iters: int = 10,
-        deepfool_norm: Union[str, float] = 2.0,
-    ) -> None:
-        super().__init__(threat, clip=clip, target_class=target_class)
-        if overshoot < 0:
-            raise ValueError(f"attack.overshoot must be >= 0; got {overshoot}")
-        if num_candidates < 2:
-            raise ValueError(f"attack.num_candidates must be at least 2; got {num_candidates}")
-        if max_deepfool_iters < 1:
-            raise ValueError(f"attack.max_deepfool_iters must be at least 1; got {max_deepfool_iters}")
-        self.overshoot = float(overshoot)
-        self.num_candidates = int(num_candidates)
-        self.max_deepfool_iters = int(max_deepfool_iters)
-        self.deepfool_norm = parse_p(deepfool_norm)
+    Options = DeepFoolOptions
+
+    def __init__(self, threat: ThreatModel, **options) -> None:
+        super().__init__(threat, **options)
+        self.deepfool_norm = parse_p(self.options.deepfool_norm)
 
     def deepfool(
         self, model: nn.Module, x: Tensor, start: Optional[Tuple[Tensor, Tensor]] = None
@@ -71,17 +54,36 @@ class _DeepFoolEngine(UniversalAttack):
 
     def _deepfool_options(self) -> dict:
         return dict(
-            num_candidates=self.num_candidates,
-            overshoot=self.overshoot,
-            max_iters=self.max_deepfool_iters,
+            num_candidates=self.options.num_candidates,
+            overshoot=self.options.overshoot,
+            max_iters=self.options.max_deepfool_iters,
             norm=self.deepfool_norm,
             target=self.target_class,
         )
 
 
+@register_engine
 class DeepFoolUAP(_DeepFoolEngine):
-    """Algorithm 1 of the paper: for each x in shuffled order, if v does not yet fool x,
-    v ← Proj(v + DeepFool(clip(x + v))).
+    """The paper's Algorithm 1: for each x of X in shuffled order, if v does not yet fool x,
+    v ← Proj_{p,ε}(v + DeepFool(clip(x + v))), counting a step only when DeepFool converged.
+
+    Arguments:
+        threat: the ℓp ball, ``ThreatModel.parse(eps, p)`` with ε in 0–255 pixel units.
+        clip (bool, True): clip x + v to [0,1].
+        target_class (int or None, None): push images to this class instead of any other.
+        overshoot (float, 0.02), num_candidates (int, 10), max_deepfool_iters (int, 10),
+        deepfool_norm (str, "2"): DeepFool's settings, see :class:`DeepFoolOptions`.
+        per_image_reference (bool, False): check and attack one image at a time with
+        :func:`deepfool_single` (the reference the default pass is tested against).
+
+    Shape:
+        ``run_pass(model, v, images, clean_labels, generator)``: v C×H×W and images N×C×H×W in
+        [0,1] scale, clean_labels (N,) int64; returns the new v (C×H×W) and :class:`PassStats`.
+
+    Example::
+
+        engine = DeepFoolUAP(ThreatModel.parse(10, "inf"), max_deepfool_iters=10)
+        v, stats = engine.run_pass(model, torch.zeros(3, 224, 224), X, model(X).argmax(1), None)
 
     "Does v fool x?" is answered for a window of the next images in one forward pass; the
     answers stay exact until v changes, so after an update the window's remaining images are
@@ -90,9 +92,6 @@ class DeepFoolUAP(_DeepFoolEngine):
     The v, the updates and the iterations are those of checking one image at a time, bit for
     bit, unless the batch an image is predicted in flips its argmax (float32 logits differ by
     about 1e-6 between batch sizes).
-
-    ``per_image_reference=True`` checks one image at a time and runs :func:`deepfool_single`:
-    the reference the windowed pass is tested against (same v up to float rounding).
 
     Each update depends on the v left by the one before, so a pass cannot be shared: on several
     processes every rank runs the whole pass (the same v), and only the evaluation on X between
@@ -190,10 +189,40 @@ def next_window(size: int, update_at: Optional[int], checked: int, updates: int)
     return max(1, min(resized, (checked + 1) // (2 * (updates + 1)), MAX_WINDOW))
 
 
+@dataclass(frozen=True)
+class BatchedDeepFoolOptions(DeepFoolOptions):
+    """:class:`DeepFoolOptions` and the mini-batch: ``batch_size`` images per update, whose
+    converged steps are combined by ``aggregate`` ("sum" or "mean")."""
+
+    batch_size: int = 32
+    aggregate: str = "sum"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError(f"attack.batch_size must be at least 1; got {self.batch_size}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"attack.aggregate must be one of {', '.join(AGGREGATES)}; got {self.aggregate!r}")
+
+
+@register_engine
 class BatchedDeepFoolUAP(_DeepFoolEngine):
-    """Mini-batch variant: per batch of ``batch_size`` shuffled images, DeepFool on those v
-    does not yet fool, then v ← Proj(v + aggregate of the converged steps), where
-    ``aggregate`` is "sum" (default) or "mean" (over the converged steps).
+    """Algorithm 1 on mini-batches: per batch of ``batch_size`` shuffled images, DeepFool on those
+    v does not yet fool, then v ← Proj_{p,ε}(v + the sum (or mean) of the converged steps).
+
+    Arguments:
+        threat, clip, target_class, overshoot, num_candidates, max_deepfool_iters, deepfool_norm:
+        as for :class:`DeepFoolUAP`.
+        batch_size (int, 32): images per update.
+        aggregate (str, "sum"): how the converged steps of a batch combine, "sum" or "mean".
+
+    Shape:
+        as for :class:`DeepFoolUAP`.
+
+    Example::
+
+        engine = BatchedDeepFoolUAP(ThreatModel.parse(8, "inf"), batch_size=32)
+        v, stats = engine.run_pass(model, torch.zeros(3, 32, 32), X, model(X).argmax(1), None)
 
     The sum is the default by measurement: DeepFool steps of different images are nearly
     uncorrelated (on a CIFAR ResNet-20 the mean pairwise correlation of their ℓ∞ sign
@@ -205,15 +234,7 @@ class BatchedDeepFoolUAP(_DeepFoolEngine):
     ranks, so every rank makes the one-process update (up to float rounding of the sum)."""
 
     name = "deepfool_uap_batched"
-
-    def __init__(self, threat: ThreatModel, *, batch_size: int = 32, aggregate: str = "sum", **options) -> None:
-        super().__init__(threat, **options)
-        if batch_size < 1:
-            raise ValueError(f"attack.batch_size must be at least 1; got {batch_size}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"attack.aggregate must be one of {', '.join(AGGREGATES)}; got {aggregate!r}")
-        self.batch_size = int(batch_size)
-        self.aggregate = aggregate
+    Options = BatchedDeepFoolOptions
 
     def run_pass(
         self,
@@ -229,15 +250,15 @@ class BatchedDeepFoolUAP(_DeepFoolEngine):
         v = v.detach().clone()
         order = torch.randperm(images.shape[0], generator=generator)
         updates = iterations = 0
-        for start in range(0, order.numel(), self.batch_size):
-            index = shard(reducer, order[start : start + self.batch_size])
+        for start in range(0, order.numel(), self.options.batch_size):
+            index = shard(reducer, order[start : start + self.options.batch_size])
             step_sum, tally = self._local_steps(model, v, images, clean_labels, index)
             tally = reducer.all_reduce_sum(tally)
             count = int(tally[0])
             if count == 0:
                 continue
             step_sum = reducer.all_reduce_sum(step_sum)
-            v = self.project(v + (step_sum / count if self.aggregate == "mean" else step_sum))
+            v = self.project(v + (step_sum / count if self.options.aggregate == "mean" else step_sum))
             updates += count
             iterations += int(tally[1])
         return v, PassStats(updates=updates, mean_iterations=iterations / updates if updates else 0.0)

@@ -7,9 +7,10 @@ targeted success rate) reaches 1 − delta or ``max_passes`` passes have run, in
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,11 +18,10 @@ from torch import Tensor, nn
 from uap_lightning import metrics
 from uap_lightning.attacks import distributed
 from uap_lightning.attacks.augment import crop_flip
-from uap_lightning.attacks.base import PassStats, UniversalAttack
+from uap_lightning.attacks.base import PassStats
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
 from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
-
-KEEP_CHOICES = ("best", "last")
+from uap_lightning.attacks.settings import AttackSettings
 
 
 @dataclass
@@ -74,109 +74,106 @@ def attack_set_rate(
     images: Tensor,
     clean_labels: Tensor,
     v: Tensor,
-    *,
-    clip: bool = True,
-    target_class: Optional[int] = None,
-    batch_size: int = 512,
+    settings: AttackSettings,
     reducer: Optional[Reducer] = None,
 ) -> float:
     """Fooling rate of v on ``images`` (targeted: share of non-target images sent to the target);
     with a ``reducer`` each rank predicts its shard and every rank gets the rate on all images."""
-    perturbed = distributed.predict(model, images, v, reducer=reducer, batch_size=batch_size, clip=clip)
+    perturbed = distributed.predict(
+        model, images, v, reducer=reducer, batch_size=settings.eval_batch_size, clip=settings.clip
+    )
     clean = clean_labels.to(perturbed.device)
-    if target_class is None:
+    if settings.target_class is None:
         return metrics.fooling_rate(clean, perturbed)
-    return metrics.targeted_success_rate(clean, perturbed, target_class)
+    return metrics.targeted_success_rate(clean, perturbed, settings.target_class)
 
 
 def run_passes(
     model: nn.Module,
-    engine: UniversalAttack,
-    images: Tensor,
-    clean_labels: Tensor,
+    settings: AttackSettings,
+    images: Optional[Tensor],
+    clean_labels: Optional[Tensor],
     *,
-    delta: float,
-    max_passes: int,
-    generator: Optional[torch.Generator],
-    eval_batch_size: int = 512,
-    clip: bool = True,
-    target_class: Optional[int] = None,
-    keep: str = "best",
+    image_shape: Optional[Sequence[int]] = None,
+    generator: Optional[torch.Generator] = None,
     initial: Optional[Tensor] = None,
     start_pass: int = 0,
     kept: Optional[KeptPerturbation] = None,
     on_pass_end: Optional[PassCallback] = None,
     reducer: Optional[Reducer] = None,
-    compile: bool = False,
-    augment: bool = False,
 ) -> UAPResult:
-    """Run passes of ``engine`` on X = ``images`` (N×C×H×W in [0,1]) with clean predictions (N,).
+    """Run passes of the engine of ``settings`` on X = ``images`` (N×C×H×W in [0,1]) with clean
+    predictions (N,), until the rate on X reaches 1 − δ or ``settings.max_passes`` passes ran.
 
-    v starts at ``initial`` (C×H×W) or zeros; passes are numbered from ``start_pass`` + 1, up to
-    ``max_passes`` in all; ``kept`` carries the kept perturbation of earlier passes when
-    resuming. After each pass the rate on X is measured, the kept perturbation updated
-    (``keep``: "best" or "last"; selection looks at X only), a history entry (pass,
-    fooling_rate_attack_set, updates, mean_deepfool_iterations, seconds of the pass and its
-    evaluation) appended and ``on_pass_end(PassReport)`` called. The model is kept in eval
-    mode with frozen parameters meanwhile; the engine runs on its batch-norm-folded copy
-    (:func:`folded_copy`), whose predictions run compiled when ``compile``
-    (:class:`CompiledPredictions`; the compilation time counts in the passes' seconds).
-    With ``augment`` each pass works on a new random crop and flip of every image of X
-    (:func:`~uap_lightning.attacks.augment.crop_flip`, drawn from ``generator``) with the model's
+    The order of X and the attack's randomness come from ``generator`` (default: seeded with
+    ``settings.seed``; the loop hands over its own to save and restore its state). v starts at
+    ``initial`` (C×H×W) or zeros; passes are numbered from ``start_pass`` + 1; ``kept`` carries the
+    kept perturbation of earlier passes when resuming. After each pass the rate on X is measured,
+    the kept perturbation updated (``settings.keep``: "best" or "last"; selection looks at X
+    only), a history entry (pass, fooling_rate_attack_set, updates, mean_deepfool_iterations,
+    seconds of the pass and its evaluation) appended and ``on_pass_end(PassReport)`` called. The
+    model is kept in eval mode with frozen parameters meanwhile; the engine runs on its
+    batch-norm-folded copy (:func:`folded_copy`), whose predictions run compiled when
+    ``settings.compile`` (:class:`CompiledPredictions`; compiling counts in the passes' seconds).
+    With ``settings.augment`` each pass works on a new random crop and flip of every image of X
+    (:func:`~uap_lightning.attacks.augment.crop_flip`, drawn from the generator) with the model's
     clean predictions on them; the rate on X, the stop and the kept pass stay on X itself.
 
     With a ``reducer`` of world size > 1 every rank calls this with the same arguments: the engine
     shares its passes (it gets the reducer; engines whose ``run_pass`` takes none run in one
     process only), the rate on X is shared, and after each pass every rank takes rank 0's v, so
     the ranks agree even where GPU kernels are not bitwise reproducible.
+
+    Without X (``images`` and ``clean_labels`` None, for an engine that reads no images, such as
+    ``gd_uap`` with a data-free prior) v is C×H×W = ``image_shape``, there is no rate on X (NaN in
+    the history), the last pass is kept, and the attack stops when a pass reports
+    ``PassStats.converged`` or after ``settings.max_passes`` passes.
     """
+    engine = settings.engine()
+    data_free = images is None
+    if data_free and engine.reads_images:
+        raise ValueError(f"attack.method={settings.method} reads the attack set X with these options; give images")
+    shape = tuple(image_shape) if data_free else tuple(images.shape[1:])
+    generator = settings.generator() if generator is None else generator
     reducer = reducer or SINGLE_PROCESS
     shared = {} if reducer.world_size == 1 else {"reducer": reducer}
-    if engine.clip != clip or engine.target_class != target_class:
-        raise ValueError(
-            f"engine built with clip={engine.clip}, target_class={engine.target_class} "
-            f"but run_passes called with clip={clip}, target_class={target_class}; pass the same values to both"
-        )
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"attack.delta must be in (0, 1); got {delta}")
-    if keep not in KEEP_CHOICES:
-        raise ValueError(f"attack.keep must be one of {', '.join(KEEP_CHOICES)}; got {keep!r}")
     device = model_device(model)
+    dtype = torch.float32 if data_free else images.dtype
     if initial is None:
-        v = torch.zeros(images.shape[1:], dtype=images.dtype, device=device)
+        v = torch.zeros(shape, dtype=dtype, device=device)
     else:
-        if tuple(initial.shape) != tuple(images.shape[1:]):
-            raise ValueError(
-                f"initial perturbation has shape {tuple(initial.shape)}; expected {tuple(images.shape[1:])}"
-            )
-        v = initial.detach().to(device=device, dtype=images.dtype).clone()
+        if tuple(initial.shape) != shape:
+            raise ValueError(f"initial perturbation has shape {tuple(initial.shape)}; expected {shape}")
+        v = initial.detach().to(device=device, dtype=dtype).clone()
     history: List[dict] = []
     passes = start_pass
     with frozen_eval(model):
         model = folded_copy(model)
-        if compile:
+        if settings.compile:
             model = CompiledPredictions(model)
 
         def rate_on_x(v: Tensor) -> float:
-            return attack_set_rate(
-                model, images, clean_labels, v, clip=clip, target_class=target_class, batch_size=eval_batch_size,
-                reducer=reducer,
-            )
+            return math.nan if data_free else attack_set_rate(model, images, clean_labels, v, settings, reducer)
 
-        rate = rate_on_x(v)
+        def done(rate: float, stats: Optional[PassStats]) -> bool:
+            if data_free:
+                return stats is not None and stats.converged
+            return rate >= 1.0 - settings.delta
+
+        rate, stats = rate_on_x(v), None
         if kept is None:
             kept = KeptPerturbation(v.detach().cpu(), rate, passes)
-        while rate < 1.0 - delta and passes < max_passes:
+        while not done(rate, stats) and passes < settings.max_passes:
             started = time.perf_counter()
             seen, seen_labels = images, clean_labels
-            if augment:
+            if settings.augment and not data_free:
                 seen = crop_flip(images, generator)
-                seen_labels = distributed.predict(model, seen, reducer=reducer, batch_size=eval_batch_size)
+                seen_labels = distributed.predict(model, seen, reducer=reducer, batch_size=settings.eval_batch_size)
             v, stats = engine.run_pass(model, v, seen, seen_labels, generator, pass_index=passes, **shared)
             v = reducer.broadcast(v)
             rate = rate_on_x(v)
             passes += 1
-            if keep == "last" or rate > kept.fooling_rate or kept.pass_index == 0:
+            if settings.keep == "last" or data_free or rate > kept.fooling_rate or kept.pass_index == 0:
                 kept = KeptPerturbation(v.detach().cpu(), rate, passes)
             history.append(
                 {
@@ -194,7 +191,7 @@ def run_passes(
         fooling_rate=kept.fooling_rate,
         history=history,
         passes=passes,
-        converged=rate >= 1.0 - delta,
+        converged=done(rate, stats),
         best_pass=kept.pass_index,
         last_perturbation=v.detach().cpu(),
     )

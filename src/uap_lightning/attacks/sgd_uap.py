@@ -15,16 +15,19 @@ batch mean (up to float rounding) and every rank takes the same step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uap_lightning.attacks.base import PassStats, UniversalAttack
+from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, shard
 from uap_lightning.attacks.projections import lp_norm
+from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.threat import ThreatModel
+from uap_lightning.units import to_image_scale
 from uap_lightning.metrics import perturb
 
 OPTIMIZERS = ("sign", "adam")
@@ -32,57 +35,84 @@ SCHEDULES = ("cosine", "constant")
 TARGET_CE_FLOOR = 0.1
 
 
-class SGDUAP(UniversalAttack):
-    """Gradient steps on v per batch of ``batch_size`` images.
+@dataclass(frozen=True)
+class SGDOptions:
+    """SGD-UAP's settings (the ``attack`` keys of ``attack=sgd_uap``), see :class:`SGDUAP`."""
 
-    ``optimizer="sign"`` takes steps of ℓp length ``step_size`` along the steepest direction
-    (sign of the gradient for p=inf, the gradient scaled to unit ℓp norm for p=2 and p=1);
-    ``"adam"`` runs torch.optim.Adam on v with lr = step_size/255, its moments restarting each
-    pass so that a pass depends only on v, its index and the generator. ``step_size``
-    (default eps/10) follows ``lr_schedule``: "cosine" decays to 0 over ``max_passes``
-    passes, "constant" keeps it.
+    batch_size: int = 32
+    optimizer: str = "sign"
+    step_size: Optional[float] = None  # 0–255 units; None: ε / 10
+    lr_schedule: str = "cosine"
+    beta: float = 9.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"attack.batch_size must be at least 1; got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"attack.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"attack.lr_schedule must be one of {', '.join(SCHEDULES)}; got {self.lr_schedule!r}")
+        if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise ValueError(f"attack.step_size must be a positive number in 0-255 units or null; got {self.step_size!r}")
+        if not self.beta > 0:
+            raise ValueError(f"attack.beta must be > 0; got {self.beta}")
+
+
+@register_engine
+class SGDUAP(UniversalAttack):
+    """SGD-UAP: per mini-batch of X, a step on v along the gradient of a clipped cross-entropy,
+    then v projected onto the ℓp ball of radius ε.
+
+    Arguments:
+        threat: the ℓp ball, ``ThreatModel.parse(eps, p)`` with ε in 0–255 pixel units.
+        clip (bool, True): clip x + v to [0,1].
+        target_class (int or None, None): lower the cross-entropy to this class instead.
+        max_passes (int, 10): the passes the step-size schedule spans.
+        batch_size (int, 32): images per step.
+        optimizer (str, "sign"): "sign" takes steps of ℓp length ``step_size`` along the steepest
+        direction (the gradient's sign for ℓ∞, the gradient scaled to unit ℓp norm for ℓ2 and
+        ℓ1); "adam" runs torch.optim.Adam on v with lr = step_size/255, its moments restarting
+        each pass so that a pass depends only on v, its index and the generator.
+        step_size (float or None, None): the first step in 0–255 units; None: ε/10.
+        lr_schedule (str, "cosine"): "cosine" decays the step to 0 over ``max_passes`` passes,
+        "constant" keeps it.
+        beta (float, 9.0): the cross-entropy clip; images past it stop pulling.
+
+    Shape:
+        ``run_pass(model, v, images, clean_labels, generator, pass_index)``: v C×H×W and images
+        N×C×H×W in [0,1] scale, clean_labels (N,) int64; returns the new v and :class:`PassStats`.
+
+    Example::
+
+        engine = SGDUAP(ThreatModel.parse(10, "inf"), max_passes=5, batch_size=32)
+        for k in range(5):
+            v, _ = engine.run_pass(model, v, X, clean, generator, pass_index=k)
     """
 
     name = "sgd_uap"
+    Options = SGDOptions
 
-    def __init__(
-        self,
-        threat: ThreatModel,
-        *,
-        clip: bool = True,
-        target_class: Optional[int] = None,
-        batch_size: int = 32,
-        optimizer: str = "sign",
-        step_size: Optional[float] = None,
-        lr_schedule: str = "cosine",
-        beta: float = 9.0,
-        max_passes: int = 10,
-    ) -> None:
-        super().__init__(threat, clip=clip, target_class=target_class)
-        if batch_size < 1:
-            raise ValueError(f"attack.batch_size must be at least 1; got {batch_size}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"attack.optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
-        if lr_schedule not in SCHEDULES:
-            raise ValueError(f"attack.lr_schedule must be one of {', '.join(SCHEDULES)}; got {lr_schedule!r}")
-        if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
-            raise ValueError(f"attack.step_size must be a positive number in 0-255 units or null; got {step_size!r}")
-        if not beta > 0:
-            raise ValueError(f"attack.beta must be > 0; got {beta}")
+    def __init__(self, threat: ThreatModel, *, max_passes: int = AttackSettings.max_passes, **options) -> None:
+        super().__init__(threat, **options)
         if max_passes < 1:
             raise ValueError(f"attack.max_passes must be at least 1; got {max_passes}")
-        self.batch_size = int(batch_size)
-        self.optimizer = optimizer
-        self.step_size = float(step_size) if step_size is not None else threat.eps / 10.0
-        self.lr_schedule = lr_schedule
-        self.beta = float(beta)
+        step = self.options.step_size
+        self.step_size = float(step) if step is not None else threat.eps / 10.0  # 0–255 units
         self.max_passes = int(max_passes)
         self.passes_run = 0
 
+    @classmethod
+    def from_settings(cls, settings: AttackSettings) -> "SGDUAP":
+        """The engine for ``settings``, its schedule spanning ``settings.max_passes`` passes."""
+        return cls(
+            settings.threat, clip=settings.clip, target_class=settings.target_class,
+            max_passes=settings.max_passes, **settings.options,
+        )
+
     def step_at(self, step: int, total_steps: int) -> float:
         """Step size in [0,1] scale at global step ``step`` of ``total_steps``."""
-        base = self.step_size / 255.0
-        if self.lr_schedule == "constant":
+        base = to_image_scale(self.step_size)
+        if self.options.lr_schedule == "constant":
             return base
         return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
@@ -91,7 +121,7 @@ class SGDUAP(UniversalAttack):
         the images of ``logits`` (B×classes), divided by ``batch_size`` (None: B): the batch mean
         when these are all its images."""
         if self.target_class is None:
-            terms = -F.cross_entropy(logits, clean_labels, reduction="none").clamp(max=self.beta)
+            terms = -F.cross_entropy(logits, clean_labels, reduction="none").clamp(max=self.options.beta)
         else:
             target = torch.full_like(clean_labels, self.target_class)
             terms = F.cross_entropy(logits, target, reduction="none").clamp(min=TARGET_CE_FLOOR)
@@ -111,15 +141,15 @@ class SGDUAP(UniversalAttack):
         index = self.passes_run if pass_index is None else pass_index
         self.passes_run = index + 1
         order = torch.randperm(images.shape[0], generator=generator)
-        batches = math.ceil(order.numel() / self.batch_size)
+        batches = math.ceil(order.numel() / self.options.batch_size)
         total = self.max_passes * batches
         v = v.detach().clone()
         adam = None
-        if self.optimizer == "adam":
+        if self.options.optimizer == "adam":
             v.requires_grad_(True)
             adam = torch.optim.Adam([v], lr=self.step_at(index * batches, total))
         for b in range(batches):
-            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = order[b * self.options.batch_size : (b + 1) * self.options.batch_size]
             local = shard(reducer, batch)
             lr = self.step_at(index * batches + b, total)
             if local.numel() > 0:

@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Union
 
+from uap_lightning.units import to_image_scale
+
 NORMS = (1.0, 2.0, math.inf)
 _P_NAMES = {1.0: "1", 2.0: "2", math.inf: "inf"}
 P_SYMBOLS = {1.0: "ℓ1", 2.0: "ℓ2", math.inf: "ℓ∞"}
@@ -33,6 +35,11 @@ def parse_p(value: Union[str, float, int]) -> float:
     if number not in NORMS:
         raise error
     return number
+
+
+def p_name(value: Union[str, float, int]) -> str:
+    """The norm as text ("inf", "2" or "1") of anything :func:`parse_p` accepts."""
+    return _P_NAMES[parse_p(value)]
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ class ThreatModel:
     @property
     def radius(self) -> float:
         """The radius in [0,1] image scale: eps / 255."""
-        return self.eps / 255.0
+        return to_image_scale(self.eps)
 
     @property
     def symbol(self) -> str:

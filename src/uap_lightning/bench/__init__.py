@@ -1,14 +1,4 @@
-"""The benchmark's parts: a naive reference, the ART peer, rows and the efficiency measure.
-
-The benchmark itself is the task ``task=bench`` (``uap_lightning.tasks.bench``); ``main`` is
-``python -m uap_lightning.bench`` and the ``uap-bench`` console script.
+"""The benchmark's parts: a naive reference, the ART peer, rows, the profile and the efficiency
+measure. The benchmark itself is the task ``task=bench`` (``uap_lightning.tasks.bench``), run by
+``python -m uap_lightning.bench`` and the ``uap-bench`` console script (``run.bench_main``).
 """
-
-from typing import Any
-
-
-def main() -> Any:
-    """Run the benchmark: the run's entry point with the ``bench`` primary config."""
-    from uap_lightning.run import entry
-
-    return entry("bench")

@@ -2,6 +2,6 @@
 
 import sys
 
-from uap_lightning.bench import main
+from uap_lightning.run import bench_main
 
-sys.exit(main())
+sys.exit(bench_main())

@@ -44,7 +44,7 @@ def _forward_backward(model: nn.Module, batch: Tensor) -> None:
 
 def batched_efficiency(model: nn.Module, images: Tensor, engine: BatchedDeepFoolUAP, batches: int) -> Efficiency:
     """Time ``engine``'s DeepFool and plain forward+backward on the first ``batches`` batches of ``images``."""
-    size = engine.batch_size
+    size = engine.options.batch_size
     chunks = [images[i : i + size] for i in range(0, min(len(images), size * batches), size)]
     with torch.enable_grad(), frozen_eval(model):
         engine.deepfool(model, chunks[0])  # warm-up
@@ -58,7 +58,7 @@ def batched_efficiency(model: nn.Module, images: Tensor, engine: BatchedDeepFool
         forward_backward_seconds = time.perf_counter() - started
         classes = model(chunks[0][:1]).shape[1]
     count = sum(len(chunk) for chunk in chunks)
-    candidates = min(engine.num_candidates, classes)
+    candidates = min(engine.options.num_candidates, classes)
     iteration_rate = iterations / deepfool_seconds
     forward_backward_rate = count / forward_backward_seconds
     return Efficiency(

@@ -13,11 +13,9 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from uap_lightning.attacks.deepfool import STEP_PAD, DeepFoolOptions
 from uap_lightning.attacks.projections import dual_norm, dual_step, project_lp
 from uap_lightning.attacks.threat import ThreatModel, parse_p
-
-STEP_PAD = 1e-4  # the reference code lengthens every DeepFool step by this much (ℓp units of the step)
-
 
 def naive_deepfool(
     model: nn.Module, image: Tensor, *, num_candidates: int, overshoot: float, max_iters: int, norm: float
@@ -64,10 +62,10 @@ def naive_uap(
     delta: float,
     max_passes: int,
     generator: Optional[torch.Generator],
-    overshoot: float = 0.02,
-    num_candidates: int = 10,
-    max_deepfool_iters: int = 10,
-    deepfool_norm: Union[str, float] = 2.0,
+    overshoot: float = DeepFoolOptions.overshoot,
+    num_candidates: int = DeepFoolOptions.num_candidates,
+    max_deepfool_iters: int = DeepFoolOptions.max_deepfool_iters,
+    deepfool_norm: Union[str, float] = DeepFoolOptions.deepfool_norm,
     clip: bool = True,
 ) -> Tuple[Tensor, float, int]:
     """Algorithm 1 on X = ``images`` (N×C×H×W in [0,1]): returns (v C×H×W, fooling rate on X, passes).

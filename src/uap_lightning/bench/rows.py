@@ -6,36 +6,33 @@ included) and scored on the evaluation set by the same function, :func:`eval_foo
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from uap_lightning import metrics
-from uap_lightning.attacks import PassReport, ThreatModel, build_engine, frozen_eval, run_passes
+from uap_lightning.attacks import AttackSettings, PassReport, frozen_eval, run_passes
 from uap_lightning.bench.art_peer import art_uap
 from uap_lightning.bench.naive import naive_uap
 
 
 @dataclass
 class BenchProblem:
-    """What every row attacks: the victim, X (N×C×H×W, [0,1]) and the eval set with its clean labels."""
+    """What every row attacks: the victim, X (N×C×H×W, [0,1]) and the eval set with its clean
+    labels, and the DeepFool reference settings (``reference``: threat, δ, passes, clipping, seed
+    and DeepFool's options) that the naive and ART rows follow."""
 
     model: nn.Module
     attack_images: Tensor
     eval_images: Tensor
     clean_eval_labels: Tensor
     num_classes: int
-    threat: ThreatModel
-    delta: float
-    max_passes: int
-    clip: bool
-    seed: int
-    deepfool: Dict[str, Any]  # overshoot, num_candidates, max_deepfool_iters, deepfool_norm (naive, ART, engines)
-    keep: str = "best"  # which pass the engines return (naive and ART return their last)
-    compile: bool = False  # engines' predictions through torch.compile (compilation timed)
+    reference: AttackSettings
 
 
 @dataclass
@@ -65,20 +62,21 @@ class BenchRow:
 
 def eval_fooling_rate(problem: BenchProblem, perturbation: Tensor) -> float:
     """The fooling rate of ``perturbation`` on the eval set: the one score every row gets."""
-    perturbed = metrics.predict(problem.model, problem.eval_images, perturbation, clip=problem.clip)
+    reference = problem.reference
+    perturbed = metrics.predict(
+        problem.model, problem.eval_images, perturbation, batch_size=reference.eval_batch_size, clip=reference.clip
+    )
     return metrics.fooling_rate(problem.clean_eval_labels, perturbed)
 
 
+PEERS = ("naive", "art")  # the rows that are not this project's engines
 REFERENCE_METHOD = "deepfool_uap"
 REACH_TOLERANCE = 0.02  # fooling-rate points
 
 
-def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) -> BenchRow:
-    """Time ``method`` (naive | art | an engine name) from X to v, then score v on the eval set.
-
-    Engines are also scored after every pass (``curve``); that scoring is not timed.
-    """
-    generator = torch.Generator().manual_seed(problem.seed)
+def run_row(method: str, problem: BenchProblem, settings: AttackSettings, art_batch_size: int) -> BenchRow:
+    """Time ``method`` (naive | art | an engine with its ``settings``) from X to v, then score v on
+    the eval set. Engines are also scored after every pass (``curve``); that scoring is not timed."""
     curve: List[List[float]] = []
     scoring = 0.0
 
@@ -89,50 +87,11 @@ def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) 
         scoring += time.perf_counter() - paused
 
     started = time.perf_counter()
-    if method == "naive":
-        with frozen_eval(problem.model):
-            v, rate, passes = naive_uap(
-                problem.model,
-                problem.attack_images,
-                problem.threat,
-                delta=problem.delta,
-                max_passes=problem.max_passes,
-                generator=generator,
-                clip=problem.clip,
-                **problem.deepfool,
-            )
-    elif method == "art":
-        with frozen_eval(problem.model):
-            v, rate, passes = art_uap(
-                problem.model,
-                problem.attack_images,
-                problem.threat,
-                num_classes=problem.num_classes,
-                delta=problem.delta,
-                max_passes=problem.max_passes,
-                overshoot=problem.deepfool["overshoot"],
-                num_candidates=problem.deepfool["num_candidates"],
-                max_deepfool_iters=problem.deepfool["max_deepfool_iters"],
-                clip=problem.clip,
-                seed=problem.seed,
-                batch_size=engine_options["batch_size"],
-            )
+    if method in PEERS:
+        v, rate, passes = _peer(method, problem, art_batch_size)
     else:
-        engine = build_engine(method, problem.threat, clip=problem.clip, **engine_options)
-        clean = metrics.predict(problem.model, problem.attack_images)
-        result = run_passes(
-            problem.model,
-            engine,
-            problem.attack_images,
-            clean,
-            delta=problem.delta,
-            max_passes=problem.max_passes,
-            generator=generator,
-            clip=problem.clip,
-            keep=problem.keep,
-            compile=problem.compile,
-            on_pass_end=score_pass,
-        )
+        clean = metrics.predict(problem.model, problem.attack_images, batch_size=settings.eval_batch_size)
+        result = run_passes(problem.model, settings, problem.attack_images, clean, on_pass_end=score_pass)
         v, rate, passes = result.perturbation, result.fooling_rate, result.passes
     seconds = time.perf_counter() - started - scoring
     return BenchRow(
@@ -141,10 +100,29 @@ def run_row(method: str, problem: BenchProblem, engine_options: Dict[str, Any]) 
         fooling_rate=eval_fooling_rate(problem, v),
         fooling_rate_attack_set=float(rate),
         passes=int(passes),
-        norm_linf=float(v.abs().max()) * 255.0,
-        norm_l2=float(v.norm()) * 255.0,
+        norm_linf=metrics.norm_255(v, math.inf),
+        norm_l2=metrics.norm_255(v, 2.0),
         curve=curve,
     )
+
+
+def _peer(method: str, problem: BenchProblem, art_batch_size: int) -> Tuple[Tensor, float, int]:
+    """(v, fooling rate on X, passes) of the naive reference or ART with the reference settings."""
+    reference = problem.reference
+    options = reference.options
+    common = dict(delta=reference.delta, max_passes=reference.max_passes, clip=reference.clip)
+    with frozen_eval(problem.model):
+        if method == "naive":
+            return naive_uap(
+                problem.model, problem.attack_images, reference.threat, generator=reference.generator(),
+                **common, **options,
+            )
+        return art_uap(
+            problem.model, problem.attack_images, reference.threat, num_classes=problem.num_classes,
+            overshoot=options["overshoot"], num_candidates=options["num_candidates"],
+            max_deepfool_iters=options["max_deepfool_iters"], seed=reference.seed, batch_size=art_batch_size,
+            **common,
+        )
 
 
 def add_speedups(rows: List[BenchRow]) -> None:
@@ -166,27 +144,20 @@ def add_time_to_reference(rows: List[BenchRow]) -> None:
         row.seconds_to_reference = next((seconds for seconds, rate in row.curve if rate >= goal), None)
 
 
-def format_table(rows: List[BenchRow]) -> str:
-    """The rows as a fixed-width text table."""
-    header = (
-        f"{'method':<22}{'seconds':>9}{'fooling':>9}{'on X':>8}{'passes':>8}{'vs ART':>9}{'vs naive':>10}"
-        f"{'to ref':>9}{'rand ℓ2':>9}"
+def rows_table(rows: List[BenchRow]) -> pd.DataFrame:
+    """The rows as a table: seconds, fooling rates, passes, speed-ups, seconds to the reference's
+    rate and the same-ℓ2 random baseline (missing values as "-")."""
+    table = pd.DataFrame(
+        {
+            "seconds": [row.seconds for row in rows],
+            "fooling": [row.fooling_rate for row in rows],
+            "on X": [row.fooling_rate_attack_set for row in rows],
+            "passes": [row.passes for row in rows],
+            "vs ART": [row.speedup_vs_art for row in rows],
+            "vs naive": [row.speedup_vs_naive for row in rows],
+            "to ref": [row.seconds_to_reference for row in rows],
+            "rand ℓ2": [row.random_same_l2_fooling_rate for row in rows],
+        },
+        index=pd.Index([row.method for row in rows], name="method"),
     )
-    lines = [header, "-" * len(header)]
-
-    def times(value: Optional[float]) -> str:
-        return f"{value:.2f}x" if value is not None else "-"
-
-    def seconds(value: Optional[float]) -> str:
-        return f"{value:.1f}" if value is not None else "-"
-
-    def rate(value: Optional[float]) -> str:
-        return f"{value:.3f}" if value is not None else "-"
-
-    for row in rows:
-        lines.append(
-            f"{row.method:<22}{row.seconds:>9.1f}{row.fooling_rate:>9.3f}{row.fooling_rate_attack_set:>8.3f}"
-            f"{row.passes:>8d}{times(row.speedup_vs_art):>9}{times(row.speedup_vs_naive):>10}"
-            f"{seconds(row.seconds_to_reference):>9}{rate(row.random_same_l2_fooling_rate):>9}"
-        )
-    return "\n".join(lines)
+    return table.astype(object).where(table.notna(), "-")

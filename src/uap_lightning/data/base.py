@@ -10,7 +10,7 @@ import abc
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
 
 import lightning as L
 import torch
@@ -32,6 +32,10 @@ def config_value(cfg: Any, key: str, default: Any = None) -> Any:
     except (AttributeError, MissingMandatoryValue):
         return default
     return default if value is None or value == MISSING else value
+
+
+# Every registered datamodule class, by data.name.
+DATASETS: Dict[str, Type["UAPDataModule"]] = {}
 
 
 @dataclass
@@ -56,11 +60,13 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
     ``split_seed``); the rest is the fit set used for training and for the attack set.
     """
 
-    has_training_split = True  # False: victims cannot be trained on it (pretrained or checkpoint only)
+    name: ClassVar[str]  # data.name
+    has_training_split: ClassVar[bool] = True  # False: victims cannot be trained on it (pretrained or checkpoint only)
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, *, cache_dir: Optional[str] = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.cache_dir = cache_dir  # where datasets decoded from files are cached (None: nowhere)
         self.attack_images = int(config_value(cfg, "attack_images", 500))
         eval_images = config_value(cfg, "eval_images")
         self.eval_images: Optional[int] = None if eval_images is None else int(eval_images)
@@ -300,3 +306,12 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         """Per-channel std for the model's normalisation, [0,1] scale (1 when not configured)."""
         values = config_value(self.cfg, "std", [])
         return tuple(float(v) for v in values) or (1.0,) * self.image_shape[0]
+
+
+DataModuleClass = TypeVar("DataModuleClass", bound=Type[UAPDataModule])
+
+
+def register_dataset(cls: DataModuleClass) -> DataModuleClass:
+    """Class decorator: make ``cls`` available as ``data.name=<cls.name>``."""
+    DATASETS[cls.name] = cls
+    return cls

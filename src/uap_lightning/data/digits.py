@@ -7,17 +7,20 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from .base import Splits, UAPDataModule
+from .base import Splits, UAPDataModule, register_dataset
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed so every run shares one test split, whatever data.split_seed says
 
 
+@register_dataset
 class DigitsDataModule(UAPDataModule):
     """Digits as float 1×8×8 images in [0,1] (pixel values 0–16 divided by 16).
 
     The train/test split is 80/20, stratified by class, with a fixed seed.
     """
+
+    name = "digits"
 
     def load_splits(self) -> Splits:
         images, labels = load_digits(return_X_y=True)

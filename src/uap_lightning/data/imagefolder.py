@@ -17,7 +17,7 @@ import torch
 from uap_lightning.errors import ConfigError, DataNotFoundError
 
 from . import cache
-from .base import Splits, UAPDataModule, config_value
+from .base import Splits, UAPDataModule, config_value, register_dataset
 from .decode import decode_images
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def _image_names(class_dir: Path) -> List[str]:
         )
 
 
+@register_dataset
 class ImageFolderDataModule(UAPDataModule):
     """Any class-folder dataset as uint8 3×S×S tensors (S = ``data.image_size``).
 
@@ -60,11 +61,11 @@ class ImageFolderDataModule(UAPDataModule):
     Decoded splits are cached in ``cache_dir/datasets/`` when ``cache_dir`` is given.
     """
 
+    name = "imagefolder"
     layout = LAYOUT  # the folder layout, for messages
 
     def __init__(self, cfg: Any, *, cache_dir: Optional[str] = None):
-        super().__init__(cfg)
-        self.cache_dir = cache_dir
+        super().__init__(cfg, cache_dir=cache_dir)
         image_size = config_value(cfg, "image_size")
         if image_size is None or int(image_size) <= 0:
             raise ConfigError(f"data.image_size must be a positive pixel count, got {image_size}")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from uap_lightning.errors import ConfigError, DamagedFileError, DataNotFoundError
 
-from .base import Splits, config_value
+from .base import Splits, config_value, register_dataset
 from .imagefolder import ImageFolderDataModule
 from .sampling import balanced_indices
 from .tensor_dataset import to_float
@@ -32,6 +32,7 @@ SPLIT_FOLDER = "val"
 LAYOUT = "root/val/<class>/*.JPEG (or root/<class>/*.JPEG)"
 
 
+@register_dataset
 class SampleFolderDataModule(ImageFolderDataModule):
     """Class folders without a training split, held in memory as uint8 3×S×S tensors.
 
@@ -39,6 +40,7 @@ class SampleFolderDataModule(ImageFolderDataModule):
     the evaluation set are drawn from it per attack seed (:meth:`attack_set`, :meth:`eval_set`).
     """
 
+    name = "sample_folder"
     has_training_split = False
     layout = LAYOUT
 

@@ -24,7 +24,7 @@ from uap_lightning.errors import (
     UntrustedFileError,
 )
 
-from .base import Splits, UAPDataModule, config_value
+from .base import Splits, UAPDataModule, config_value, register_dataset
 
 
 class TorchvisionDataModule(UAPDataModule):
@@ -163,31 +163,39 @@ class _CIFARFamily(TorchvisionDataModule):
         return Splits(train_images, train_labels, test_images, test_labels, [str(n) for n in meta[cls.meta["key"]]])
 
 
+@register_dataset
 class MNISTDataModule(_MNISTFamily):
     """MNIST: 60,000 train and 10,000 test handwritten digits, 1×28×28."""
 
+    name = "mnist"
     dataset_cls = datasets.MNIST
     title = "MNIST"
 
 
+@register_dataset
 class FashionMNISTDataModule(_MNISTFamily):
     """Fashion-MNIST: 60,000 train and 10,000 test clothing images, 1×28×28."""
 
+    name = "fashion_mnist"
     dataset_cls = datasets.FashionMNIST
     title = "Fashion-MNIST"
 
 
+@register_dataset
 class CIFAR10DataModule(_CIFARFamily):
     """CIFAR-10: 50,000 train and 10,000 test images, 3×32×32, 10 classes."""
 
+    name = "cifar10"
     dataset_cls = datasets.CIFAR10
     title = "CIFAR-10"
     label_key = "labels"
 
 
+@register_dataset
 class CIFAR100DataModule(_CIFARFamily):
     """CIFAR-100: 50,000 train and 10,000 test images, 3×32×32, 100 fine classes."""
 
+    name = "cifar100"
     dataset_cls = datasets.CIFAR100
     title = "CIFAR-100"
     label_key = "fine_labels"

@@ -33,6 +33,7 @@ from torch import Tensor  # noqa: E402
 from uap_lightning.atomic import atomic_write  # noqa: E402
 from uap_lightning.attacks.threat import P_SYMBOLS, parse_p  # noqa: E402
 from uap_lightning.metrics import norm_255  # noqa: E402
+from uap_lightning.units import to_pixel_units  # noqa: E402
 
 DPI = 100
 CURVE_SIZE = (6.4, 4.0)
@@ -178,7 +179,7 @@ def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
     v = v.detach().cpu().double()
     channels = v.shape[0]
     scale = perturbation_scale(eps, norm, v.shape)
-    values = (v * 255.0).numpy()
+    values = to_pixel_units(v).numpy()
     panels = channels + (1 if channels == 3 else 0)
     fig = _new_figure((PANEL_WIDTH * panels + COLORBAR_WIDTH, PERTURBATION_HEIGHT))
     axes = fig.subplots(1, panels, squeeze=False)[0]

@@ -26,9 +26,14 @@ PERTURBATION_NPY = "perturbation.npy"  # H×W×C in 0–255 units, the form othe
 
 def write_metrics(run_dir: str | Path, metrics: Dict[str, Any]) -> Path:
     """Write ``metrics.json`` atomically (tensors to numbers, infinities to strings)."""
-    path = Path(run_dir) / METRICS_FILE
-    atomic_write_text(path, json.dumps(json_safe(metrics), indent=2) + "\n")
-    return path
+    return write_json(Path(run_dir) / METRICS_FILE, metrics)
+
+
+def write_json(path: str | Path, content: Dict[str, Any]) -> Path:
+    """Write ``content`` as indented JSON at ``path``, atomically (tensors to numbers, infinities
+    and NaN to strings); return the path."""
+    atomic_write_text(path, json.dumps(json_safe(content), indent=2) + "\n")
+    return Path(path)
 
 
 def write_run_outputs(

@@ -1,48 +1,46 @@
 """Tasks: each takes the shared setup and leaves metrics and files in the run folder.
 
-``task=NAME`` picks one; :func:`run_task` checks the settings, prepares the shared setup
-(data, X, the evaluation set; victims on demand) and runs it.
+Every module of this package but ``setup`` is a task and declares itself as ``TASK`` (a
+:class:`Task`: name, settings schema, run, check, objective), so adding a task is adding its
+module (and its ``conf/task/<name>.yaml``). ``task=NAME`` picks one; :func:`run_task` checks
+the settings, prepares the shared setup (data, X, the evaluation set; victims on demand) and
+runs it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+import importlib
+import pkgutil
+from typing import Any, Dict
 
 from omegaconf import DictConfig
 
-from uap_lightning.attacks import ThreatModel
-from uap_lightning.tasks import attack, bench, evaluate, finetune, generalisation, transfer
-from uap_lightning.tasks.setup import Setup, prepare
+from uap_lightning.tasks.setup import Setup, Task, prepare
 from uap_lightning.validation import validate
 
-
-@dataclass(frozen=True)
-class Task:
-    """A task: an optional check of its own settings (before any heavy work) and its run."""
-
-    run: Callable[[Setup], Dict[str, Any]]
-    check: Optional[Callable[[DictConfig, ThreatModel], None]] = None
-    objective: str = "fooling_rate"  # the metric returned to Hydra sweepers
+_NOT_TASKS = ("setup",)
 
 
-TASKS: Dict[str, Task] = {
-    "attack": Task(attack.run, attack.check, objective="objective"),
-    "bench": Task(bench.run, bench.check, objective=""),
-    "transfer": Task(transfer.run, transfer.check, objective=""),
-    "generalisation": Task(generalisation.run, generalisation.check, objective=""),
-    "finetune": Task(finetune.run, finetune.check, objective="fooling_rate_after"),
-    "evaluate": Task(evaluate.run, evaluate.check),
-}
+def _declared_tasks() -> Dict[str, Task]:
+    """The ``TASK`` of every task module of this package, by name."""
+    tasks: Dict[str, Task] = {}
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _NOT_TASKS:
+            task = importlib.import_module(f"{__name__}.{module.name}").TASK
+            tasks[task.name] = task
+    return tasks
+
+
+TASKS: Dict[str, Task] = _declared_tasks()
 
 
 def run_task(cfg: DictConfig) -> Dict[str, Any]:
     """Check ``cfg``, prepare the shared setup and run the task ``task.name``; its metrics."""
-    threat = validate(cfg)
+    attack = validate(cfg)
     task = TASKS[cfg.task.name]
     if task.check is not None:
-        task.check(cfg, threat)
-    return task.run(prepare(cfg, threat))
+        task.check(cfg, attack)
+    return task.run(prepare(cfg, attack))
 
 
 __all__ = ["TASKS", "Setup", "Task", "prepare", "run_task"]

@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -26,14 +27,14 @@ from torch import Tensor, nn
 
 from uap_lightning import metrics
 from uap_lightning.attacks import (
-    ThreatModel,
+    AttackSettings,
     UAPResult,
-    build_engine,
     folded_copy,
     frozen_eval,
     run_passes,
 )
 from uap_lightning.baselines import RandomBaselines, random_baselines
+from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError, DamagedFileError
 from uap_lightning.loop import (
     AttackLoop,
@@ -46,11 +47,21 @@ from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_run_outputs
 from uap_lightning.report.summary import attack_summary, weak_result_advice
 from uap_lightning.rundir import METRICS_FILE, STATE_FILE, move_aside
-from uap_lightning.tasks.setup import Setup, progress_bars
+from uap_lightning.tasks.setup import Setup, Task, progress_bars
 from uap_lightning.training import Victim
-from uap_lightning.validation import attack_options
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttackTaskConfig(TaskConfig):
+    """Compute one universal perturbation and evaluate it (the default).
+
+    The objective returned to Hydra sweepers is the fooling rate, or, with a target fooling
+    rate T, ε + 255·max(0, T − fooling rate)/T: ε itself once T is reached (to minimise)."""
+
+    name: str = "attack"
+    target_fooling_rate: Optional[float] = None
 
 # The settings whose change makes an earlier attack state of no use.
 _FINGERPRINT_KEYS = ("data", "model", "trainer", "attack", "task", "seed")
@@ -123,21 +134,11 @@ def attack_fabric_settings(attack_cfg: Any) -> Dict[str, Any]:
 
 
 def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLoop:
-    """The loop of the run's ``attack`` settings; it saves its state in the run folder."""
-    cfg = setup.cfg
+    """The loop of the run's attack settings; it saves its state in the run folder."""
     return AttackLoop(
         fabric=fabric,
-        engine=build_engine(cfg.attack.method, setup.threat, **attack_options(cfg)),
-        threat=setup.threat,
-        delta=cfg.attack.delta,
-        max_passes=cfg.attack.max_passes,
-        clip=cfg.attack.clip,
-        target_class=cfg.attack.target_class,
-        keep=cfg.attack.keep,
-        augment=cfg.attack.augment,
-        evaluation=EvaluationSettings(
-            cfg.attack.eval_batch_size, cfg.attack.amp, cfg.attack.channels_last, cfg.attack.compile
-        ),
+        settings=setup.attack,
+        evaluation=EvaluationSettings(setup.cfg.attack.amp, setup.cfg.attack.channels_last),
         state_path=setup.output_dir / STATE_FILE,
         fingerprint=fingerprint,
     )
@@ -146,28 +147,12 @@ def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLo
 def universal_perturbation(
     setup: Setup, net: nn.Module, attack_images: Optional[Tensor] = None, seed: Optional[int] = None
 ) -> UAPResult:
-    """A universal perturbation of ``net`` with the run's ``attack`` settings, as the attack task
+    """A universal perturbation of ``net`` with the run's attack settings, as the attack task
     computes it (same engine, order, seed and kept pass, so the same v), on ``attack_images``
     (default: the run's X) with ``seed`` (default: the attack seed). No logging, no files."""
-    cfg = setup.cfg
+    settings = setup.attack if seed is None else setup.attack.replace(seed=int(seed))
     images = setup.attack_images if attack_images is None else attack_images
-    with frozen_eval(net):
-        clean = metrics.predict(net, images, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip)
-        return run_passes(
-            net,
-            build_engine(cfg.attack.method, setup.threat, **attack_options(cfg)),
-            images,
-            clean,
-            delta=cfg.attack.delta,
-            max_passes=cfg.attack.max_passes,
-            generator=torch.Generator().manual_seed(setup.seed if seed is None else int(seed)),
-            eval_batch_size=cfg.attack.eval_batch_size,
-            clip=cfg.attack.clip,
-            target_class=cfg.attack.target_class,
-            keep=cfg.attack.keep,
-            compile=cfg.attack.compile,
-            augment=cfg.attack.augment,
-        )
+    return run_passes(net, settings, images, setup.predict(net, images))
 
 
 def eval_fooling_rate(
@@ -176,14 +161,9 @@ def eval_fooling_rate(
     """Fooling rate of ``perturbation`` on the run's eval set for ``net`` (the paper's definition),
     against ``clean``: ``net``'s (N,) predictions on the eval set without perturbation (computed
     when not given)."""
-    cfg = setup.cfg
-    with frozen_eval(net):
-        if clean is None:
-            clean = metrics.predict(net, setup.eval_images, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip)
-        perturbed = metrics.predict(
-            net, setup.eval_images, perturbation, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip
-        )
-    return metrics.fooling_rate(clean, perturbed)
+    if clean is None:
+        clean = setup.predict(net, setup.eval_images)
+    return metrics.fooling_rate(clean, setup.predict(net, setup.eval_images, perturbation))
 
 
 def _resumable(loop: AttackLoop, resume: bool) -> Optional[AttackState]:
@@ -236,7 +216,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     net = folded_copy(victim.net)  # the same function with batch norm folded: faster to run and differentiate
     eval_labels = setup.eval_labels_for(victim)
     with sigterm_interrupts():
-        outcome = loop.run(net, setup.attack_images, setup.eval_images, eval_labels, seed=setup.seed, resume=state)
+        outcome = loop.run(net, setup.attack_images, setup.eval_images, eval_labels, resume=state)
     baselines = random_baselines(
         lambda noise: loop.predict(net, setup.eval_images, noise),
         outcome.clean_eval_labels,
@@ -291,9 +271,9 @@ def attack_metrics(
         "norm_linf": final["norm_linf"],
         "eps": setup.threat.eps,
         "p": setup.threat.p_name,
-        "delta": cfg.attack.delta,
-        "method": cfg.attack.method,
-        "keep": cfg.attack.keep,
+        "delta": setup.attack.delta,
+        "method": setup.attack.method,
+        "keep": setup.attack.keep,
         "best_pass": result.best_pass,
         "passes": result.passes,
         "converged": result.converged,
@@ -315,8 +295,8 @@ def attack_metrics(
         "history": [{k: record[k] for k in _HISTORY_KEYS if k in record} for record in outcome.history],
     }
     results["objective"] = objective(results["fooling_rate"], setup.threat.eps, cfg.task.target_fooling_rate)
-    if cfg.attack.target_class is not None:
-        results["target_class"] = cfg.attack.target_class
+    if setup.attack.target_class is not None:
+        results["target_class"] = setup.attack.target_class
         results["targeted_success_rate"] = final["targeted_success_rate"]
     return results
 
@@ -329,7 +309,7 @@ def objective(fooling_rate: float, eps: float, target: Optional[float]) -> float
     return eps + 255.0 * max(0.0, target - fooling_rate) / target
 
 
-def check(cfg: DictConfig, threat: ThreatModel) -> None:
+def check(cfg: DictConfig, attack: AttackSettings) -> None:
     """A target fooling rate, when given, lies in (0, 1]."""
     target = cfg.task.target_fooling_rate
     if target is not None and not 0.0 < target <= 1.0:
@@ -387,3 +367,6 @@ def _hparams(cfg: DictConfig, setup: Setup) -> Dict[str, Any]:
         "seed": cfg.seed,
         "attack_images": len(setup.attack_images),
     }
+
+
+TASK = Task("attack", AttackTaskConfig, run, check, objective="objective")

@@ -1,91 +1,107 @@
 """The benchmark task (``task=bench``; ``python -m uap_lightning.bench``): ART, a naive
 reference and the engines side by side on one victim, one X and one eval set, in one process.
 
-Writes ``bench.json`` in the run folder and prints a table.
+The naive and ART rows follow the run's DeepFool settings (the ``attack`` keys of a DeepFool
+engine, or DeepFool's defaults); each engine row takes the run's ``attack`` settings it knows,
+overridden by ``task.engines.<engine>``. Writes ``bench.json`` in the run folder and logs the
+table, the random baselines and where one pass of each engine spends its time.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-from typing import Any, Dict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from uap_lightning import metrics
-from uap_lightning.atomic import atomic_write_text
-from uap_lightning.attacks import (
-    ENGINES,
-    BatchedDeepFoolUAP,
-    ThreatModel,
-    build_engine,
-    engine_options,
-)
+from uap_lightning.attacks import ENGINES, AttackSettings, BatchedDeepFoolUAP, engine_class, folded_copy
+from uap_lightning.attacks.deepfool import DeepFoolOptions
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.bench.art_peer import require_art
 from uap_lightning.bench.efficiency import batched_efficiency
 from uap_lightning.bench.profile import PassProfile, forward_backward_rate, profile_pass
 from uap_lightning.bench.rows import (
+    PEERS,
     REACH_TOLERANCE,
     REFERENCE_METHOD,
     BenchProblem,
+    BenchRow,
     add_speedups,
     add_time_to_reference,
-    format_table,
+    rows_table,
     run_row,
 )
-from uap_lightning.config import BENCH_ROWS
+from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
+from uap_lightning.report.outputs import write_json
 from uap_lightning.rundir import move_aside
-from uap_lightning.tasks.setup import Setup
+from uap_lightning.tasks.setup import Setup, Task
 
-log = logging.getLogger("uap_lightning.bench")
+log = logging.getLogger(__name__)
 
 BENCH_FILE = "bench.json"
-_DEEPFOOL_KEYS = ("overshoot", "num_candidates", "max_deepfool_iters", "deepfool_norm")
 
 
-def row_options(cfg: DictConfig, method: str) -> Dict[str, Any]:
-    """The shared ``attack`` settings an engine takes, overridden by ``task.engines.<method>``."""
-    if method == "art":
-        return {"batch_size": cfg.task.art_batch_size}
-    if method == "naive":
-        return {}
-    known = set(engine_options(method))
-    shared = {k: cfg.attack[k] for k in known if k in cfg.attack and k not in ("clip", "target_class")}
-    overrides = cfg.task.engines.get(method)
-    return {**shared, **(OmegaConf.to_container(overrides, resolve=True) if overrides else {})}
+def bench_rows() -> List[str]:
+    """Every row the benchmark can run: the peers, then every engine."""
+    return [*PEERS, *ENGINES]
 
 
-def check(cfg: DictConfig, threat: ThreatModel) -> None:
-    """Check the rows and their options before any data is read or victim trained."""
-    rows = list(cfg.task.rows)
-    unknown = [row for row in rows if row not in BENCH_ROWS]
-    if unknown or not rows or len(set(rows)) != len(rows):
-        raise ConfigError(f"task.rows must list distinct names among {', '.join(BENCH_ROWS)}; got {rows}")
+@dataclass
+class BenchTaskConfig(TaskConfig):
+    """Run ART, a naive reference and the engines side by side on one victim and one X."""
+
+    name: str = "bench"
+    rows: List[str] = field(default_factory=bench_rows)  # any of the peers and engines, in order
+    # per-engine settings over the shared ``attack`` settings, e.g. {sgd_uap: {max_passes: 5}}
+    engines: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    art_batch_size: int = 128  # ART's prediction batch size (its end-of-pass check runs at 1)
+    efficiency_batches: int = 4  # batches of X timed for the batched engine's efficiency
+
+
+def reference_settings(cfg: DictConfig, attack: AttackSettings) -> AttackSettings:
+    """The run's settings with DeepFool as engine: the DeepFool keys of ``attack`` (defaults for
+    those it lacks), for the naive and ART rows and as the base of every engine row."""
+    names = [f.name for f in dataclasses.fields(DeepFoolOptions)]
+    options = {name: cfg.attack[name] for name in names if name in cfg.attack}
+    return attack.replace(method=REFERENCE_METHOD, options=options, target_class=None)
+
+
+def row_settings(cfg: DictConfig, attack: AttackSettings, method: str) -> AttackSettings:
+    """The settings of the engine row ``method``: the run's ``attack`` keys the engine takes,
+    overridden by ``task.engines.<method>`` (shared keys such as max_passes, or the engine's own)."""
+    node = cfg.task.engines.get(method)
+    overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    shared = {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(AttackSettings)}}
+    own = set(engine_class(method).option_names())
+    options = {k: cfg.attack[k] for k in own if k in cfg.attack}
+    options.update({k: v for k, v in overrides.items() if k not in shared})
+    return attack.replace(method=method, options=options, target_class=None, **shared)
+
+
+def check(cfg: DictConfig, attack: AttackSettings) -> None:
+    """Check the rows and their settings before any data is read or victim trained."""
+    rows, known = list(cfg.task.rows), bench_rows()
+    if not rows or len(set(rows)) != len(rows) or not set(rows) <= set(known):
+        raise ConfigError(f"task.rows must list distinct names among {', '.join(known)}; got {rows}")
     extra = sorted(set(cfg.task.engines) - set(ENGINES))
     if extra:
-        raise ConfigError(f"task.engines has options for unknown engine(s) {extra}; known: {', '.join(ENGINES)}")
-    if cfg.attack.target_class is not None:
+        raise ConfigError(f"task.engines has settings for unknown engine(s) {extra}; known: {', '.join(ENGINES)}")
+    if attack.target_class is not None:
         raise ConfigError("the benchmark compares untargeted attacks; drop attack.target_class")
-    missing = [key for key in _DEEPFOOL_KEYS if key not in cfg.attack]
-    if missing:
-        raise ConfigError(
-            f"the benchmark takes its DeepFool settings ({', '.join(missing)}) from a DeepFool engine's "
-            f"attack config, which attack={cfg.attack.method} lacks: drop the attack= override "
-            "(per-row settings go in task.engines.<engine>)"
-        )
     if cfg.task.art_batch_size < 2:
         raise ConfigError(f"task.art_batch_size must be at least 2; got {cfg.task.art_batch_size}")
     if cfg.task.efficiency_batches < 1:
         raise ConfigError(f"task.efficiency_batches must be at least 1; got {cfg.task.efficiency_batches}")
-    for method in rows:
-        if method in ENGINES:
-            try:
-                build_engine(method, threat, clip=cfg.attack.clip, **row_options(cfg, method))
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"bench row {method}: {err}") from None
+    for method in [REFERENCE_METHOD, *(row for row in rows if row in ENGINES)]:
+        try:
+            row_settings(cfg, attack, method) if method in rows else reference_settings(cfg, attack)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bench row {method}: {err}") from None
     if "art" in rows:
         try:
             require_art()
@@ -93,80 +109,27 @@ def check(cfg: DictConfig, threat: ThreatModel) -> None:
             raise ConfigError(str(err)) from None
 
 
-def format_profiles(profiles: Dict[str, PassProfile], batch1_rate: float) -> str:
-    """One line per engine: where one pass from v = 0 spends its time, and the sequential engine
-    against the victim's forward+backward throughput at batch 1."""
-    lines = ["one pass from v = 0:       seconds  forward  gradient   other  images/s"]
-    for method, p in profiles.items():
-        share = [100 * x / p.total_seconds if p.total_seconds else 0.0
-                 for x in (p.forward_seconds, p.gradient_seconds, p.other_seconds)]
-        lines.append(f"  {method:<22}{p.total_seconds:>9.1f}{share[0]:>8.0f}%{share[1]:>9.0f}%{share[2]:>7.0f}%"
-                     f"{p.images_per_second:>10.1f}")
-    if "deepfool_uap" in profiles:
-        rate = profiles["deepfool_uap"].images_per_second
-        lines.append(f"  deepfool_uap: {rate:.1f} images/s against {batch1_rate:.1f} forward+backward images/s of the "
-                     f"victim at batch 1 ({rate / batch1_rate:.2f} of it)")
-    return "\n".join(lines)
-
-
 def run(setup: Setup) -> Dict[str, Any]:
     """Run every row of ``task.rows`` on one victim and one X; write and return bench.json's content."""
-    cfg, threat = setup.cfg, setup.threat
     move_aside(setup.output_dir)
     victim = setup.victim()
-    model = victim.net.eval()
-    attack_images, eval_images = setup.attack_images, setup.eval_images
+    model = folded_copy(victim.net)
     problem = BenchProblem(
         model=model,
-        attack_images=attack_images,
-        eval_images=eval_images,
-        clean_eval_labels=metrics.predict(model, eval_images, clip=cfg.attack.clip),
+        attack_images=setup.attack_images,
+        eval_images=setup.eval_images,
+        clean_eval_labels=setup.predict(model, setup.eval_images),
         num_classes=setup.num_classes,
-        threat=threat,
-        delta=cfg.attack.delta,
-        max_passes=cfg.attack.max_passes,
-        clip=cfg.attack.clip,
-        seed=setup.seed,
-        deepfool={k: cfg.attack[k] for k in _DEEPFOOL_KEYS},
-        keep=cfg.attack.keep,
-        compile=cfg.attack.compile,
+        reference=reference_settings(setup.cfg, setup.attack),
     )
-    rows = []
-    for method in cfg.task.rows:
-        log.info("bench row %s ...", method)
-        rows.append(run_row(method, problem, row_options(cfg, method)))
-        log.info("%s: %.1f s, fooling rate %.3f", method, rows[-1].seconds, rows[-1].fooling_rate)
-    add_speedups(rows)
-    add_time_to_reference(rows)
-
-    batched = BatchedDeepFoolUAP(threat, clip=cfg.attack.clip, **row_options(cfg, "deepfool_uap_batched"))
-    efficiency = batched_efficiency(model, attack_images, batched, cfg.task.efficiency_batches)
-    def noisy_labels(noise):
-        return metrics.predict(model, eval_images, noise, clip=problem.clip)
-
-    shape = eval_images.shape[1:]
-    random_rate = mean_fooling_rate(
-        noisy_labels, problem.clean_eval_labels, shape, threat.eps, threat.p, torch.Generator().manual_seed(setup.seed + 1)
+    rows = compare_rows(setup, problem)
+    random_rate = add_random_baselines(setup, problem, rows)
+    profiles, batch1_rate = profile_engines(setup, problem)
+    efficiency = batched_efficiency(
+        model, setup.attack_images, BatchedDeepFoolUAP.from_settings(row_settings(setup.cfg, setup.attack,
+                                                                                  "deepfool_uap_batched")),
+        setup.cfg.task.efficiency_batches,
     )
-    for row in rows:  # the paper's comparison: a random direction with the row's ℓ2 norm
-        row.random_same_l2_fooling_rate = mean_fooling_rate(
-            noisy_labels, problem.clean_eval_labels, shape, row.norm_l2, 2.0, torch.Generator().manual_seed(setup.seed + 2)
-        )
-
-    clean_attack = metrics.predict(model, attack_images, clip=problem.clip)
-    profiles = {
-        method: profile_pass(
-            build_engine(method, threat, clip=problem.clip, **row_options(cfg, method)),
-            model,
-            attack_images,
-            clean_attack,
-            setup.seed,
-        )
-        for method in cfg.task.rows
-        if method in ENGINES
-    }
-    batch1_rate = forward_backward_rate(model, attack_images)
-
     report = {
         "rows": [row.as_dict() for row in rows],
         "profiles": {method: profile.as_dict() for method, profile in profiles.items()},
@@ -174,39 +137,88 @@ def run(setup: Setup) -> Dict[str, Any]:
         "efficiency": efficiency.as_dict(),
         "random_fooling_rate": random_rate,
         "random_draws": DRAWS,
-        "victim": {
-            "model": cfg.model.name,
-            "data": cfg.data.name,
-            "source": victim.source,
-            "test_accuracy": victim.test_accuracy,
-        },
+        "victim": {"source": victim.source, "test_accuracy": victim.test_accuracy},
         "settings": {
-            "eps": threat.eps,
-            "p": threat.p_name,
-            "delta": cfg.attack.delta,
-            "max_passes": cfg.attack.max_passes,
-            "attack_images": len(attack_images),
-            "eval_images": len(eval_images),
+            **problem.reference.options,
+            "delta": problem.reference.delta,
+            "max_passes": problem.reference.max_passes,
             "torch_threads": torch.get_num_threads(),
             "device": str(next(model.parameters()).device),
-            **problem.deepfool,
-            "engines": {m: row_options(cfg, m) for m in cfg.task.rows if m in ENGINES},
+            "engines": {m: dict(row_settings(setup.cfg, setup.attack, m).options) for m in setup.cfg.task.rows
+                        if m in ENGINES},
         },
     }
-    atomic_write_text(setup.output_dir / BENCH_FILE, json.dumps(report, indent=2) + "\n")
-    print(format_table(rows))
-    print(
-        f"random ℓp noise of norm ε fools {random_rate:.3f} (mean of {DRAWS} draws; per row, 'rand ℓ2' is a random "
-        f"direction of the row's ℓ2 norm); "
-        f"batched DeepFool efficiency "
-        f"{efficiency.efficiency:.2f} of its limit ({efficiency.image_iterations_per_second:.0f} image·iterations/s "
-        f"× {efficiency.candidates} candidates vs {efficiency.forward_backward_images_per_second:.0f} "
-        f"forward+backward images/s at batch {efficiency.batch_size})"
+    write_json(setup.output_dir / BENCH_FILE, report)
+    log.info(
+        "random ℓp noise of norm ε fools %.3f (mean of %d draws; 'rand ℓ2' is a random direction of each row's ℓ2 "
+        "norm); batched DeepFool efficiency %.2f of its limit (%.0f image·iterations/s × %d candidates against %.0f "
+        "forward+backward images/s at batch %d); to ref: seconds until a row came within %.2f of %s's final fooling "
+        "rate (per-pass scoring not timed)",
+        random_rate, DRAWS, efficiency.efficiency, efficiency.image_iterations_per_second, efficiency.candidates,
+        efficiency.forward_backward_images_per_second, efficiency.batch_size, REACH_TOLERANCE, REFERENCE_METHOD,
     )
-    print(
-        f"to ref: seconds until a row's eval fooling rate came within {REACH_TOLERANCE:.2f} of "
-        f"{REFERENCE_METHOD}'s final one (per-pass scoring not timed)"
+    log.info("one pass from v = 0:\n%s", profiles_table(profiles, batch1_rate).to_markdown(floatfmt=".1f"))
+    return setup.finish(report, "benchmark (fooling rates on the eval set)", rows_table(rows))
+
+
+def compare_rows(setup: Setup, problem: BenchProblem) -> List[BenchRow]:
+    """Every row of ``task.rows``, timed and scored, with their speed-ups and times to the reference."""
+    rows = []
+    for method in setup.cfg.task.rows:
+        settings = problem.reference if method in PEERS else row_settings(setup.cfg, setup.attack, method)
+        log.info("bench row %s ...", method)
+        rows.append(run_row(method, problem, settings, setup.cfg.task.art_batch_size))
+        log.info("%s: %.1f s, fooling rate %.3f", method, rows[-1].seconds, rows[-1].fooling_rate)
+    add_speedups(rows)
+    add_time_to_reference(rows)
+    return rows
+
+
+def add_random_baselines(setup: Setup, problem: BenchProblem, rows: List[BenchRow]) -> float:
+    """Fill each row's same-ℓ2 random baseline (the paper's comparison); return the random ℓp
+    baseline of norm ε (means of ``DRAWS`` draws)."""
+    def noisy_labels(noise):
+        return setup.predict(problem.model, problem.eval_images, noise)
+
+    shape, threat, clean = problem.eval_images.shape[1:], setup.threat, problem.clean_eval_labels
+    for row in rows:
+        generator = torch.Generator().manual_seed(setup.seed + 2)
+        row.random_same_l2_fooling_rate = mean_fooling_rate(noisy_labels, clean, shape, row.norm_l2, 2.0, generator)
+    generator = torch.Generator().manual_seed(setup.seed + 1)
+    return mean_fooling_rate(noisy_labels, clean, shape, threat.eps, threat.p, generator)
+
+
+def profile_engines(setup: Setup, problem: BenchProblem) -> tuple[Dict[str, PassProfile], float]:
+    """One pass from v = 0 of each engine row, split into forward, gradient and the rest, and the
+    victim's forward+backward images per second at batch 1 (the sequential engine's limit)."""
+    clean = setup.predict(problem.model, problem.attack_images)
+    profiles = {
+        method: profile_pass(
+            row_settings(setup.cfg, setup.attack, method).engine(), problem.model, problem.attack_images, clean,
+            setup.seed,
+        )
+        for method in setup.cfg.task.rows
+        if method in ENGINES
+    }
+    return profiles, forward_backward_rate(problem.model, problem.attack_images)
+
+
+def profiles_table(profiles: Dict[str, PassProfile], batch1_rate: float) -> pd.DataFrame:
+    """Per engine: seconds of one pass, its shares of forward, gradient and other work, images per
+    second, and (the sequential engine's measure) that rate against the batch-1 forward+backward one."""
+    table = pd.DataFrame(
+        {
+            "seconds": [p.total_seconds for p in profiles.values()],
+            "forward %": [100 * p.forward_seconds / p.total_seconds if p.total_seconds else 0.0 for p in profiles.values()],
+            "gradient %": [100 * p.gradient_seconds / p.total_seconds if p.total_seconds else 0.0
+                           for p in profiles.values()],
+            "other %": [100 * p.other_seconds / p.total_seconds if p.total_seconds else 0.0 for p in profiles.values()],
+            "images/s": [p.images_per_second for p in profiles.values()],
+            "of batch-1 fwd+bwd": [p.images_per_second / batch1_rate for p in profiles.values()],
+        },
+        index=pd.Index(list(profiles), name="engine"),
     )
-    print(format_profiles(profiles, batch1_rate))
-    print(f"files    {(setup.output_dir / BENCH_FILE).resolve()}")
-    return report
+    return table
+
+
+TASK = Task("bench", BenchTaskConfig, run, check)

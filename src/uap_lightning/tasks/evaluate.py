@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -20,21 +21,29 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from uap_lightning import metrics
-from uap_lightning.attacks import ThreatModel, folded_copy
+from uap_lightning.attacks import AttackSettings, ThreatModel, folded_copy
 from uap_lightning.baselines import random_baselines
+from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_figures
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import victim_label_names
-from uap_lightning.tasks.setup import Setup
+from uap_lightning.tasks.setup import Setup, Task
 from uap_lightning.training import Victim
 
 log = logging.getLogger(__name__)
 
 
-def check(cfg: DictConfig, threat: ThreatModel) -> None:
+@dataclass
+class EvaluateTaskConfig(TaskConfig):
+    """Score one perturbation file (``perturbation.path``) on the run's victim and eval set."""
+
+    name: str = "evaluate"
+
+
+def check(cfg: DictConfig, attack: AttackSettings) -> None:
     """``perturbation.path`` names a file or a run folder, and the reading settings are valid."""
     path = cfg.perturbation.path
     if path is None:
@@ -54,7 +63,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     net = folded_copy(victim.net)
 
     def predict(noise: Optional[Tensor] = None) -> Tensor:
-        return metrics.predict(net, setup.eval_images, noise, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip)
+        return setup.predict(net, setup.eval_images, noise)
 
     clean, perturbed = predict(), predict(v)
     names = victim_label_names(setup.class_names, victim)
@@ -126,3 +135,6 @@ def _figures(
         ),
         "labels": figures.labels_figure(dominant, names),
     }
+
+
+TASK = Task("evaluate", EvaluateTaskConfig, run, check, objective="fooling_rate")

@@ -25,7 +25,8 @@ import copy
 import logging
 import math
 import time
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import pandas as pd
@@ -36,13 +37,15 @@ from torch import Tensor, nn
 
 from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write_text
-from uap_lightning.attacks import ThreatModel, frozen_eval
+from uap_lightning.attacks import AttackSettings
 from uap_lightning.baselines import mean_fooling_rate
+from uap_lightning.config import TaskConfig
+from uap_lightning.data import dataset_class
 from uap_lightning.errors import ConfigError
 from uap_lightning.models import VictimClassifier
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
-from uap_lightning.tasks.setup import Setup, progress_bars
+from uap_lightning.tasks.setup import Setup, Task, progress_bars
 from uap_lightning.training import TrainingLogs, lightning_trainer
 
 log = logging.getLogger(__name__)
@@ -50,9 +53,25 @@ log = logging.getLogger(__name__)
 FINETUNE_CSV = "finetune.csv"
 
 
-def check(cfg: DictConfig, threat: ThreatModel) -> None:
-    """Rounds, epochs and pool size are at least 1; 0 < probability ≤ 1; lr, when set, positive."""
+@dataclass
+class FinetuneTaskConfig(TaskConfig):
+    """Fine-tune the victim on images perturbed by a pool of universal perturbations, recomputed
+    every round, and attack it afresh (the paper's §3 defence)."""
+
+    name: str = "finetune"
+    rounds: int = 2  # the pool is recomputed on the current network at the start of every round
+    epochs: int = 3  # fine-tuning epochs per round
+    pool_size: int = 4  # universal perturbations in the pool, each from its own draw of X
+    probability: float = 0.5  # chance that a training image is perturbed by a pool member
+    lr: Optional[float] = None  # fine-tuning learning rate; None: model.lr / 10
+
+
+def check(cfg: DictConfig, attack: AttackSettings) -> None:
+    """Rounds, epochs and pool size are at least 1; 0 < probability ≤ 1; lr, when set, positive; the
+    data has a training split to fine-tune on."""
     task = cfg.task
+    if not dataset_class(cfg.data.name).has_training_split:
+        raise ConfigError(f"task=finetune fine-tunes on training images, and data={cfg.data.name} has no training split")
     for key in ("rounds", "epochs", "pool_size"):
         if task[key] < 1:
             raise ConfigError(f"task.{key} must be at least 1; got {task[key]}")
@@ -132,20 +151,17 @@ def evaluate_stage(setup: Setup, net: nn.Module, eval_labels: Tensor, stage: str
     """One row of finetune.csv: clean accuracy of ``net`` on the eval set, and the eval fooling
     rate of a fresh universal perturbation (the run's X and seed) beside a random perturbation of
     ℓp norm ε (mean of the baseline's draws); norms in 0–255 units; seconds since ``started``."""
-    cfg, threat = setup.cfg, setup.threat
+    threat = setup.threat
     v = universal_perturbation(setup, net).perturbation
-    with frozen_eval(net):
-        clean = metrics.predict(net, setup.eval_images, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip)
-        random_rate = mean_fooling_rate(
-            lambda noise: metrics.predict(
-                net, setup.eval_images, noise, batch_size=cfg.attack.eval_batch_size, clip=cfg.attack.clip
-            ),
-            clean,
-            setup.eval_images.shape[1:],
-            threat.eps,
-            threat.p,
-            torch.Generator().manual_seed(setup.seed + 1),
-        )
+    clean = setup.predict(net, setup.eval_images)
+    random_rate = mean_fooling_rate(
+        lambda noise: setup.predict(net, setup.eval_images, noise),
+        clean,
+        setup.eval_images.shape[1:],
+        threat.eps,
+        threat.p,
+        torch.Generator().manual_seed(setup.seed + 1),
+    )
     return {
         "stage": stage,
         "clean_accuracy": metrics.accuracy(clean, eval_labels),
@@ -172,7 +188,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     for round_index in range(1, task.rounds + 1):
         started = time.perf_counter()
         pool = perturbation_pool(setup, module.net, task.pool_size)
-        callback = PoolPerturbation(pool, task.probability, generator, label_map, clip=cfg.attack.clip)
+        callback = PoolPerturbation(pool, task.probability, generator, label_map, clip=setup.attack.clip)
         fine_tune(setup, module, callback, round_index)
         rows.append(evaluate_stage(setup, module.net, eval_labels, f"round {round_index}", started))
         _log_row(rows[-1])
@@ -203,3 +219,6 @@ def _log_row(row: Dict[str, Any]) -> None:
         row["random_fooling_rate"],
         row["seconds"],
     )
+
+
+TASK = Task("finetune", FinetuneTaskConfig, run, check, objective="fooling_rate_after")

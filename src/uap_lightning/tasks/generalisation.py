@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
 
 import pandas as pd
 from omegaconf import DictConfig
 
 from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write_text
-from uap_lightning.attacks import ThreatModel
+from uap_lightning.attacks import AttackSettings
 from uap_lightning.baselines import random_baselines
+from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
 from uap_lightning.report.figures import save_figure_png, size_curve_figure
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
-from uap_lightning.tasks.setup import Setup
+from uap_lightning.tasks.setup import Setup, Task
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,15 @@ GENERALISATION_CSV = "generalisation.csv"
 GENERALISATION_PNG = "generalisation.png"
 
 
-def check(cfg: DictConfig, threat: ThreatModel) -> None:
+@dataclass
+class GeneralisationTaskConfig(TaskConfig):
+    """Fooling rate on the eval set against the size of X (the paper's Fig. 6)."""
+
+    name: str = "generalisation"
+    sizes: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # sizes of X, images
+
+
+def check(cfg: DictConfig, attack: AttackSettings) -> None:
     """The sizes are distinct positive numbers of images."""
     sizes = list(cfg.task.sizes)
     if not sizes or any(int(n) < 1 for n in sizes) or len(set(sizes)) != len(sizes):
@@ -50,7 +60,7 @@ def run(setup: Setup) -> Dict[str, Any]:
         )
     move_aside(setup.output_dir)
     net = setup.victim().net
-    clean = metrics.predict(net, setup.eval_images, clip=cfg.attack.clip)
+    clean = setup.predict(net, setup.eval_images)
     rows = []
     for size in sizes:
         images, _ = setup.attack_set(size)
@@ -58,7 +68,7 @@ def run(setup: Setup) -> Dict[str, Any]:
         result = universal_perturbation(setup, net, images)
         seconds = time.perf_counter() - started
         baselines = random_baselines(
-            lambda noise: metrics.predict(net, setup.eval_images, noise, clip=cfg.attack.clip),
+            lambda noise: setup.predict(net, setup.eval_images, noise),
             clean,
             setup.eval_images.shape[1:],
             threat,
@@ -89,7 +99,10 @@ def run(setup: Setup) -> Dict[str, Any]:
             f"random {threat.symbol} noise of norm ε": table["random_fooling_rate"].tolist(),
             "random direction, same ℓ2 norm": table["random_same_l2_fooling_rate"].tolist(),
         },
-        f"{cfg.attack.method} {threat.symbol} ε={threat.eps:g} on {cfg.model.name}: fooling rate against |X|",
+        f"{setup.attack.method} {threat.symbol} ε={threat.eps:g} on {cfg.model.name}: fooling rate against |X|",
     )
     save_figure_png(figure, setup.output_dir / GENERALISATION_PNG)
     return setup.finish({"rows": rows}, "fooling rate against |X|", table, index=False)
+
+
+TASK = Task("generalisation", GeneralisationTaskConfig, run, check)

@@ -11,21 +11,21 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
+from torch import Tensor, nn
 
-from uap_lightning.attacks import ThreatModel
+from uap_lightning import metrics
+from uap_lightning.attacks import AttackSettings, ThreatModel, frozen_eval
 from uap_lightning.data import build_datamodule
 from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
 from uap_lightning.report.outputs import write_metrics
 from uap_lightning.training import TrainingLogs, Victim, obtain_victim
-from uap_lightning.validation import attack_seed
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,42 @@ def progress_bars(cfg: DictConfig) -> bool:
     return sys.stderr.isatty() if setting is None else bool(setting)
 
 
+@dataclass(frozen=True)
+class Task:
+    """A task, declared by its module as ``TASK``: its name (``task=NAME``), its settings' schema
+    (a :class:`~uap_lightning.config.TaskConfig`), its run, an optional check of its settings
+    before any heavy work, and the metric returned to Hydra sweepers ("": none)."""
+
+    name: str
+    schema: type
+    run: Callable[["Setup"], Dict[str, Any]]
+    check: Optional[Callable[[DictConfig, AttackSettings], None]] = None
+    objective: str = ""
+
+
 @dataclass
 class Setup:
     """What a task works on. Images are float N×C×H×W in [0,1]; labels int64 (N,)."""
 
     cfg: DictConfig
-    threat: ThreatModel
+    attack: AttackSettings  # the run's attack settings, built once from ``cfg.attack``
     datamodule: UAPDataModule
     attack_images: Tensor  # X
     attack_labels: Tensor
     eval_images: Tensor
     eval_labels: Tensor
     output_dir: Path
-    seed: int  # the attack seed: X's draw and order, the attack's randomness
     _victims: Dict[str, Victim] = field(default_factory=dict)
+
+    @property
+    def threat(self) -> ThreatModel:
+        """The run's threat model (ε in 0–255 units)."""
+        return self.attack.threat
+
+    @property
+    def seed(self) -> int:
+        """The attack seed: X's draw and order, the attack's randomness."""
+        return self.attack.seed
 
     @property
     def class_names(self) -> List[str]:
@@ -64,7 +86,7 @@ class Setup:
         return {
             "eps": self.threat.eps,
             "p": self.threat.p_name,
-            "method": self.cfg.attack.method,
+            "method": self.attack.method,
             "attack_images": len(self.attack_images),
             "eval_images": len(self.eval_images),
             "eval_source": self.datamodule.eval_source,
@@ -79,9 +101,17 @@ class Setup:
         (last), log ``table`` under ``title`` and the run folder; return what was written."""
         results = {**self.settings(), **results}
         write_metrics(self.output_dir, results)
-        log.info("%s\n%s", title, table.to_markdown(floatfmt=".3f", **markdown))
+        log.info("%s\n%s", title, table.to_markdown(**{"floatfmt": ".3f", **markdown}))
         log.info("files    %s", self.output_dir.resolve())
         return results
+
+    def predict(self, net: nn.Module, images: Tensor, perturbation: Optional[Tensor] = None) -> Tensor:
+        """Labels (N,) of ``net`` (in eval mode) on ``images`` (+ ``perturbation``, C×H×W), in batches
+        of the attack's ``eval_batch_size``, x + v clipped as the attack clips it."""
+        with frozen_eval(net):
+            return metrics.predict(
+                net, images, perturbation, batch_size=self.attack.eval_batch_size, clip=self.attack.clip
+            )
 
     def attack_set(self, count: int) -> Tuple[Tensor, Tensor]:
         """An attack set of ``count`` images drawn with the attack seed (a prefix-stable draw)."""
@@ -125,26 +155,24 @@ class Setup:
         return self.labels_for(victim, self.eval_labels)
 
 
-def prepare(cfg: DictConfig, threat: ThreatModel) -> Setup:
-    """Seed, load the data and draw X and the eval set (no victim yet); ``cfg`` was checked."""
+def prepare(cfg: DictConfig, attack: AttackSettings) -> Setup:
+    """Seed, load the data and draw X and the eval set (no victim yet); ``cfg`` was checked and
+    ``attack`` built from it."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data, cache_dir=cfg.paths.cache_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    target = cfg.attack.target_class
-    if target is not None and target >= datamodule.num_classes:
-        raise ConfigError(f"attack.target_class={target} is not one of the {datamodule.num_classes} classes")
-    seed = attack_seed(cfg)
-    attack_images, attack_labels = datamodule.attack_set(seed=seed)
-    eval_images, eval_labels = datamodule.eval_set(attack_seed=seed)
+    if attack.target_class is not None and attack.target_class >= datamodule.num_classes:
+        raise ConfigError(f"attack.target_class={attack.target_class} is not one of the {datamodule.num_classes} classes")
+    attack_images, attack_labels = datamodule.attack_set(seed=attack.seed)
+    eval_images, eval_labels = datamodule.eval_set(attack_seed=attack.seed)
     return Setup(
         cfg=cfg,
-        threat=threat,
+        attack=attack,
         datamodule=datamodule,
         attack_images=attack_images,
         attack_labels=attack_labels,
         eval_images=eval_images,
         eval_labels=eval_labels,
         output_dir=Path(cfg.paths.output_dir),
-        seed=seed,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -22,15 +23,15 @@ from torch import Tensor
 
 from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write, atomic_write_text
-from uap_lightning.attacks import ThreatModel
+from uap_lightning.attacks import AttackSettings
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
-from uap_lightning.config import model_preset
+from uap_lightning.config import TaskConfig, model_preset
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report.figures import save_figure_png, transfer_figure
 from uap_lightning.rundir import METRICS_FILE, move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
-from uap_lightning.tasks.setup import Setup
+from uap_lightning.tasks.setup import Setup, Task
 from uap_lightning.training import Victim
 from uap_lightning.validation import check_victim_source
 
@@ -41,7 +42,19 @@ TRANSFER_PNG = "transfer.png"
 PERTURBATIONS_DIR = "perturbations"
 
 
-def check(cfg: DictConfig, threat: ThreatModel) -> None:
+@dataclass
+class TransferTaskConfig(TaskConfig):
+    """Score every perturbation on every victim (the paper's Table 2)."""
+
+    name: str = "transfer"
+    # model presets (names of conf/model/*.yaml) or mappings {preset: NAME, <model key>: value, ...}
+    victims: List[Any] = field(default_factory=lambda: ["cnn", "lenet"])
+    # perturbation files (read as ``perturbation`` says) or run folders holding perturbation.pt;
+    # empty: compute one on each victim
+    perturbations: List[str] = field(default_factory=list)
+
+
+def check(cfg: DictConfig, attack: AttackSettings) -> None:
     """The victims name model presets and the run folders hold a perturbation."""
     if not cfg.task.victims:
         raise ConfigError("task.victims is empty; list model presets, e.g. task.victims=[cnn,lenet]")
@@ -100,7 +113,7 @@ def run(setup: Setup) -> Dict[str, Any]:
             path = setup.output_dir / PERTURBATIONS_DIR / f"{label}.pt"
             atomic_write(path, lambda f, v=v: torch.save(v.contiguous(), f))
 
-    cleans = [metrics.predict(victim.net, setup.eval_images, clip=cfg.attack.clip) for victim in victims]
+    cleans = [setup.predict(victim.net, setup.eval_images) for victim in victims]
     table = pd.DataFrame(
         [[eval_fooling_rate(setup, victim.net, v, clean) for victim, clean in zip(victims, cleans)] for v in perturbations],
         index=[f"perturbation from {label}" for label in source_labels],
@@ -110,7 +123,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     for label, victim, clean in zip(victim_labels, victims, cleans):
         accuracies[label] = metrics.accuracy(clean, setup.eval_labels_for(victim))
         random_rates[label] = mean_fooling_rate(
-            lambda noise, net=victim.net: metrics.predict(net, setup.eval_images, noise, clip=cfg.attack.clip),
+            lambda noise, net=victim.net: setup.predict(net, setup.eval_images, noise),
             clean,
             shape,
             threat.eps,
@@ -121,7 +134,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     table.index.name = "fooling rate"
 
     atomic_write_text(setup.output_dir / TRANSFER_CSV, table.to_csv())
-    title = f"{cfg.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
+    title = f"{setup.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
     save_figure_png(transfer_figure(table.values, list(table.index), victim_labels, title),
                     setup.output_dir / TRANSFER_PNG)
     results = {
@@ -135,3 +148,6 @@ def run(setup: Setup) -> Dict[str, Any]:
         "perturbation_folders": list(cfg.task.perturbations),
     }
     return setup.finish(results, "fooling rates (rows: perturbation; columns: victim)", table)
+
+
+TASK = Task("transfer", TransferTaskConfig, run, check)

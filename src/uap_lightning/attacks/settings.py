@@ -1,0 +1,86 @@
+"""The settings of one universal attack, validated once and handed to every caller.
+
+``AttackSettings`` holds everything that determines the perturbation an attack returns: the
+threat model, the engine and its options, δ, the pass budget, which pass is kept, clipping, the
+target class, the seed and the augmentation, plus how X is predicted. It is built once, from a
+run's config (``validation.attack_settings``) or from ``compute_uap``'s arguments, and the API,
+the tasks, the loop and the benchmark all take it; no caller re-checks or converts its values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+
+from uap_lightning.attacks.base import UniversalAttack, engine_class
+from uap_lightning.attacks.threat import ThreatModel
+
+KEEP_CHOICES = ("best", "last")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """A universal attack: ``threat`` (ε in 0–255 pixel units) and the engine ``method`` with its
+    ``options`` (the engine's own keys; the others take its defaults).
+
+    ``delta``: stop once the fooling rate on X (targeted: the targeted success rate) reaches
+    1 − δ; ``max_passes``: at most this many passes; ``keep``: "best" returns the pass with the
+    highest rate on X, "last" the last one; ``clip``: x + v clipped to [0,1]; ``target_class``:
+    targeted mode; ``seed``: the order of X and the attack's randomness; ``augment``: every pass
+    on new random crops and flips of X; ``eval_batch_size``: images per prediction batch;
+    ``compile``: predictions through ``torch.compile``.
+
+    Raises ValueError naming the ``attack.`` key of a value out of range, TypeError for an
+    option the engine does not take.
+    """
+
+    threat: ThreatModel
+    method: str = "deepfool_uap"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    delta: float = 0.2
+    max_passes: int = 10
+    keep: str = "best"
+    clip: bool = True
+    target_class: Optional[int] = None
+    seed: int = 0
+    augment: bool = False
+    eval_batch_size: int = 512
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threat, ThreatModel):
+            raise TypeError(f"threat must be a ThreatModel; got {type(self.threat).__name__}")
+        if not isinstance(self.delta, numbers.Real) or isinstance(self.delta, bool) or not 0.0 < self.delta < 1.0:
+            raise ValueError(f"attack.delta must lie in (0, 1), e.g. 0.2 to stop at a fooling rate of 0.8; got {self.delta!r}")
+        if not _is_int(self.max_passes) or self.max_passes < 1:
+            raise ValueError(f"attack.max_passes must be an integer >= 1; got {self.max_passes!r}")
+        if self.keep not in KEEP_CHOICES:
+            raise ValueError(f"attack.keep must be one of {', '.join(KEEP_CHOICES)}; got {self.keep!r}")
+        if self.target_class is not None and (not _is_int(self.target_class) or self.target_class < 0):
+            raise ValueError(f"attack.target_class must be a class index >= 0 or null; got {self.target_class!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"attack.seed must be an integer; got {self.seed!r}")
+        if not _is_int(self.eval_batch_size) or self.eval_batch_size < 1:
+            raise ValueError(f"attack.eval_batch_size must be an integer >= 1; got {self.eval_batch_size!r}")
+        object.__setattr__(self, "options", dict(self.options))  # a copy the caller cannot change
+        self.engine()  # the method exists and takes these options
+
+    def engine(self) -> UniversalAttack:
+        """A new engine of ``method`` with these settings."""
+        return engine_class(self.method).from_settings(self)
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded with ``seed``: the attack's order and randomness."""
+        return torch.Generator().manual_seed(int(self.seed))
+
+    def replace(self, **changes: Any) -> "AttackSettings":
+        """These settings with ``changes``, validated again."""
+        return dataclasses.replace(self, **changes)

@@ -7,7 +7,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-all bench bench-smoke tensorboard clean
+.PHONY: help install run imagenet test test-slow test-all bench bench-smoke tensorboard clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -15,13 +15,16 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench,sweep,imagenet]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench,sweep,imagenet,tracking]"
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the package (editable) with its dev, bench, sweep and imagenet extras
+install: $(STAMP) ## Create .venv and install the package (editable) with its dev, bench, sweep, imagenet and tracking extras
 
 run: $(STAMP) ## Run the default experiment (digits, cnn, deepfool_uap); extra overrides: make run ARGS="attack.eps=64"
 	$(BIN)/python -m uap_lightning.run $(ARGS)
+
+imagenet: $(STAMP) ## The paper's headline: EfficientNet-Lite0 on the ImageNet photographs (UAP_DATA_DIR must hold imagenet-samples/)
+	$(BIN)/python -m uap_lightning.run experiment=imagenet_lite0 $(ARGS)
 
 test: $(STAMP) ## Run the test suite (offline, CPU; slow tests deselected)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -15,7 +15,7 @@ from uap_lightning.config import register_configs
 CONF_DIR = Path(uap_lightning.__file__).parent / "conf"
 
 # Quiet, small settings every composed test config gets.
-QUIET = ("logger.progress_bar=false", "trainer.enable_progress_bar=false")
+QUIET = ("extras.progress_bar=false", "trainer.enable_progress_bar=false")
 
 
 def compose_config(overrides: Sequence[str], root: Path, config_name: str = "config") -> DictConfig:

@@ -20,7 +20,7 @@ from uap_lightning.report.figures import (
     perturbation_figure,
     perturbation_scale,
     pick_examples,
-    save_figure_png,
+    save_figure,
 )
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -34,12 +34,14 @@ def figure_image(fig) -> np.ndarray:
 
 
 def _png_shape(fig, path: Path) -> tuple[int, ...]:
-    """Save ``fig`` to ``path``, read it back and check it is a non-blank image; its shape."""
-    save_figure_png(fig, path)
+    """Save ``fig`` to ``path`` (and its PDF), read the PNG back and check it is a non-blank image;
+    its shape at 100 dpi (the saved PNG has 200 dpi: twice the pixels each way)."""
+    save_figure(fig, path)
+    assert path.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
     image = mpimg.imread(path)
     assert image.ndim == 3 and image.size > 0
     assert image[..., :3].std() > 0  # something was drawn
-    return image.shape
+    return (image.shape[0] // 2, image.shape[1] // 2, image.shape[2])
 
 
 def _sign_pattern(channels: int, size: int = 16) -> torch.Tensor:
@@ -76,7 +78,8 @@ def test_curve_figure_renders_640x400(tmp_path, best_pass, random_rates, clean):
     for name in random_rates or {}:
         assert any(label.startswith(name) for label in labels)
     assert ("clean accuracy" in labels) == clean
-    assert fig.axes[0].get_ylim() == (0.0, 1.0)
+    assert fig.axes[0].get_ylim() == (0.0, 1.04)  # room above 1: an accuracy near 1 stays visible
+    assert fig.axes[0].get_ylabel() == "share of images"
     assert _png_shape(fig, tmp_path / "curve.png") == (400, 640, 4)
 
 
@@ -128,15 +131,24 @@ def test_perturbation_rgb_panel_is_grey_for_zero():
 
 def test_pick_examples_covers_classes_on_sorted_labels():
     labels = torch.arange(10).repeat_interleave(100)  # CIFAR-10's class-sorted eval set
-    picked = pick_examples(labels, 8, seed=0)
-    assert picked.dtype == torch.int64 and picked.shape == (8,)
-    assert labels[picked].tolist() == list(range(8))  # one per class, in label order
-    assert torch.equal(picked, pick_examples(labels, 8, seed=0))
-    assert not torch.equal(picked, pick_examples(labels, 8, seed=1))
+    picked = pick_examples(labels, 10, seed=0)
+    assert picked.dtype == torch.int64 and picked.shape == (10,)
+    assert labels[picked].tolist() == list(range(10))  # every class, in label order
+    assert torch.equal(picked, pick_examples(labels, 10, seed=0))
+    assert not torch.equal(picked, pick_examples(labels, 10, seed=1))
     twenty = pick_examples(labels, 20, seed=0)
     assert labels[twenty].tolist() == list(range(10)) * 2
     assert len(set(twenty.tolist())) == 20
-    assert torch.equal(twenty[:8], picked)
+    assert torch.equal(twenty[:10], picked)
+
+
+def test_pick_examples_puts_the_dominant_label_first_and_samples_many_classes():
+    """The dominant label's class is always shown; with more classes than images, a seeded sample of them."""
+    labels = torch.arange(10).repeat_interleave(100)
+    assert labels[pick_examples(labels, 10, seed=0, first_class=8)].tolist() == [8, 0, 1, 2, 3, 4, 5, 6, 7, 9]
+    imagenet = torch.arange(1000)
+    shown = labels_shown = imagenet[pick_examples(imagenet, 10, seed=0, first_class=700)].tolist()
+    assert shown[0] == 700 and len(set(labels_shown)) == 10 and max(shown[1:]) > 100
 
 
 def test_pick_examples_never_more_than_available():
@@ -219,6 +231,6 @@ def test_figure_image_and_dpi(tmp_path):
     fig = curve_figure(_history(), 2)
     array = figure_image(fig)
     assert array.shape == (400, 640, 3) and array.dtype == np.uint8
-    save_figure_png(fig, tmp_path / "curve.png", dpi=50)
+    save_figure(fig, tmp_path / "curve.png", dpi=50)
     assert mpimg.imread(tmp_path / "curve.png").shape[:2] == (200, 320)
-    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.pdf", "curve.png"]  # no temporary file left behind

@@ -22,7 +22,7 @@ FAST = (
     "trainer.max_epochs=3",
     "data.attack_images=200",
     "attack.max_passes=2",
-    "logger.progress_bar=false",
+    "extras.progress_bar=false",
     "trainer.enable_progress_bar=false",
 )
 
@@ -182,7 +182,7 @@ def test_failure_while_writing_leaves_no_metrics(make_cfg, monkeypatch, tmp_path
     def broken_png(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("uap_lightning.report.outputs.save_figure_png", broken_png)
+    monkeypatch.setattr("uap_lightning.report.outputs.save_figure", broken_png)
     with pytest.raises(OSError, match="disk full"):
         run(cfg)
     assert not (run_dir / "metrics.json").exists()

@@ -67,7 +67,8 @@ def test_generalisation_curve_over_the_size_of_x(make_cfg):
     assert table["attack_images"].tolist() == [20, 50, 100]
     assert {"fooling_rate", "fooling_rate_attack_set", "random_fooling_rate", "random_same_l2_fooling_rate"} <= set(table)
     assert [row["attack_images"] for row in m["rows"]] == [20, 50, 100]
-    assert png_shape(run_dir / "generalisation.png") == (400, 640)
+    assert png_shape(run_dir / "generalisation.png") == (800, 1280)  # 6.4×4 in at 200 dpi
+    assert (run_dir / "generalisation.pdf").is_file()
     with pytest.raises(ConfigError, match="task.sizes"):
         run_task(make_cfg("task=generalisation", "task.sizes=[20,20]"))
     with pytest.raises(ConfigError, match="training split offers"):
@@ -78,30 +79,34 @@ def test_attack_run_writes_its_figures(make_cfg):
     cfg = make_cfg(*SMALL)
     m = run_task(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    assert png_shape(run_dir / "curve.png") == (400, 640)
-    assert png_shape(run_dir / "labels.png") == (400, 640)
-    assert png_shape(run_dir / "perturbation.png") == (300, 350)
-    assert png_shape(run_dir / "examples.png") == (450, 1250)
+    assert png_shape(run_dir / "curve.png") == (800, 1280)  # 6.4×4 in at 200 dpi
+    assert png_shape(run_dir / "labels.png") == (800, 1280)
+    assert png_shape(run_dir / "perturbation.png") == (600, 700)
+    assert png_shape(run_dir / "examples.png") == (900, 3100)  # 10 examples: 15.5×4.5 in
+    assert all((run_dir / f"{name}.pdf").is_file() for name in ("curve", "labels", "perturbation", "examples"))
     assert 0 <= m["dominant_label"] < 10 and 0 < m["dominant_label_share"] <= 1
     assert m["dominant_label_name"] == str(m["dominant_label"])
 
 
 def test_a_sweep_with_one_failing_job_leaves_a_complete_summary(tmp_path):
-    """Four jobs, one with a bad ε: the failure is a row with its error, the others are complete."""
+    """Four jobs, one with a bad ε and one whose ε is no number (it cannot even be composed): each
+    failure is a row with its error, the others are complete, and the sweep exits with status 3."""
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("UAP_DATA_DIR", None)
     sweep = tmp_path / "sweep"
     done = subprocess.run(
-        [sys.executable, "-m", "uap_lightning.run", "-m", "attack.eps=32,48,64,-1", *SMALL,
+        [sys.executable, "-m", "uap_lightning.run", "-m", "attack.eps=32,48,64,-1,abc", *SMALL,
          "attack.max_passes=1", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "2 job(s) of the sweep failed" in done.stdout + done.stderr
     summary = pd.read_csv(sweep / "summary.csv")
-    assert len(summary) == 4
-    assert summary["status"].tolist() == ["ok", "ok", "ok", "failed"]
+    assert len(summary) == 5
+    assert summary["status"].tolist() == ["ok", "ok", "ok", "failed", "failed"]
+    assert "could not be converted to Float" in summary.iloc[4]["error"] or "abc" in summary.iloc[4]["error"]
     failed = summary.iloc[3]
-    assert failed["attack.eps"] == -1 and "attack.eps must be a positive" in failed["error"]
+    assert str(failed["attack.eps"]) == "-1" and "attack.eps must be a positive" in failed["error"]
     ok = summary.iloc[:3]
     assert ok["fooling_rate"].notna().all() and ok["random_fooling_rate"].notna().all()
     assert ok["random_same_l2_fooling_rate"].notna().all()

@@ -7,18 +7,24 @@ perturbation is C×H×W in [0,1] scale.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import warnings
 from collections.abc import Iterable
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from uap_lightning import metrics
-from uap_lightning.attacks.driver import UAPResult, run_passes
+from uap_lightning.attacks.driver import PassCallback, PassReport, UAPResult, run_passes
 from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.model_state import frozen_eval, model_device
 from uap_lightning.attacks.threat import ThreatModel
+from uap_lightning.errors import NonFiniteError
+from uap_lightning.units import EPS_SCALES, to_pixel_units
 
 Images = Union[Tensor, Iterable]
 RANGE_TOLERANCE = 1e-4
@@ -41,15 +47,19 @@ def compute_uap(
     eval_batch_size: int = AttackSettings.eval_batch_size,
     compile: bool = AttackSettings.compile,
     image_shape: Optional[Tuple[int, int, int]] = None,
+    eps_scale: int = 255,
+    verbose: bool = False,
     **options,
 ) -> UAPResult:
     """A universal perturbation of ``model`` (images in [0,1] → logits) on the attack set ``images``.
 
-    ``eps`` is in 0–255 pixel units for every ``p``. Stops when the fooling rate on ``images``
+    ``eps`` is in 0–255 pixel units for every ``p`` (``eps_scale=1``: in [0,1] image scale, the habit
+    of other toolkits; an ε below one 8-bit level in 0–255 units warns). Stops when the fooling rate on ``images``
     (targeted: the targeted success rate) reaches 1 − ``delta`` or after ``max_passes`` passes
     and returns the pass with the highest rate on ``images`` (``keep="last"``: the last pass);
     ``augment`` shows each pass a new random crop and flip of every image; ``compile`` runs the
-    attack's predictions through ``torch.compile``. ``method`` names an engine
+    attack's predictions through ``torch.compile``; ``verbose`` draws a progress bar over passes
+    (on stderr) with the rate on ``images``. ``method`` names an engine
     (``uap_lightning.attacks.ENGINES``: deepfool_uap, deepfool_uap_batched, sgd_uap, ...);
     ``options`` are its own settings (e.g. overshoot, batch_size, step_size). Runs on the model's
     device (images stay where they are and move batch by batch); the model's mode and parameter
@@ -60,7 +70,7 @@ def compute_uap(
     settled or after ``max_passes`` passes, and returns the last pass.
     """
     settings = AttackSettings(
-        ThreatModel.parse(eps, p),
+        threat_of(eps, p, eps_scale),
         method=method,
         options=options,
         delta=delta,
@@ -74,17 +84,56 @@ def compute_uap(
         compile=bool(compile),
     )
     if images is None:
-        return _data_free(model, settings, image_shape)
+        settings.threat.check_fits(image_shape or (), eps_key="eps")
+        with pass_bar(settings, verbose) as on_pass_end:
+            return _data_free(model, settings, image_shape, on_pass_end)
     x = as_images(images, model)
+    settings.threat.check_fits(x.shape[1:], eps_key="eps")
     with frozen_eval(model):
         classes = check_logits(model, x)
         if target_class is not None and target_class >= classes:
             raise ValueError(f"target_class must be an integer in [0, {classes - 1}]; got {target_class!r}")
         clean = metrics.predict(model, x, batch_size=settings.eval_batch_size, clip=settings.clip)
-        return run_passes(model, settings, x, clean)
+        with pass_bar(settings, verbose) as on_pass_end:
+            return run_passes(model, settings, x, clean, on_pass_end=on_pass_end)
 
 
-def _data_free(model: nn.Module, settings: AttackSettings, image_shape: Optional[Sequence[int]]) -> UAPResult:
+def threat_of(eps: Any, p: Union[str, float], eps_scale: int) -> ThreatModel:
+    """The threat model of an API call: ``eps`` in the units ``eps_scale`` says, checked; warns
+    (UserWarning) when ε is under one 8-bit level in 0–255 units."""
+    if eps_scale not in EPS_SCALES:
+        raise ValueError(f"eps_scale must be 255 (eps in 0–255 pixel units) or 1 ([0,1] scale); got {eps_scale!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number (0–255 pixel units, or [0,1] with eps_scale=1); got {eps!r}")
+    threat = ThreatModel.parse(to_pixel_units(float(eps)) if eps_scale == 1 else eps, p)
+    if threat.below_one_level:
+        warnings.warn(threat.unit_advice("eps", "eps_scale"), UserWarning, stacklevel=3)
+    return threat
+
+
+@contextlib.contextmanager
+def pass_bar(settings: AttackSettings, verbose: bool) -> Iterator[Optional[PassCallback]]:
+    """Inside, a pass callback drawing a tqdm bar over passes with the rate on X (None when not ``verbose``)."""
+    if not verbose:
+        yield None
+        return
+    bar = tqdm(total=settings.max_passes, desc=f"{settings.method} passes", unit="pass")
+
+    def on_pass_end(report: PassReport) -> None:
+        bar.update(1)
+        name = settings.rate_on_x_key.replace("_attack_set", " on X").replace("_", " ")
+        bar.set_postfix({name: f"{report.fooling_rate:.3f}"})
+
+    try:
+        yield on_pass_end
+    finally:
+        bar.close()
+
+
+def _data_free(
+    model: nn.Module, settings: AttackSettings, image_shape: Optional[Sequence[int]],
+    on_pass_end: Optional[PassCallback] = None,
+) -> UAPResult:
     """compute_uap without images: a data-free engine on C×H×W = ``image_shape``."""
     if image_shape is None or len(image_shape) != 3 or not all(isinstance(n, int) and n > 0 for n in image_shape):
         raise ValueError(f"images=None needs image_shape=(C, H, W), positive integers; got {image_shape!r}")
@@ -92,7 +141,7 @@ def _data_free(model: nn.Module, settings: AttackSettings, image_shape: Optional
         raise ValueError(f"method={settings.method} with these options reads images; give images (or prior=none|range)")
     with frozen_eval(model):
         check_logits(model, torch.full((1, *image_shape), 0.5, dtype=_float_dtype(model)))
-        return run_passes(model, settings, None, None, image_shape=image_shape)
+        return run_passes(model, settings, None, None, image_shape=image_shape, on_pass_end=on_pass_end)
 
 
 def fooling_rate(
@@ -161,6 +210,11 @@ def check_logits(model: nn.Module, images: Tensor) -> int:
         )
     if out.dim() != 2 or out.shape[0] != min(2, images.shape[0]) or out.shape[1] < 2:
         raise ValueError(f"the model must return N×K logits with K >= 2 classes; it returned shape {tuple(out.shape)}")
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(
+            "the model returns NaN or infinite logits on these images: its weights (or the images) hold non-finite "
+            "values, so no perturbation can be measured against it"
+        )
     return int(out.shape[1])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class DataConfig:
     download: bool = False  # torchvision sets: try to download when the files are absent
     class_names_file: Optional[str] = None  # sample_folder: TSV (index, folder, name) under root naming the classes
     class_subset: Optional[List[str]] = None  # imagefolder: keep only these class folders
+    max_image_pixels: Optional[int] = None  # image files: refuse larger images (None: PIL's decompression-bomb limit)
     images_per_class: Optional[int] = None  # imagefolder: at most this many per class and split
     attack_images: int = 500  # size of the attack set X, drawn from the training split
     eval_images: Optional[int] = None  # size of the evaluation set, drawn from test; None = all
@@ -104,6 +106,9 @@ class TrainerConfig:
     num_nodes: Optional[int] = None  # None: 1
 
 
+DEFAULT_EPS: Any = "${oc.select:data.default_eps.${attack.p},null}"  # attack.eps when none is given
+
+
 @dataclass
 class AttackConfig:
     """Settings every universal attack shares (see :class:`AttackSettings`, whose defaults these
@@ -114,7 +119,10 @@ class AttackConfig:
     """
 
     method: str = MISSING  # the engine: a name of uap_lightning.attacks.ENGINES
-    eps: Optional[float] = None  # None: the data preset's default for this p
+    # 0–255 pixel units; by default the data preset's ε for this p (null when it has none), so that
+    # `--cfg job --resolve` shows the ε a run uses
+    eps: Optional[float] = DEFAULT_EPS
+    eps_scale: int = 255  # the units of attack.eps: 255 (0–255 pixel units, the default) | 1 ([0,1] scale)
     p: str = "inf"  # inf | 2 | 1
     delta: float = AttackSettings.delta  # stop when the fooling rate on X reaches 1 - delta
     max_passes: int = AttackSettings.max_passes
@@ -123,6 +131,7 @@ class AttackConfig:
     keep: str = AttackSettings.keep  # best: the pass with the highest fooling rate on X | last
     seed: Optional[int] = None  # draw and order of X, attack randomness; None: the run's seed
     resume: bool = True  # continue an interrupted attack found in the run folder
+    progress: bool = True  # a progress bar on a terminal, else a line per pass (and per minute of a long pass)
     augment: bool = AttackSettings.augment  # each pass on a new random crop (50–100% of the area) and flip of X
     # evaluation and devices
     eval_batch_size: int = AttackSettings.eval_batch_size
@@ -160,13 +169,12 @@ def attack_schemas() -> Dict[str, type]:
 
 
 @dataclass
-class LoggerConfig:
-    """Where victim training and the attack log: TensorBoard and/or CSV (``logger=[tensorboard,csv]``)."""
+class ExtrasConfig:
+    """What a run shows besides its results."""
 
-    tensorboard: bool = False  # event files under <run dir>/tensorboard/
-    csv: bool = False  # metrics.csv files under <run dir>/csv/ (Lightning's CSVLogger)
-    example_images: int = 8  # clean/perturbed pairs in examples.png and TensorBoard
+    print_config: Optional[bool] = None  # the composed config as a tree at start; None: on a terminal only
     progress_bar: Optional[bool] = None  # None: only when the console is a terminal
+    example_images: int = 10  # clean/perturbed pairs in examples.png (every class up to 10, the dominant label first)
 
 
 @dataclass
@@ -198,8 +206,11 @@ class RunConfig:
     attack: Any = MISSING  # an engine's schema (attack_schemas), chosen by attack=NAME
     task: Any = MISSING  # a task's schema (its module's TASK.schema), chosen by task=NAME
     perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: Dict[str, Any] = field(default_factory=dict)  # name → a logger's _target_ config (logger=[tensorboard,csv])
+    callbacks: Dict[str, Any] = field(default_factory=dict)  # name → a callback's _target_ config
+    extras: ExtrasConfig = field(default_factory=ExtrasConfig)
     seed: int = 0
+    threads: Optional[int] = None  # torch's intra-op threads; None: the cores this process may use (shared by parallel jobs)
 
 
 def model_preset(entry: Any) -> DictConfig:
@@ -214,10 +225,10 @@ def model_preset(entry: Any) -> DictConfig:
         name = changes.pop("preset", None)
         if not isinstance(name, str):
             raise ValueError(f"a victim given as a mapping needs `preset: <model preset>`; got {entry!r}")
+    known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if name not in known:  # a name of the config tree, never a path
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(known)}")
     path = CONF_DIR / "model" / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
-        raise ValueError(f"unknown model preset {name!r}; known: {known}")
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), changes)
 
 
@@ -227,11 +238,19 @@ def default_eps(data_cfg: Any, p: str) -> Optional[float]:
     return float(defaults[p]) if p in defaults else None
 
 
+def safe_folder_name(text: str) -> str:
+    """``text`` as one folder name: path separators and ``..`` replaced, so that no override can put
+    a sweep job's folder outside the sweep folder (the ``uap_safe`` resolver of hydra.sweep.subdir)."""
+    return re.sub(r"\.\.+", "_", text.replace("/", "_").replace("\\", "_")) or "_"
+
+
 def register_configs() -> None:
     """Register the schemas: ``run_schema`` for the primary configs, ``<name>_schema`` in the
-    ``attack`` group for every engine and in the ``task`` group for every task."""
+    ``attack`` group for every engine and in the ``task`` group for every task; and the
+    ``uap_safe`` resolver."""
     from uap_lightning.tasks import TASKS  # tasks import this module
 
+    OmegaConf.register_new_resolver("uap_safe", safe_folder_name, replace=True)
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     for name, schema in attack_schemas().items():

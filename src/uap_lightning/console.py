@@ -4,7 +4,14 @@ errors, and none of the libraries' tips and warnings that ask nothing of the use
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+from typing import Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.tree import Tree
 
 # Library warnings about their own internals or about settings this project chooses on purpose.
 _QUIET_WARNINGS = (
@@ -27,3 +34,22 @@ def quiet_libraries() -> None:
     """Ignore the library warnings listed in ``_QUIET_WARNINGS`` for this process."""
     for pattern in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+# The config groups in the order a reader follows a run.
+_TREE_ORDER = ("data", "model", "trainer", "attack", "task", "perturbation", "logger", "callbacks", "extras", "paths")
+
+
+def print_config_tree(cfg: DictConfig, setting: Optional[bool]) -> None:
+    """Print ``cfg`` (resolved) as a tree of its groups on the console: always when ``setting`` is
+    true, never when false, on a terminal only when None (``extras.print_config``)."""
+    if setting is False or (setting is None and not sys.stdout.isatty()):
+        return
+    tree = Tree("config", guide_style="dim")
+    for name in [*_TREE_ORDER, *(key for key in cfg if key not in _TREE_ORDER)]:
+        if name not in cfg or name == "hydra":
+            continue
+        node = cfg[name]
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else f"{node}\n"
+        tree.add(name).add(Syntax(text.rstrip() or "{}", "yaml", theme="ansi_dark", background_color="default"))
+    Console().print(tree)

@@ -23,6 +23,10 @@ class DamagedFileError(UserError, ValueError):
     """A file that is truncated, unreadable or not what its name says."""
 
 
+class NonFiniteError(UserError, ValueError):
+    """Weights or outputs hold NaN or infinite values: the victim cannot be attacked meaningfully."""
+
+
 class NotFoundError(UserError, FileNotFoundError):
     """A file or folder the settings point at does not exist."""
 

@@ -2,7 +2,9 @@
 
 The lock is an OS file lock (``filelock``, ``flock`` on Unix): the kernel frees it when the
 process holding it dies, so a lock left by a dead process is simply taken. Beside the lock
-file, ``<lock>.owner`` records the holder (pid, host, since) so that waiters can name it.
+file, ``<lock>.owner`` records the holder (pid, host, since) so that waiters can name it. A lock
+whose file was deleted while held (a cleaned cache folder) still counts: a process that takes the
+new file's lock while the owner record names another live process waits for that process.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def _describe(owner: Optional[Dict[str, Any]]) -> str:
     return f"pid {owner.get('pid')} on {owner.get('host')} (for {held:.0f} s)"
 
 
+def _held_elsewhere(owner: Optional[Dict[str, Any]]) -> bool:
+    """Whether the owner record names another process that still runs (on this host)."""
+    if not owner or owner.get("host") != socket.gethostname() or owner.get("pid") == os.getpid():
+        return False
+    return _alive_here(owner)
+
+
 def _alive_here(owner: Dict[str, Any]) -> bool:
     """False when the owner ran on this host and its pid no longer exists."""
     if owner.get("host") != socket.gethostname():
@@ -78,7 +87,11 @@ def held_lock(lock_path: Path, *, what: str, timeout: float) -> Iterator[None]:
     while True:
         try:
             lock.acquire(timeout=min(POLL_SECONDS, max(0.01, timeout - (time.monotonic() - started))))
-            break
+            if not _held_elsewhere(read_owner(lock_path)):
+                break
+            lock.release()  # the lock file was replaced while another process held it: wait for that one
+            time.sleep(POLL_SECONDS)
+            raise Timeout(str(lock_path))
         except Timeout:
             waited = time.monotonic() - started
             owner = read_owner(lock_path)

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ from uap_lightning.report.figures import perturbation_image
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+HEARTBEAT_SECONDS = 60.0  # a line this often while a pass runs, off a terminal
 
 PassLogger = Callable[[Dict[str, Any], Tensor], None]  # (a pass's record, v after it)
 
@@ -100,6 +102,19 @@ class AttackState:
         }
 
     @classmethod
+    def load(cls, path: Path) -> Optional["AttackState"]:
+        """The state saved at ``path`` (tensors-only load), or None when there is none.
+
+        DamagedFileError when the file exists but cannot be read as an attack state."""
+        if not path.is_file():
+            return None
+        try:
+            # torch.load, not Fabric's: a Fabric of several devices loads only once launched
+            return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # any failure to read the state means it cannot be resumed
+            raise DamagedFileError(f"attack state {path} cannot be read: {err}") from None
+
+    @classmethod
     def from_dict(cls, state: Dict[str, Any]) -> "AttackState":
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"attack state version {state.get('version')!r}, expected {STATE_VERSION}")
@@ -139,16 +154,8 @@ class AttackLoop:
     fingerprint: str = ""
 
     def load_state(self) -> Optional[AttackState]:
-        """The saved state at ``state_path`` (tensors-only load), or None when there is none.
-
-        DamagedFileError when the file exists but cannot be read as an attack state."""
-        if self.state_path is None or not self.state_path.is_file():
-            return None
-        try:
-            # torch.load, not Fabric's: a Fabric of several devices loads only once launched
-            return AttackState.from_dict(torch.load(self.state_path, map_location="cpu", weights_only=True))
-        except Exception as err:  # any failure to read the state means it cannot be resumed
-            raise DamagedFileError(f"attack state {self.state_path} cannot be read: {err}") from None
+        """The saved state at ``state_path`` (see :meth:`AttackState.load`), or None."""
+        return None if self.state_path is None else AttackState.load(self.state_path)
 
     def run(
         self,
@@ -223,7 +230,7 @@ class AttackLoop:
                 record.update(
                     {
                         "pass": report.pass_index,
-                        "fooling_rate_attack_set": report.fooling_rate,
+                        self.settings.rate_on_x_key: report.fooling_rate,
                         "clean_accuracy": clean_accuracy,
                         "updates": report.stats.updates,
                         "mean_deepfool_iterations": report.stats.mean_iterations,
@@ -271,6 +278,8 @@ class AttackLoop:
                 if latest is not None:
                     latest.finished = True
                     self._save(latest)
+            finally:
+                self.fabric.call("on_passes_done", loop=self)
             wall = time.perf_counter() - start
             kept_v = result.perturbation
             perturbed_eval_labels = self.predict(model, eval_images, kept_v, reducer=reducer)
@@ -326,7 +335,7 @@ class AttackLoop:
             if record["pass"] == result.best_pass:
                 return dict(record)
         record = self._evaluate(model, kept_v, eval_images, eval_labels, clean_labels, reducer)
-        record.update({"pass": result.best_pass, "fooling_rate_attack_set": result.fooling_rate})
+        record.update({"pass": result.best_pass, self.settings.rate_on_x_key: result.fooling_rate})
         return record
 
     def _result_of(self, state: Optional[AttackState], shape, dtype) -> UAPResult:
@@ -334,7 +343,7 @@ class AttackLoop:
         if state is None:
             zero = torch.zeros(tuple(shape), dtype=dtype)
             return UAPResult(zero, 0.0, passes=0, best_pass=0, last_perturbation=zero)
-        rate = state.history[-1]["fooling_rate_attack_set"] if state.history else state.kept.fooling_rate
+        rate = state.history[-1][self.settings.rate_on_x_key] if state.history else state.kept.fooling_rate
         return UAPResult(
             state.kept.perturbation,
             state.kept.fooling_rate,
@@ -382,7 +391,8 @@ class AttackLoop:
         for logger in self.fabric.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
-                experiment.add_image("attack/perturbation", perturbation_image(v.detach().cpu()), step)
+                threat = self.settings.threat
+                experiment.add_image("attack/perturbation", perturbation_image(v.detach().cpu(), threat.eps, threat.p), step)
 
 
 def _attack_on_rank(
@@ -423,39 +433,69 @@ def _received(sent: Path) -> Tuple[AttackOutcome, List[Tuple[Dict[str, Any], Ten
 
 class AttackProgressBar:
     """Fabric callback showing the attack's progress on rank 0: on a terminal a progress bar over
-    passes with the live fooling rates; elsewhere (a pipe, a batch job) one log line per pass with
-    the rates, the pass's seconds and an estimate of the time left (``enabled=False``: the lines)."""
+    passes with the live rates; elsewhere (a pipe, a batch job) one log line per pass with the
+    rates, the pass's seconds and an estimate of the time left, and, while a pass runs longer than
+    ``heartbeat`` seconds, a line every ``heartbeat`` seconds. ``enabled=False`` draws no bar
+    (the lines instead); ``lines=False`` writes no lines either (``attack.progress=false``)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, lines: bool = True, heartbeat: float = HEARTBEAT_SECONDS) -> None:
         self.enabled = enabled
+        self.lines = lines
+        self.heartbeat = heartbeat
         self._bar: Optional[tqdm] = None
         self._max_passes = 0
+        self._pass = 0
+        self._pass_started = 0.0
+        self._stop: Optional[threading.Event] = None
 
     def on_attack_start(self, loop: AttackLoop, max_passes: int, done: int) -> None:
-        self._max_passes = max_passes
-        if self.enabled and loop.fabric.is_global_zero:
+        self._max_passes, self._pass, self._pass_started = max_passes, done, time.perf_counter()
+        if not loop.fabric.is_global_zero:
+            return
+        if self.enabled:
             self._bar = tqdm(
                 total=max_passes, initial=done, desc=f"{loop.settings.method} passes", unit="pass", dynamic_ncols=True
             )
+        elif self.lines:
+            self._stop = threading.Event()
+            threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="attack-heartbeat").start()
+
+    def _beat(self, stop: threading.Event) -> None:
+        """While the attack runs: a line each ``heartbeat`` seconds that a pass has been running."""
+        while not stop.wait(self.heartbeat):
+            running = time.perf_counter() - self._pass_started
+            if running >= self.heartbeat:
+                log.info("pass %d/%d running for %.0f s", self._pass + 1, self._max_passes, running)
 
     def on_attack_pass_end(self, loop: AttackLoop, record: Dict[str, Any], perturbation: Tensor) -> None:
+        self._pass, self._pass_started = record["pass"], time.perf_counter()
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(
-                fool_X=f"{record['fooling_rate_attack_set']:.3f}",
-                fool_eval=f"{record['fooling_rate']:.3f}",
-                linf=f"{record['norm_linf']:.1f}",
-            )
-        elif loop.fabric.is_global_zero:
+            self._bar.set_postfix({**progress_rates(loop.settings, record), "linf": f"{record['norm_linf']:.1f}"})
+        elif self.lines and loop.fabric.is_global_zero:
             done = record["pass"]
             left = record["attack_seconds"] / done * (self._max_passes - done)
+            rates = ", ".join(f"{name} {value}" for name, value in progress_rates(loop.settings, record).items())
             log.info(
-                "pass %d/%d: fooling rate %.4f on X, %.4f on the eval set; %.1f s, %.0f s in all, at most ~%.0f s to go",
-                done, self._max_passes, record["fooling_rate_attack_set"], record["fooling_rate"],
-                record["seconds"], record["attack_seconds"], left,
+                "pass %d/%d: %s; %.1f s, %.0f s in all, at most ~%.0f s to go",
+                done, self._max_passes, rates, record["seconds"], record["attack_seconds"], left,
             )
 
-    def on_attack_end(self, loop: AttackLoop, result: UAPResult, final: Dict[str, Any]) -> None:
+    def on_passes_done(self, loop: AttackLoop) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def progress_rates(settings: AttackSettings, record: Dict[str, Any]) -> Dict[str, str]:
+    """The rates a progress line shows for a pass's ``record``: on X the rate the attack steers by,
+    on the eval set the fooling rate (and, targeted, the targeted success rate)."""
+    if settings.target_class is None:
+        return {"fooling on X": f"{record['fooling_rate_attack_set']:.4f}",
+                "on the eval set": f"{record['fooling_rate']:.4f}"}
+    return {"targeted success on X": f"{record['targeted_success_rate_attack_set']:.4f}",
+            "on the eval set": f"{record['targeted_success_rate']:.4f}",
+            "fooling on the eval set": f"{record['fooling_rate']:.4f}"}

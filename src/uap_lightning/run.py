@@ -6,18 +6,21 @@
 
 Exit status: 0 done; 2 bad settings, data or files (one message naming the key or file, no
 traceback unless HYDRA_FULL_ERROR=1); 130 interrupted (the last finished pass is saved; the
-same command continues it). In a multirun a failing job leaves ``failure.json`` and the
-sweep goes on.
+same command continues it). In a multirun a failing job (one whose overrides cannot even be
+composed included) leaves ``failure.json`` and the sweep goes on; a sweep in which any job
+failed exits with 3 after writing its summary.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,14 +28,23 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from uap_lightning.config import CONF_DIR, register_configs
-from uap_lightning.console import quiet_libraries
-from uap_lightning.errors import UserError
+from uap_lightning.console import print_config_tree, quiet_libraries
+from uap_lightning.errors import ConfigError, UserError
+from uap_lightning.report.sweep import SweepSummaryCallback
 from uap_lightning.rundir import remove_if_only_hydra, write_failure
 from uap_lightning.tasks import TASKS, run_task
+from uap_lightning.threads import available_cores, set_threads
 
 log = logging.getLogger("uap_lightning")
 
 EXIT_USER_ERROR = 2
+EXIT_FAILED_JOBS = 3  # a sweep in which some job failed (the summary is written)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file size limit (ulimit -f)
+
+
+class DiskFullError(UserError, OSError):
+    """A write failed for want of space."""
+
 EXIT_INTERRUPTED = 130
 
 
@@ -53,7 +65,17 @@ def execute(cfg: DictConfig) -> Optional[float]:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        metrics = run_task(cfg)
+        set_threads(cfg.threads, parallel_jobs(hydra_cfg) if multirun else 1)
+        print_config_tree(cfg, cfg.extras.print_config)
+        try:
+            metrics = run_task(cfg)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise DiskFullError(
+                f"the disk is full (or the file size limit reached) writing {err.filename or 'a file'}: {err.strerror}; "
+                "free some space and run the same command again (nothing half-written was left)"
+            ) from None
     except UserError as err:
         log.error("%s", err)
         if multirun:
@@ -75,6 +97,32 @@ def execute(cfg: DictConfig) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def parallel_jobs(hydra_cfg: Any) -> int:
+    """How many jobs of this multirun run at once on this machine (a joblib launcher's n_jobs; 1 else)."""
+    n_jobs = getattr(hydra_cfg.launcher, "n_jobs", None) if "launcher" in hydra_cfg else None
+    if n_jobs is None:
+        return 1
+    return available_cores() if int(n_jobs) < 0 else max(1, int(n_jobs))
+
+
+def check_group_options(arguments: List[str]) -> None:
+    """ConfigError when a command-line override picks a config group option by a path (``..`` or
+    an absolute path): options are names in the config tree or on Hydra's search path
+    (``hydra.searchpath``), so that no YAML from elsewhere is loaded (its ``_target_``s could run)."""
+    groups = {p.name for p in CONF_DIR.rglob("*") if p.is_dir()} | {"launcher", "sweeper"}
+    for argument in arguments:
+        key, sep, value = argument.lstrip("+~").partition("=")
+        if not sep or argument.startswith("-") or key.split("/")[-1].split("@")[0] not in groups:
+            continue
+        options = [v.strip() for v in re.split(r"[\[\],]", value) if v.strip()]
+        bad = [o for o in options if ".." in o or o.startswith(("/", "~")) or re.match(r"^[A-Za-z]:\\", o)]
+        if bad:
+            raise ConfigError(
+                f"{key}={bad[0]}: a config group option is a name in the config tree (conf/{key}/), not a path; "
+                "to use your own configs, add their folder to hydra.searchpath"
+            )
+
+
 def _full_error() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -83,16 +131,25 @@ def entry(config_name: str) -> Any:
     """Run Hydra with ``config_name`` from the packaged configs, mapping outcomes to exit codes."""
     register_configs()
     quiet_libraries()
+    try:
+        check_group_options(sys.argv[1:])
+    except ConfigError as err:
+        log.error("%s", err)
+        raise SystemExit(EXIT_USER_ERROR) from None
     task_function = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(execute)
     try:
-        return task_function()
+        result = task_function()
     except KeyboardInterrupt as interrupt:
-        log.warning("interrupted (%s); run the same command again in the same run folder to continue", interrupt)
+        log.warning("%s", str(interrupt) or "interrupted")
         raise SystemExit(EXIT_INTERRUPTED) from None
     except SystemExit as done:
         if done.code == 1 and not _Started.value:  # Hydra refused the settings before any work
             raise SystemExit(EXIT_USER_ERROR) from None
         raise
+    if SweepSummaryCallback.failed:
+        log.error("%d job(s) of the sweep failed: see summary.md in the sweep folder", SweepSummaryCallback.failed)
+        raise SystemExit(EXIT_FAILED_JOBS)
+    return result
 
 
 def main() -> Any:

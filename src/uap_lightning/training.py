@@ -12,9 +12,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
@@ -25,15 +25,17 @@ from omegaconf import DictConfig, OmegaConf
 from uap_lightning.units import to_image_scale
 from uap_lightning.config import default_eps
 from uap_lightning.data.base import UAPDataModule, config_value
-from uap_lightning.errors import ConfigError
+from uap_lightning.errors import ConfigError, NonFiniteError
 from uap_lightning.models import VictimClassifier, build_backbone, load_weights, output_classes
 from uap_lightning.models.victim import ADVERSARIAL_MODES
 from uap_lightning.models.cache import cache_entry, load_or_train
 
 log = logging.getLogger(__name__)
 
+INTERRUPTED_TRAINING = "interrupted while training the victim; nothing was cached, the next run trains it again"
+
 # Data keys that do not change the trained victim (attack/eval selection, loader settings).
-_DATA_KEYS_NOT_IN_VICTIM = ("attack_images", "eval_images", "default_eps", "num_workers", "download")
+_DATA_KEYS_NOT_IN_VICTIM = ("attack_images", "eval_images", "default_eps", "num_workers", "download", "max_image_pixels")
 # Model keys that select weights rather than training them.
 _MODEL_KEYS_NOT_IN_VICTIM = ("checkpoint", "trust_checkpoint", "layout", "key_map", "weights")
 # Trainer keys that do not change the trained weights.
@@ -58,14 +60,13 @@ class Victim:
 
 @dataclass
 class TrainingLogs:
-    """Where victim training logs: a folder (None: nowhere), which loggers, and the TensorBoard
-    version (``<log_dir>/tensorboard/<version>``)."""
+    """How victim training reports: its loggers (built for this phase), extra Lightning callbacks,
+    whether a progress bar is drawn, and the folder Lightning writes in (None: the working directory)."""
 
-    log_dir: Optional[str] = None
-    tensorboard: bool = False
-    csv: bool = False
+    loggers: List[Any] = field(default_factory=list)
+    callbacks: List[Any] = field(default_factory=list)
     progress_bar: bool = False
-    version: str = "victim"
+    log_dir: Optional[str] = None
 
 
 def resolve_adversarial(model_cfg: Any, data_cfg: Any) -> Any:
@@ -137,21 +138,27 @@ def _plain(node: Any, drop: tuple) -> Dict[str, Any]:
     return {k: v for k, v in values.items() if k not in drop and v is not None}
 
 
-def victim_spec(model_cfg: Any, trainer_cfg: Any, datamodule: UAPDataModule, seed: int) -> Dict[str, Any]:
+def victim_spec(
+    model_cfg: Any, trainer_cfg: Any, datamodule: UAPDataModule, seed: int, callbacks_cfg: Optional[Any] = None
+) -> Dict[str, Any]:
     """Everything that determines a trained victim: the data (its settings and a fingerprint of
-    its decoded contents), the model and training settings, and the seed."""
+    its decoded contents), the model and training settings, the training callbacks (when there
+    are any: early stopping changes the weights) and the seed."""
     data = _plain(datamodule.cfg, _DATA_KEYS_NOT_IN_VICTIM)
     if data.get("root"):
         data["root"] = os.path.abspath(data["root"])
     data["num_classes"] = datamodule.num_classes
     data["class_names"] = list(datamodule.class_names)
     data["fingerprint"] = datamodule.fingerprint()
-    return {
+    spec = {
         "data": data,
         "model": _plain(model_cfg, _MODEL_KEYS_NOT_IN_VICTIM),
         "trainer": _plain(trainer_cfg, _TRAINER_KEYS_NOT_IN_VICTIM),
         "seed": int(seed),
     }
+    if callbacks_cfg:
+        spec["callbacks"] = OmegaConf.to_container(callbacks_cfg, resolve=True)
+    return spec
 
 
 def obtain_victim(
@@ -163,6 +170,7 @@ def obtain_victim(
     cache_dir: str,
     lock_timeout: float,
     logs: Optional[TrainingLogs] = None,
+    callbacks_cfg: Optional[Any] = None,
 ) -> Victim:
     """The victim of ``model_cfg`` trained with ``trainer_cfg`` on ``datamodule``, trained at most
     once per spec across runs and processes (waiting at most ``lock_timeout`` seconds for
@@ -179,15 +187,17 @@ def obtain_victim(
             layout=config_value(model_cfg, "layout"),
             key_map=config_value(model_cfg, "key_map", ()),
         )
+        check_finite_weights(module.net, f"model.checkpoint={model_cfg.checkpoint}")
         return Victim(module, "checkpoint", None, None, None)
     if model_cfg.pretrained:
+        check_finite_weights(module.net, f"the pretrained weights of model={model_cfg.name}")
         return Victim(module, "pretrained", None, None, None)
 
-    spec = victim_spec(model_cfg, trainer_cfg, datamodule, seed)
+    spec = victim_spec(model_cfg, trainer_cfg, datamodule, seed, callbacks_cfg)
     entry = cache_entry(cache_dir, model_cfg.name, spec)
 
     def train() -> Dict[str, Any]:
-        return train_victim(module, trainer_cfg, datamodule, seed=seed, logs=logs) | {"spec": spec}
+        return train_victim(module, trainer_cfg, datamodule, seed=seed, logs=logs)
 
     info, hit = load_or_train(entry, module.net, train, timeout=lock_timeout)
     if hit:
@@ -203,18 +213,9 @@ def obtain_victim(
 
 def lightning_trainer(trainer_cfg: Any, logs: TrainingLogs, **overrides: Any) -> L.Trainer:
     """A Lightning Trainer from the ``trainer`` settings, logging as ``logs`` says; ``overrides``
-    replace settings, except ``callbacks``, which join the epoch log."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    loggers = []
-    if logs.log_dir and logs.tensorboard:
-        loggers.append(
-            TensorBoardLogger(save_dir=logs.log_dir, name="tensorboard", version=logs.version, default_hp_metric=False)
-        )
-    if logs.log_dir and logs.csv:
-        loggers.append(CSVLogger(save_dir=logs.log_dir, name="csv", version=logs.version))
+    replace settings, except ``callbacks``, which join the logs' callbacks and the epoch log."""
     progress_bar = logs.progress_bar and trainer_cfg.enable_progress_bar
-    callbacks = list(overrides.pop("callbacks", []))
+    callbacks = [*logs.callbacks, *overrides.pop("callbacks", [])]
     settings = dict(
         max_epochs=trainer_cfg.max_epochs,
         accelerator=trainer_cfg.accelerator,
@@ -225,7 +226,7 @@ def lightning_trainer(trainer_cfg: Any, logs: TrainingLogs, **overrides: Any) ->
         callbacks=callbacks if progress_bar else [*callbacks, EpochLog()],
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         limit_train_batches=trainer_cfg.limit_train_batches,
-        logger=loggers or False,
+        logger=list(logs.loggers) or False,
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=logs.log_dir or os.getcwd(),
@@ -332,6 +333,17 @@ class EpochLog(L.Callback):
         log.info("victim epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs, values)
 
 
+def check_finite_weights(net: Any, source: str) -> None:
+    """NonFiniteError naming ``source`` when a parameter or buffer of ``net`` holds NaN or infinity."""
+    bad = [name for name, tensor in net.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise NonFiniteError(
+            f"the weights from {source} hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); a victim with them fools nothing meaningful"
+        )
+
+
 def train_victim(
     module: VictimClassifier, trainer_cfg: Any, datamodule: UAPDataModule, *, seed: int, logs: TrainingLogs
 ) -> Dict[str, Any]:
@@ -344,8 +356,14 @@ def train_victim(
     L.seed_everything(seed, workers=True, verbose=False)
     trainer = lightning_trainer(trainer_cfg, logs)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except (KeyboardInterrupt, SystemExit):  # Lightning ends an interrupted fit with SystemExit
+        if trainer.interrupted:
+            raise KeyboardInterrupt(INTERRUPTED_TRAINING) from None
+        raise
     seconds = time.perf_counter() - start
+    check_finite_weights(module.net, "victim training (its loss diverged: lower model.lr)")
     tester = trainer if trainer.world_size == 1 else lightning_trainer(trainer_cfg, logs, **_ONE_PROCESS)
     results = tester.test(module, datamodule=datamodule, verbose=False)
     accuracy = float(results[0]["test_acc"]) if results else None

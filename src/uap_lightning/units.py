@@ -5,6 +5,7 @@ conversions between them."""
 from __future__ import annotations
 
 PIXEL_SCALE = 255.0  # 0–255 pixel units per unit of [0,1] image scale
+EPS_SCALES = (255, 1)  # the units ε may be given in: 0–255 pixel units, or [0,1] image scale
 
 
 def to_image_scale(pixels: float) -> float:

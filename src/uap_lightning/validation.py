@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Dict
 
@@ -16,9 +17,13 @@ from uap_lightning.config import attack_schemas, default_eps
 from uap_lightning.data import dataset_class
 from uap_lightning.data.sample_folder import no_training_split_message
 from uap_lightning.errors import ConfigError
+from uap_lightning.loggers import check_targets
 from uap_lightning.models.layouts import renames
 from uap_lightning.models.zoo import IMAGENET_PRETRAINED
 from uap_lightning.training import check_training_processes, resolve_adversarial
+from uap_lightning.units import EPS_SCALES, to_pixel_units
+
+log = logging.getLogger(__name__)
 
 _GPU_ACCELERATORS = ("gpu", "cuda")
 # attack.strategy: the attack spawns its processes from this one (auto: ddp_spawn for several devices)
@@ -71,18 +76,23 @@ def resolve_threat(cfg: DictConfig) -> ThreatModel:
         p = p_name(cfg.attack.p)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    eps = cfg.attack.eps
+    given = not OmegaConf.is_interpolation(cfg.attack, "eps")  # not the data preset's default
+    eps = cfg.attack.eps if given else default_eps(cfg.data, p)
     if eps is None:
-        eps = default_eps(cfg.data, p)
-        if eps is None:
-            raise ConfigError(
-                f"attack.eps is not set and data={cfg.data.name} has no default ε for p={p}; "
-                f"set attack.eps=<ε in 0–255 pixel units>"
-            )
+        raise ConfigError(
+            f"attack.eps is not set and data={cfg.data.name} has no default ε for p={p}; "
+            f"set attack.eps=<ε in 0–255 pixel units>"
+        )
+    scale = cfg.attack.eps_scale if given else 255  # the presets' defaults are in 0–255 units
+    if scale not in EPS_SCALES:
+        raise ConfigError(f"attack.eps_scale must be 255 (0–255 pixel units) or 1 ([0,1] scale); got {scale}")
     try:
-        return ThreatModel.parse(eps, cfg.attack.p)
+        threat = ThreatModel.parse(to_pixel_units(float(eps)) if scale == 1 else eps, cfg.attack.p)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if threat.below_one_level:
+        log.warning("%s", threat.unit_advice())
+    return threat
 
 
 def attack_settings(cfg: DictConfig) -> AttackSettings:
@@ -164,6 +174,12 @@ def validate(cfg: DictConfig) -> AttackSettings:
     target = attack.target_class
     if target is not None and cfg.data.num_classes is not None and target >= cfg.data.num_classes:
         raise ConfigError(f"attack.target_class={target} is not a class of data={cfg.data.name}")
+    check_targets("logger", cfg.logger)
+    check_targets("callbacks", cfg.callbacks)
+    if cfg.trainer.max_epochs < 1:
+        raise ConfigError(
+            f"trainer.max_epochs={cfg.trainer.max_epochs}: a victim trained for no epoch is untrained; set at least 1"
+        )
     check_accelerator(cfg.trainer.accelerator)
     check_training_processes(cfg.trainer)
     check_attack_devices(cfg.attack, cfg.trainer.accelerator)

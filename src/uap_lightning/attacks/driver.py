@@ -22,6 +22,7 @@ from uap_lightning.attacks.base import PassStats
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
 from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
 from uap_lightning.attacks.settings import AttackSettings
+from uap_lightning.errors import NonFiniteError
 
 
 @dataclass
@@ -110,8 +111,8 @@ def run_passes(
     ``initial`` (C×H×W) or zeros; passes are numbered from ``start_pass`` + 1; ``kept`` carries the
     kept perturbation of earlier passes when resuming. After each pass the rate on X is measured,
     the kept perturbation updated (``settings.keep``: "best" or "last"; selection looks at X
-    only), a history entry (pass, fooling_rate_attack_set, updates, mean_deepfool_iterations,
-    seconds of the pass and its evaluation) appended and ``on_pass_end(PassReport)`` called. The
+    only), a history entry (pass, the rate on X under ``settings.rate_on_x_key``, updates,
+    mean_deepfool_iterations, seconds of the pass and its evaluation) appended and ``on_pass_end(PassReport)`` called. The
     model is kept in eval mode with frozen parameters meanwhile; the engine runs on its
     batch-norm-folded copy (:func:`folded_copy`), whose predictions run compiled when
     ``settings.compile`` (:class:`CompiledPredictions`; compiling counts in the passes' seconds).
@@ -171,6 +172,11 @@ def run_passes(
                 seen_labels = distributed.predict(model, seen, reducer=reducer, batch_size=settings.eval_batch_size)
             v, stats = engine.run_pass(model, v, seen, seen_labels, generator, pass_index=passes, **shared)
             v = reducer.broadcast(v)
+            if not bool(torch.isfinite(v).all()):
+                raise NonFiniteError(
+                    f"attack.method={settings.method} produced a perturbation with NaN or infinite values in pass "
+                    f"{passes + 1}: the victim's outputs or gradients are not finite"
+                )
             rate = rate_on_x(v)
             passes += 1
             if settings.keep == "last" or data_free or rate > kept.fooling_rate or kept.pass_index == 0:
@@ -178,7 +184,7 @@ def run_passes(
             history.append(
                 {
                     "pass": passes,
-                    "fooling_rate_attack_set": rate,
+                    settings.rate_on_x_key: rate,
                     "updates": stats.updates,
                     "mean_deepfool_iterations": stats.mean_iterations,
                     "seconds": time.perf_counter() - started,

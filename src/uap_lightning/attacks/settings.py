@@ -73,6 +73,12 @@ class AttackSettings:
         object.__setattr__(self, "options", dict(self.options))  # a copy the caller cannot change
         self.engine()  # the method exists and takes these options
 
+    @property
+    def rate_on_x_key(self) -> str:
+        """The name of the rate the attack steers by on X: the fooling rate, or in targeted mode
+        the targeted success rate (the share of non-target images sent to the target)."""
+        return "fooling_rate_attack_set" if self.target_class is None else "targeted_success_rate_attack_set"
+
     def engine(self) -> UniversalAttack:
         """A new engine of ``method`` with these settings."""
         return engine_class(self.method).from_settings(self)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
-from uap_lightning.units import to_image_scale
+from uap_lightning.units import to_image_scale, to_pixel_units
 
 NORMS = (1.0, 2.0, math.inf)
 _P_NAMES = {1.0: "1", 2.0: "2", math.inf: "inf"}
@@ -69,6 +69,37 @@ class ThreatModel:
         elif isinstance(eps, numbers.Real) and not isinstance(eps, bool):
             value = float(eps)
         return cls(eps=value, p=norm)
+
+    def largest_useful_eps(self, shape: Sequence[int]) -> float:
+        """The ℓp norm (0–255 units) of the all-ones image of C×H×W ``shape``: every perturbation of
+        [0,1] images lies within it, so a larger ε constrains nothing."""
+        count = math.prod(int(n) for n in shape)
+        return to_pixel_units(1.0 if math.isinf(self.p) else count ** (1.0 / self.p))
+
+    def check_fits(self, shape: Sequence[int], eps_key: str = "attack.eps") -> None:
+        """ValueError naming ``eps_key`` when ε exceeds the norm of the all-ones image of ``shape``."""
+        largest = self.largest_useful_eps(shape)
+        if self.eps > largest:
+            raise ValueError(
+                f"{eps_key}={self.eps:g} exceeds the {self.symbol} norm of an all-ones {'×'.join(map(str, shape))} "
+                f"image ({largest:.6g} in 0–255 units), which bounds every perturbation of images in [0,1]; "
+                f"choose {eps_key} at most {largest:.6g}"
+            )
+
+    @property
+    def below_one_level(self) -> bool:
+        """Whether ε is under one 8-bit level (1 in 0–255 units): such a ball holds no perturbation
+        that changes any pixel by a full level, the sign of an ε given in [0,1] units."""
+        return self.eps < 1.0
+
+    def unit_advice(self, eps_key: str = "attack.eps", scale_key: str = "attack.eps_scale") -> str:
+        """What to say of an ε under one level: the units, and the ε it would be in 0–255 units;
+        ``eps_key`` and ``scale_key`` name the settings (the API's: eps, eps_scale)."""
+        return (
+            f"{eps_key}={self.eps:g} is below one 8-bit level: ε is in 0–255 pixel units for every p, so no pixel "
+            f"can change by a full level; did you mean {eps_key}={to_pixel_units(self.eps):g} ({self.eps:g} × 255)? "
+            f"To give ε in [0,1] units, set {scale_key}=1"
+        )
 
     @property
     def radius(self) -> float:

@@ -158,6 +158,11 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
                 )
             if labels.dtype != torch.int64:
                 raise ConfigError(f"{split} labels must be int64, got {labels.dtype}")
+        if len(splits.class_names) < 2:
+            raise ConfigError(
+                f"the data has {len(splits.class_names)} class ({', '.join(map(str, splits.class_names))}): a classifier "
+                "and its fooling rate need at least 2; add class folders (or drop data.class_subset)"
+            )
         if splits.train_images.shape[1:] != splits.test_images.shape[1:]:
             raise ConfigError(
                 f"train images are {tuple(splits.train_images.shape[1:])} but test images are "

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
+from uap_lightning.atomic import atomic_write
+from uap_lightning.keys import keyed_hash
+
 log = logging.getLogger(__name__)
 
 
 def cache_file(cache_dir: str, key: Dict[str, Any]) -> Path:
-    """``cache_dir/datasets/<sha256 of key as sorted JSON>.pt``."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return Path(cache_dir) / "datasets" / f"{digest}.pt"
+    """``cache_dir/datasets/<keyed hash of key>.pt``."""
+    return Path(cache_dir) / "datasets" / f"{keyed_hash(key)}.pt"
 
 
 def load(path: Path) -> Optional[Dict[str, Any]]:
@@ -33,13 +31,5 @@ def load(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def save(obj: Dict[str, Any], path: Path) -> None:
-    """Write ``obj`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``obj`` to ``path`` atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))

@@ -9,9 +9,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 from torch import Tensor
 
-from uap_lightning.errors import DamagedFileError
+from uap_lightning.errors import ConfigError, DamagedFileError
 
 
 def default_threads() -> int:
@@ -23,31 +25,33 @@ def default_threads() -> int:
     return max(1, min(8, cpus))
 
 
-def load_rgb(path: str, image_size: int, resize: Optional[int]) -> np.ndarray:
+def load_rgb(path: str, image_size: int, resize: Optional[int], max_pixels: Optional[int] = None) -> np.ndarray:
     """One file as uint8 ``image_size``×``image_size``×3.
 
     The shorter side is resized (bilinear, antialiased) to ``resize`` when given, or up to
-    ``image_size`` when it is smaller; then the center square is cropped. Grey and
-    palette images are converted to RGB.
+    ``image_size`` when it is smaller; then the center square is cropped (torchvision's
+    ``resize`` and ``center_crop``). Grey and palette images are converted to RGB. An image of more
+    than ``max_pixels`` pixels (None: PIL's decompression-bomb limit) is refused before decoding.
     """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(path) as image:
+            if limit is not None and image.width * image.height > limit:
+                raise ConfigError(
+                    f"image {path} has {image.width}×{image.height} pixels, more than data.max_image_pixels={limit} "
+                    "(a guard against decompression bombs); raise data.max_image_pixels for a file you trust"
+                )
             image = image.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise ConfigError(f"image {path}: {err}; raise data.max_image_pixels for a file you trust") from None
     except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
         raise DamagedFileError(f"cannot decode image {path}: {err}") from err
-    width, height = image.size
-    target = resize if resize is not None else max(image_size, min(width, height))
-    if min(width, height) != target:
-        if width <= height:
-            size = (target, int(target * height / width))
-        else:
-            size = (int(target * width / height), target)
-        image = image.resize(size, Image.Resampling.BILINEAR)
-        width, height = image.size
-    top = int(round((height - image_size) / 2.0))
-    left = int(round((width - image_size) / 2.0))
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image, dtype=np.uint8)
+    target = resize if resize is not None else max(image_size, min(image.size))
+    if min(image.size) != target:
+        image = F.resize(image, target, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return np.asarray(F.center_crop(image, [image_size, image_size]), dtype=np.uint8)
 
 
 def decode_images(
@@ -55,6 +59,7 @@ def decode_images(
     image_size: int,
     resize: Optional[int] = None,
     threads: Optional[int] = None,
+    max_pixels: Optional[int] = None,
 ) -> Tensor:
     """All ``paths`` decoded by :func:`load_rgb` in parallel threads.
 
@@ -63,7 +68,7 @@ def decode_images(
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
 
     def fill(position: int) -> None:
-        out[position] = load_rgb(paths[position], image_size, resize)
+        out[position] = load_rgb(paths[position], image_size, resize, max_pixels)
 
     with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
         for _ in pool.map(fill, range(len(paths))):

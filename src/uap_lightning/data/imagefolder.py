@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -18,15 +20,21 @@ from uap_lightning.errors import ConfigError, DataNotFoundError
 
 from . import cache
 from .base import Splits, UAPDataModule, config_value, register_dataset
-from .decode import decode_images
+from .decode import decode_images, default_threads
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-CACHE_FORMAT = 1  # bump when the decoding changes, so older cache files are not reused
+CACHE_FORMAT = 2  # bump when the decoding or the key changes, so older cache files are not reused
 LAYOUT = "root/train/<class>/*.jpg and root/test/<class>/*.jpg (or root/val/<class>/)"
 
-FileEntry = Tuple[str, int, int]  # path relative to root, size in bytes, mtime in ns
+FileEntry = Tuple[str, str]  # path relative to root, hex digest of the file's bytes
+
+
+def file_digest(path: Path) -> str:
+    """Hex BLAKE2b digest (16 bytes) of the file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def _shown(names: Sequence[str], limit: int = 100) -> str:
@@ -142,8 +150,9 @@ class ImageFolderDataModule(UAPDataModule):
         return kept
 
     def _list_split(self, root: Path, split_dir: Path, classes: List[str]) -> List[FileEntry]:
-        """(relative path, size, mtime) of the kept files, class by class."""
-        files: List[FileEntry] = []
+        """(relative path, digest of its bytes) of the kept files, class by class: an image whose
+        pixels change is a new file, whatever its size and time stamp."""
+        paths: List[Path] = []
         for name in classes:
             class_dir = split_dir / name
             names = _image_names(class_dir)
@@ -151,11 +160,10 @@ class ImageFolderDataModule(UAPDataModule):
                 raise DataNotFoundError(
                     f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})"
                 )
-            for file_name in names[: self.images_per_class]:
-                path = class_dir / file_name
-                stat = path.stat()
-                files.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
-        return files
+            paths += [class_dir / file_name for file_name in names[: self.images_per_class]]
+        with ThreadPoolExecutor(max_workers=default_threads()) as pool:
+            digests = list(pool.map(file_digest, paths))
+        return [(str(path.relative_to(root)), digest) for path, digest in zip(paths, digests)]
 
     # -- loading ------------------------------------------------------------------------
 
@@ -184,17 +192,21 @@ class ImageFolderDataModule(UAPDataModule):
             }
             cache_path = cache.cache_file(self.cache_dir, key)
             cached = cache.load(cache_path)
-            if cached is not None:
+            if cached is not None and cached.pop("key", None) == key:
                 log.info("loaded decoded images of %s from %s", root, cache_path)
                 return cached
+            if cached is not None:
+                log.warning("the decoded-dataset cache %s holds other images than %s; decoding them again", cache_path, root)
         label_of = {name: label for label, name in enumerate(classes)}
         tensors: Dict[str, Any] = {"class_names": classes}
         start = time.perf_counter()
         for split, files in listing.items():
-            paths = [str(root / rel) for rel, _, _ in files]
-            tensors[f"{split}_images"] = decode_images(paths, self.image_size, self.resize)
+            paths = [str(root / rel) for rel, _ in files]
+            tensors[f"{split}_images"] = decode_images(
+                paths, self.image_size, self.resize, max_pixels=config_value(self.cfg, "max_image_pixels")
+            )
             tensors[f"{split}_labels"] = torch.tensor(
-                [label_of[Path(rel).parent.name] for rel, _, _ in files], dtype=torch.int64
+                [label_of[Path(rel).parent.name] for rel, _ in files], dtype=torch.int64
             )
         log.info(
             "decoded %d images of %s in %.1f s",
@@ -203,5 +215,5 @@ class ImageFolderDataModule(UAPDataModule):
             time.perf_counter() - start,
         )
         if cache_path is not None:
-            cache.save(tensors, cache_path)
+            cache.save({**tensors, "key": key}, cache_path)
         return tensors

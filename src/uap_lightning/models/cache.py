@@ -19,16 +19,18 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from uap_lightning.atomic import atomic_write, atomic_write_text
 from uap_lightning.errors import DamagedFileError
+from uap_lightning.keys import keyed_hash
 from uap_lightning.locking import held_lock
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,7 @@ CACHE_FORMAT = 2
 
 def victim_key(spec: Dict[str, Any]) -> str:
     """Short stable hash of a JSON-serialisable description of a victim."""
-    canonical = json.dumps({"format": CACHE_FORMAT, **spec}, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return keyed_hash({"format": CACHE_FORMAT, **spec})[:16]
 
 
 def file_sha256(path: Path) -> str:
@@ -53,9 +54,10 @@ def file_sha256(path: Path) -> str:
 
 @dataclass
 class CachedVictim:
-    """Where one victim lives in the cache."""
+    """Where one victim lives in the cache, and the description (``spec``) its key was made from."""
 
     directory: Path
+    spec: Optional[Dict[str, Any]] = None
 
     @property
     def weights_path(self) -> Path:
@@ -83,6 +85,11 @@ class CachedVictim:
             expected = info["weights_sha256"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DamagedFileError(f"victim cache entry {self.info_path} is unreadable ({err})") from None
+        if self.spec is not None and info.get("spec") != json.loads(json.dumps(self.spec, default=str)):
+            raise DamagedFileError(
+                f"victim cache entry {self.directory} holds another victim: the settings recorded in {self.info_path} "
+                "are not those its name was made from"
+            )
         if file_sha256(self.weights_path) != expected:
             raise DamagedFileError(f"victim weights {self.weights_path} do not match the checksum in {self.info_path}")
         try:
@@ -92,6 +99,8 @@ class CachedVictim:
         expected_shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != expected_shapes:
             raise DamagedFileError(f"victim weights {self.weights_path} do not fit the {type(net).__name__} built for them")
+        if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+            raise DamagedFileError(f"victim weights {self.weights_path} hold NaN or infinite values")
         net.load_state_dict(state)
         return info
 
@@ -102,19 +111,22 @@ class CachedVictim:
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         atomic_write(self.weights_path, lambda f: torch.save(state, f))
         info = {**info, "weights_sha256": file_sha256(self.weights_path), "format": CACHE_FORMAT}
+        if self.spec is not None:  # what the key was made from, checked when the entry is loaded
+            info["spec"] = json.loads(json.dumps(self.spec, default=str))
         atomic_write_text(self.info_path, json.dumps(info, indent=2, default=str))
         return info
 
     def move_aside(self) -> Path:
         """Rename the entry's folder to ``<name>.damaged-<time>``; return the new path."""
-        target = self.directory.with_name(f"{self.directory.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
+        target = self.directory.with_name(f"{self.directory.name}.damaged-{stamp}")
         os.replace(self.directory, target)
         return target
 
 
 def cache_entry(cache_dir: str | os.PathLike, model_name: str, spec: Dict[str, Any]) -> CachedVictim:
     """The cache entry of the victim described by ``spec``."""
-    return CachedVictim(Path(cache_dir) / "victims" / f"{model_name}-{victim_key(spec)}")
+    return CachedVictim(Path(cache_dir) / "victims" / f"{model_name}-{victim_key(spec)}", spec)
 
 
 def load_or_train(

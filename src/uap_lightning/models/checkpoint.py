@@ -11,6 +11,7 @@ import collections
 import logging
 import os
 import pickle
+import pickletools
 import re
 import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -39,7 +40,9 @@ _SHOWN = 5
 # Types Lightning checkpoints of Hydra projects carry in their hyperparameters; unpickling
 # them only fills containers (interpolations are never resolved here).
 SAFE_CHECKPOINT_GLOBALS = [
-    AttributeDict,
+    # Lightning's AttributeDict is a dict subclass, which tensors-only loading cannot fill: read it as a dict
+    (dict, f"{AttributeDict.__module__}.{AttributeDict.__qualname__}"),
+    (dict, "lightning.pytorch.utilities.parsing.AttributeDict"),
     DictConfig,
     ListConfig,
     base.Metadata,
@@ -94,21 +97,51 @@ def read_checkpoint(path: str, *, trust: bool = False, key: str = "model.checkpo
 def _unsafe_globals(path: str, err: pickle.UnpicklingError) -> List[str]:
     """The non-allow-listed globals a checkpoint refers to ([] when it names none: a damaged file).
 
-    Zip-format files are scanned whole; for the legacy format, the global the tensors-only
-    unpickler stopped at (named in ``err``) is all there is to tell."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_CHECKPOINT_GLOBALS}
+    Zip-format files are scanned whole by torch; other files (the legacy format, a raw pickle)
+    are read as a pickle opcode stream, never executed, and their globals collected; the global the
+    tensors-only unpickler stopped at (named in ``err``) counts too."""
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_CHECKPOINT_GLOBALS}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint
         found = re.findall(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
+        found += [name for name in _pickle_globals(path) if name not in found]
     return [name for name in found if name not in allowed]
+
+
+def _pickle_globals(path: str) -> List[str]:
+    """The ``module.name`` globals a pickle stream at the start of ``path`` refers to, read with
+    pickletools (nothing is built or run); [] when the file is no pickle."""
+    names: List[str] = []
+    strings: List[str] = []
+    try:
+        with open(path, "rb") as handle:
+            for opcode, argument, _ in pickletools.genops(handle):
+                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(str(argument))
+                elif opcode.name == "GLOBAL":
+                    names.append(str(argument).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # pickletools stops at the first byte that is no opcode: what was read counts
+        pass
+    return list(dict.fromkeys(names))
 
 
 def _damaged(path: str, key: str, err: BaseException) -> DamagedFileError:
     return DamagedFileError(
         f"cannot read {key}={path}: the file is truncated, damaged or not a PyTorch weights file "
-        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+        f"({type(err).__name__}: {_reason(err)})"
     )
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong reading a file, in one line: the unpickler's own complaint when there is one,
+    and never torch's advice to load with weights_only=False (which would run the file's code)."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    line = found.group(1).strip() if found else (text.splitlines()[0] if text else "no detail")
+    return "not a plain tensors file" if "weights_only" in line else line
 
 
 def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:

@@ -1,10 +1,11 @@
 """The figures an attack run writes: curve, perturbation, examples and dominant labels.
 
-Pure functions, tensors and lists in, a matplotlib ``Figure`` out (only :func:`save_figure_png`
-touches a file). Images are N×C×H×W float tensors in [0,1]; a perturbation ``v`` is C×H×W in
+Pure functions, tensors and lists in, a matplotlib ``Figure`` out (only :func:`save_figure`
+touches files: a PNG at 200 dpi and a PDF of every figure). Images are N×C×H×W float tensors in [0,1]; a perturbation ``v`` is C×H×W in
 [0,1] scale; ε and every norm shown are in 0–255 pixel units.
 
-Sizes at the default 100 dpi (width × height in inches → pixels):
+Sizes (width × height in inches → pixels at 100 dpi, as TensorBoard shows them; the PNG files
+have twice as many pixels each way):
 
 - :func:`curve_figure` and :func:`labels_figure`: 6.4 × 4.0 → 640 × 400;
 - :func:`perturbation_figure`: (2.5·panels + 1.0) × 3.0, panels = C (+1 RGB panel when C = 3):
@@ -17,7 +18,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import matplotlib
@@ -27,15 +30,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from uap_lightning.atomic import atomic_write  # noqa: E402
 from uap_lightning.attacks.threat import P_SYMBOLS, parse_p  # noqa: E402
 from uap_lightning.metrics import norm_255  # noqa: E402
-from uap_lightning.units import to_pixel_units  # noqa: E402
+from uap_lightning.units import to_image_scale, to_pixel_units  # noqa: E402
 
-DPI = 100
+DPI = 100  # of the figures as drawn (TensorBoard shows them at this resolution)
+SAVED_DPI = 200  # of the PNG files
 CURVE_SIZE = (6.4, 4.0)
 LABELS_SIZE = (6.4, 4.0)
 PANEL_WIDTH = 2.5  # inches per perturbation panel
@@ -56,26 +61,35 @@ def curve_figure(
     history: Sequence[Mapping[str, Any]],
     best_pass: Optional[int],
     random_rates: Optional[Mapping[str, float]] = None,
+    title: str = "universal perturbation",
 ) -> Figure:
-    """Fooling rate on X and on the eval set, and perturbed accuracy, per pass (6.4×4.0 in).
+    """Fooling rate on X and on the eval set, and clean and perturbed accuracy, per pass (6.4×4.0 in).
 
     ``history``: one dict per pass with ``pass`` (1-based), ``fooling_rate`` (eval set),
-    ``fooling_rate_attack_set`` (X), ``perturbed_accuracy`` and optionally ``clean_accuracy``
+    ``fooling_rate_attack_set`` (X) or, targeted, ``targeted_success_rate_attack_set`` (X) and
+    ``targeted_success_rate`` (eval), ``perturbed_accuracy`` and optionally ``clean_accuracy``
     (drawn dotted). ``best_pass``: the kept pass, marked on the X curve (None: no mark).
     ``random_rates``: name → fooling rate of a random baseline, drawn as grey dashed lines.
+    ``title`` names the attack (method, norm, ε); "per pass" is added.
     """
     fig = _new_figure(CURVE_SIZE)
     ax = fig.add_subplot()
     passes = [int(record["pass"]) for record in history]
-    on_x = [float(record["fooling_rate_attack_set"]) for record in history]
-    ax.plot(passes, on_x, "o-", color="tab:red", label="fooling rate on X")
+    targeted = bool(history) and "targeted_success_rate_attack_set" in history[0]
+    x_key, x_label = (("targeted_success_rate_attack_set", "targeted success on X") if targeted
+                      else ("fooling_rate_attack_set", "fooling rate on X"))
+    on_x = [float(record[x_key]) for record in history]
+    ax.plot(passes, on_x, "o-", color="tab:red", label=x_label)
+    if targeted:
+        ax.plot(passes, [float(r["targeted_success_rate"]) for r in history], "D-", color="tab:purple",
+                label="targeted success (eval)")
     ax.plot(passes, [float(r["fooling_rate"]) for r in history], "s-", color="tab:blue", label="fooling rate (eval)")
     ax.plot(
         passes, [float(r["perturbed_accuracy"]) for r in history], "^-", color="tab:green", label="perturbed accuracy"
     )
     clean = [(int(r["pass"]), float(r["clean_accuracy"])) for r in history if r.get("clean_accuracy") is not None]
     if clean:
-        ax.plot(*zip(*clean), ":", color="tab:green", label="clean accuracy")
+        ax.plot(*zip(*clean), ":", color="tab:green", linewidth=2, label="clean accuracy")
     for i, (name, rate) in enumerate((random_rates or {}).items()):
         style = _RANDOM_STYLES[i % len(_RANDOM_STYLES)]
         grey = _RANDOM_GREYS[i % len(_RANDOM_GREYS)]
@@ -84,16 +98,13 @@ def curve_figure(
         ax.axvline(best_pass, color="black", linewidth=0.8, alpha=0.5, label=f"kept pass {best_pass}")
         for rate in (rate for number, rate in zip(passes, on_x) if number == best_pass):
             ax.plot(best_pass, rate, "*", color="black", markersize=14, zorder=5)
-            ax.annotate(
-                f"kept pass {best_pass}", (best_pass, rate), xytext=(6, -12), textcoords="offset points", fontsize=8
-            )
     last = max(passes + ([best_pass] if best_pass is not None else []), default=1)
     ax.set_xlim(0.5, last + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("pass")
-    ax.set_ylabel("rate")
-    ax.set_title("universal perturbation: fooling rate and accuracy per pass")
+    ax.set_ylim(0.0, 1.04)  # room above 1 so that an accuracy near 1 stays visible
+    ax.set_xlabel("pass over X")
+    ax.set_ylabel("share of images")
+    ax.set_title(f"{title}: rates per pass", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return fig
@@ -105,16 +116,22 @@ def transfer_figure(
     """A heatmap of fooling rates: row i is the perturbation computed on ``sources[i]``, column j
     the victim ``victims[j]`` it is scored on; each cell annotated (the paper's Table 2)."""
     values = np.asarray(matrix, dtype=float)
-    fig = _new_figure((1.6 + 1.1 * len(victims), 1.4 + 0.6 * len(sources)))
+    label_inches = 0.075 * max(map(len, map(str, sources)), default=4)  # 8-pt characters of the row labels
+    width = max(5.5, 2.6 + label_inches + 1.2 * len(victims))
+    fig = _new_figure((width, 2.0 + 0.55 * len(sources)))
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for (i, j), value in np.ndenumerate(values):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, color="white" if value < 0.6 else "black")
-    ax.set_xticks(range(len(victims)), [str(v) for v in victims], rotation=30 if len(victims) > 4 else 0)
-    ax.set_yticks(range(len(sources)), [str(v) for v in sources])
+        own = i < len(victims) and sources[i] == victims[j]  # a perturbation scored on its own victim
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, fontweight="bold" if own else "normal",
+                color="white" if value < 0.6 else "black")
+        if own:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(len(victims)), [str(v) for v in victims], rotation=30 if len(victims) > 4 else 0, fontsize=8)
+    ax.set_yticks(range(len(sources)), [str(v) for v in sources], fontsize=8)
     ax.set_xlabel("victim it is scored on")
-    ax.set_ylabel("perturbation computed on")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("perturbation")
+    ax.set_title(textwrap.fill(title, 70) + "\n(red: a perturbation on its own victim)", fontsize=9)
     fig.colorbar(image, ax=ax, label="fooling rate")
     return fig
 
@@ -137,21 +154,22 @@ def size_curve_figure(
                 color=_RANDOM_GREYS[i % len(_RANDOM_GREYS)], label=name)
     ax.set_xscale("log")
     ax.set_xticks(list(sizes), [str(n) for n in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())  # no unlabelled log ticks between the sizes
     ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("images in X")
-    ax.set_ylabel("fooling rate")
+    ax.set_xlabel("images in X (log scale)")
+    ax.set_ylabel("fooling rate (share of images)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return fig
 
 
-def perturbation_image(v: Tensor) -> Tensor:
-    """``v`` (C×H×W) scaled into [0,1] for a per-pass image: 0.5 is no change, 0/1 the largest |v|."""
-    peak = v.abs().max()
-    if peak == 0:
-        return torch.full_like(v, 0.5)
-    return (v / (2 * peak) + 0.5).clamp(0, 1)
+def perturbation_image(v: Tensor, eps: float, p: Union[str, float]) -> Tensor:
+    """``v`` (C×H×W, [0,1] scale) as a per-pass image on the fixed scale ±s of
+    :func:`perturbation_scale`: 0.5 is no change, 0 and 1 are −s and +s (clipped beyond), so the
+    images of successive passes compare."""
+    scale = to_image_scale(perturbation_scale(eps, p, v.shape))
+    return (v / (2 * scale) + 0.5).clamp(0, 1)
 
 
 def perturbation_scale(eps: float, p: Union[str, float], shape: Sequence[int]) -> float:
@@ -170,7 +188,8 @@ def perturbation_scale(eps: float, p: Union[str, float], shape: Sequence[int]) -
 
 
 def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
-    """Each channel of ``v`` (C×H×W, [0,1] scale) in 0–255 units on the fixed scale ±s of :func:`perturbation_scale`.
+    """Each channel of ``v`` (C×H×W, [0,1] scale) in 0–255 units on the fixed scale ±s of
+    :func:`perturbation_scale` (ℓ2 and ℓ1: at least ‖v‖∞, so that no pixel saturates).
 
     ``p``: "inf"/"2"/"1" or 1.0/2.0/``math.inf``; ``eps`` in 0–255 units. For 3 channels an
     RGB panel shows 0.5 + v·255/(2s), clipped (grey = no change). Size (2.5·panels + 1.0)×3.0 in.
@@ -179,6 +198,8 @@ def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
     v = v.detach().cpu().double()
     channels = v.shape[0]
     scale = perturbation_scale(eps, norm, v.shape)
+    if norm != math.inf:  # an ℓ2 or ℓ1 perturbation can peak beyond the fixed scale: show its peak
+        scale = max(scale, norm_255(v, math.inf))
     values = to_pixel_units(v).numpy()
     panels = channels + (1 if channels == 3 else 0)
     fig = _new_figure((PANEL_WIDTH * panels + COLORBAR_WIDTH, PERTURBATION_HEIGHT))
@@ -202,17 +223,25 @@ def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
     return fig
 
 
-def pick_examples(true_labels: Tensor, count: int, seed: int = 0) -> Tensor:
+def pick_examples(true_labels: Tensor, count: int, seed: int = 0, first_class: Optional[int] = None) -> Tensor:
     """Positions (int64, at most ``min(count, N)``) of images spread over the classes in ``true_labels`` (N,).
 
-    Round-robin over the classes present, in label order; each round takes one not yet taken,
-    seeded-random image of each class that has one left. The same seed gives the same positions.
+    Round-robin over the classes present: ``first_class`` (say, the dominant label) first when
+    present, then the others in label order, or, when there are more classes than ``count``, in a
+    seeded random order; each round takes one not yet taken, seeded-random image of each class
+    that has one left. The same seed gives the same positions.
     """
     labels = true_labels.detach().cpu().flatten()
     count = max(0, min(int(count), labels.numel()))
     generator = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels).tolist()  # sorted
+    if len(classes) > count:
+        classes = [classes[i] for i in torch.randperm(len(classes), generator=generator).tolist()]
+    if first_class in classes:
+        classes.remove(first_class)
+        classes.insert(0, first_class)
     pools = []
-    for label in torch.unique(labels).tolist():  # sorted
+    for label in classes:
         positions = torch.nonzero(labels == label).flatten()
         pools.append(positions[torch.randperm(positions.numel(), generator=generator)].tolist())
     picked = []
@@ -254,11 +283,12 @@ def examples_figure(
             for spine in ax.spines.values():
                 spine.set_visible(False)
         axes[0][i].set_title(
-            f"true: {_name(class_names, true_labels[i])}\npred: {_name(class_names, clean_pred[i])}", fontsize=8
+            f"true: {_wrapped(_name(class_names, true_labels[i]))}\npred: {_wrapped(_name(class_names, clean_pred[i]))}",
+            fontsize=7,
         )
         fooled = perturbed_pred[i] != clean_pred[i]
         axes[1][i].set_xlabel(
-            f"pred: {_name(class_names, perturbed_pred[i])}", fontsize=8, color="red" if fooled else "black"
+            f"pred: {_wrapped(_name(class_names, perturbed_pred[i]))}", fontsize=7, color="red" if fooled else "black"
         )
     axes[0][0].set_ylabel("clean")
     axes[1][0].set_ylabel("x + v")
@@ -297,9 +327,10 @@ def dominant_labels(clean_pred: Tensor, perturbed_pred: Tensor, num_classes: int
 
 
 def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figure:
-    """Bar chart of ``dominant.counts`` per class, the dominant label in red (6.4×4.0 in).
+    """Bar chart of the share of fooled images sent to each class, the dominant label in red
+    (6.4×4.0 in).
 
-    Up to 30 classes in class order; more: the 30 largest counts, largest first. Class names
+    Up to 30 classes in class order; more: the 30 largest shares, largest first. Class names
     are rotated when they would overlap.
     """
     fig = _new_figure(LABELS_SIZE)
@@ -307,7 +338,7 @@ def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figur
     classes = list(range(len(dominant.counts)))
     if len(classes) > MAX_BARS:
         classes = sorted(classes, key=lambda k: -dominant.counts[k])[:MAX_BARS]
-    heights = [dominant.counts[k] for k in classes]
+    heights = [dominant.counts[k] / max(1, dominant.fooled) for k in classes]
     colours = ["tab:red" if k == dominant.label else "tab:gray" for k in classes]
     ax.bar(range(len(classes)), heights, color=colours)
     names = [_name(class_names, k) for k in classes]
@@ -320,8 +351,10 @@ def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figur
         rotation_mode="anchor",
         fontsize=8,
     )
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("fooled images sent to class")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_ylabel("share of fooled images sent there")
+    ax.set_xlabel("predicted class under the perturbation" + (" (the 30 most frequent)" if len(dominant.counts) > MAX_BARS
+                                                               else ""))
     if dominant.label is None:
         ax.set_title("where fooled images go: nothing fooled (n=0)")
     else:
@@ -332,12 +365,16 @@ def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figur
     return fig
 
 
-def save_figure_png(fig: Figure, path: Union[str, os.PathLike], dpi: int = DPI) -> None:
-    """Write ``fig`` as a PNG of figsize × ``dpi`` pixels atomically to ``path``, then close it."""
+def save_figure(fig: Figure, path: Union[str, os.PathLike], dpi: int = SAVED_DPI) -> None:
+    """Write ``fig`` as a PNG of figsize × ``dpi`` pixels at ``path`` (a ``.png`` name) and as a
+    vector PDF beside it (the same name, ``.pdf``), each atomically; then close it."""
+    path = Path(path)
     try:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
-        atomic_write(path, lambda f: f.write(buffer.getvalue()))
+        # no creation date in the PDF, so that the same figure gives the same file
+        for suffix, options in ((".png", {"dpi": dpi}), (".pdf", {"metadata": {"CreationDate": None}})):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=suffix[1:], **options)
+            atomic_write(path.with_suffix(suffix), lambda f, data=buffer.getvalue(): f.write(data))
     finally:
         plt.close(fig)
 
@@ -349,6 +386,11 @@ def _new_figure(size: tuple[float, float]) -> Figure:
 
 def _ints(values: Union[Tensor, Sequence[int]]) -> list[int]:
     return [int(x) for x in (values.tolist() if isinstance(values, Tensor) else values)]
+
+
+def _wrapped(text: str, width: int = 16) -> str:
+    """``text`` on lines of at most ``width`` characters, underscores as spaces."""
+    return "\n".join(textwrap.wrap(text.replace("_", " "), width)) or text
 
 
 def _name(class_names: Sequence[str], label: int) -> str:

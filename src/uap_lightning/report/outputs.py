@@ -17,7 +17,7 @@ from torch import Tensor
 
 from uap_lightning.atomic import atomic_write, atomic_write_text
 from uap_lightning.perturbation_io import write_perturbation_npy
-from uap_lightning.report.figures import save_figure_png
+from uap_lightning.report.figures import save_figure
 from uap_lightning.rundir import METRICS_FILE
 
 PERTURBATION_FILE = "perturbation.pt"
@@ -54,11 +54,12 @@ def write_run_outputs(
 
 
 def write_figures(run_dir: str | Path, figures: Mapping[str, Figure]) -> Dict[str, Path]:
-    """Write each figure as ``<name>.png`` in ``run_dir``; return the paths by file name."""
+    """Write each figure as ``<name>.png`` (200 dpi) and ``<name>.pdf`` in ``run_dir``; return the PNG
+    paths by file name."""
     paths = {}
     for name, figure in figures.items():
         paths[f"{name}.png"] = Path(run_dir) / f"{name}.png"
-        save_figure_png(figure, paths[f"{name}.png"])
+        save_figure(figure, paths[f"{name}.png"])
     return paths
 
 

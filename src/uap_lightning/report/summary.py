@@ -12,12 +12,12 @@ from uap_lightning.baselines import MARGIN
 
 def weak_result_advice(m: Dict[str, Any]) -> str:
     """What to try when a perturbation does not beat random noise."""
-    bigger = f"{m['eps'] * 1.5:g}"
+    strongest = max(m["random_fooling_rate"], m["random_same_l2_fooling_rate"])
+    larger = f"a larger ε (attack.eps={m['eps'] * 1.5:g}), " if strongest < 0.5 else ""  # not where noise already fools
     return (
         f"the fooling rate {m['fooling_rate']:.3f} does not beat random noise of the same norm "
-        f"({max(m['random_fooling_rate'], m['random_same_l2_fooling_rate']):.3f}) by {MARGIN}: try a larger ε "
-        f"(attack.eps={bigger}), more passes (attack.max_passes={2 * int(m['passes']) or 10}) or another engine "
-        f"(attack={'deepfool_uap' if m['method'] == 'sgd_uap' else 'sgd_uap'})"
+        f"({strongest:.3f}) by {MARGIN}: try {larger}more passes (attack.max_passes={2 * int(m['passes']) or 10}) "
+        f"or another engine (attack={'deepfool_uap' if m['method'] == 'sgd_uap' else 'sgd_uap'})"
     )
 
 
@@ -41,7 +41,10 @@ def attack_summary(m: Dict[str, Any], output_dir: Path) -> List[str]:
         f"accuracy {m['clean_accuracy']:.4f} clean -> {m['perturbed_accuracy']:.4f} perturbed",
     ]
     if "targeted_success_rate" in m:
-        lines.append(f"target   {m['targeted_success_rate']:.4f} of eval images sent to class {m['target_class']}")
+        lines.append(
+            f"target   {m['targeted_success_rate']:.4f} of eval images sent to class {m['target_class']} "
+            f"({m['targeted_success_rate_attack_set']:.4f} on X; the attack stops on this rate)"
+        )
     if m.get("dominant_label_name") is not None:
         lines.append(f"labels   {m['dominant_label_share']:.0%} of fooled images go to '{m['dominant_label_name']}'")
     lines += [

@@ -10,13 +10,15 @@ A run folder is a directory holding ``.hydra/overrides.yaml`` (a Hydra job) or
 - neither: ``incomplete`` (still running, or killed).
 
 ``summarize(folder)`` writes ``summary.csv``, ``summary.md`` and one
-``fooling_vs_<key>.png`` per swept numeric override into the folder;
-``SweepSummaryCallback`` does so at the end of a Hydra multirun.
+``fooling_vs_<key>.png`` (and ``.pdf``) per swept numeric override into the folder;
+``SweepSummaryCallback`` does so at the end of a Hydra multirun. Runs that differ only in their
+seeds (``seed``, ``attack.seed``) are also aggregated: mean, standard deviation and count per
+group in ``summary_seeds.csv`` and summary.md, and as error bars in the plots, whose x axes are
+never a seed.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -25,25 +27,34 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import matplotlib
+import pandas as pd
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from omegaconf import DictConfig
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from uap_lightning.atomic import atomic_write, atomic_write_text  # noqa: E402
-from uap_lightning.rundir import FAILURE_FILE, METRICS_FILE, STALE_DIR  # noqa: E402
+from uap_lightning.atomic import atomic_write_text
+from uap_lightning.report.figures import save_figure
+from uap_lightning.rundir import FAILURE_FILE, METRICS_FILE, STALE_DIR
 
 log = logging.getLogger(__name__)
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+OPTUNA_RESULTS = "optimization_results.yaml"  # what Hydra's Optuna sweeper leaves in the sweep folder
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
+SEEDS_CSV = "summary_seeds.csv"
+SEED_KEYS = ("seed", "attack.seed")  # overrides whose runs are repeats, aggregated, never plotted as x
+# How a swept key reads on a plot's axis (units where it has them).
+AXIS_LABELS = {
+    "attack.eps": "ε, 0–255 pixel units",
+    "attack.delta": "δ (stop at a fooling rate of 1 − δ on X)",
+    "attack.max_passes": "passes over X at most",
+    "data.attack_images": "images in X",
+}
 
 STATUSES = ("ok", "interrupted", "failed", "incomplete")
 PLOTTED_STATUSES = ("ok", "interrupted")
@@ -62,8 +73,8 @@ MARKDOWN_METRICS = (
 )
 # Random baselines drawn beside each fooling-rate line: column, legend text, line style.
 BASELINES = (
-    ("random_fooling_rate", "random noise, norm ξ", "--"),
-    ("random_same_l2_fooling_rate", "random noise, ℓ2 of v", "-."),
+    ("random_fooling_rate", "random noise of norm ε", "--"),
+    ("random_same_l2_fooling_rate", "random direction, ℓ2 norm of v", "-."),
 )
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -105,27 +116,53 @@ def swept_keys(df: pd.DataFrame) -> List[str]:
 
 
 def write_summary(root: str | os.PathLike, df: Optional[pd.DataFrame] = None) -> Dict[str, Path]:
-    """Write ``summary.csv``, ``summary.md`` and the ``fooling_vs_<key>.png`` plots into ``root``.
+    """Write ``summary.csv``, ``summary.md``, ``summary_seeds.csv`` (when a seed is swept) and the
+    ``fooling_vs_<key>.png``/``.pdf`` plots into ``root``.
 
-    ``df`` defaults to ``collect_runs(root)``. Returns the written paths by file name.
+    ``df`` defaults to ``collect_runs(root)``. Returns the written paths by file name (PNG names
+    for the plots).
     """
     root = Path(root)
     if df is None:
         df = collect_runs(root)
     swept = swept_keys(df)
+    seeds = aggregate_seeds(df)
     paths = {SUMMARY_CSV: root / SUMMARY_CSV, SUMMARY_MD: root / SUMMARY_MD}
     atomic_write_text(paths[SUMMARY_CSV], df.to_csv(index=False))
-    atomic_write_text(paths[SUMMARY_MD], _markdown(df, swept))
+    atomic_write_text(paths[SUMMARY_MD], _markdown(df, swept, seeds))
+    if seeds is not None:
+        paths[SEEDS_CSV] = root / SEEDS_CSV
+        atomic_write_text(paths[SEEDS_CSV], seeds.to_csv(index=False))
     plotted = df[df["status"].isin(PLOTTED_STATUSES)]
     if "fooling_rate" not in plotted or plotted["fooling_rate"].isna().all():
         return paths
-    for key in swept:
-        if _is_number_column(df[key]):
+    best = _optuna_best(root)
+    for key in (k for k in swept if k not in SEED_KEYS):
+        values = pd.to_numeric(plotted[key], errors="coerce")  # failed jobs' values may be text
+        if values.notna().all() and not pd.api.types.is_bool_dtype(plotted[key]):
             png = root / f"fooling_vs_{key.replace('.', '_')}.png"
-            data = _fooling_plot(plotted, key, [k for k in swept if k != key])
-            atomic_write(png, lambda f, data=data: f.write(data))
+            others = [k for k in swept if k != key and k not in SEED_KEYS]
+            save_figure(_fooling_figure(plotted.assign(**{key: values}), key, others, best), png)
             paths[png.name] = png
     return paths
+
+
+def aggregate_seeds(df: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """Mean, standard deviation (ddof 1) and count of every metric over runs (ok or interrupted)
+    that differ only in a swept seed, one row per group of the other swept keys; None when no
+    seed is swept."""
+    swept = swept_keys(df)
+    seeds = [key for key in swept if key in SEED_KEYS]
+    if not seeds:
+        return None
+    groups = [key for key in swept if key not in SEED_KEYS]
+    runs = df[df["status"].isin(PLOTTED_STATUSES)]
+    metrics = [m for m in MARKDOWN_METRICS if m in runs and _is_number_column(runs[m])]
+    grouped = runs.groupby(groups, sort=False, dropna=False) if groups else runs.groupby(lambda _: 0)
+    table = grouped[metrics].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat.replace('std', 'sd')}" for metric, stat in table.columns]
+    table.insert(0, "n", grouped.size())
+    return table.reset_index(drop=not groups)
 
 
 def summarize(root: str | os.PathLike) -> Dict[str, Path]:
@@ -140,16 +177,21 @@ def summarize(root: str | os.PathLike) -> Dict[str, Path]:
 
 
 class SweepSummaryCallback(Callback):
-    """Hydra callback: summarize the sweep folder when a multirun ends.
+    """Hydra callback: summarize the sweep folder when a multirun ends, and count its failed jobs
+    (``SweepSummaryCallback.failed``, which sets the sweep's exit status).
 
     On by default as ``hydra.callbacks.sweep_summary`` (conf/hydra/default.yaml).
     A failing report is logged, never raised, so it cannot hide the sweep's results.
     """
 
+    failed = 0  # failed or incomplete jobs of the last sweep that ended in this process
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the summary into ``hydra.sweep.dir``."""
         try:
             summarize(config.hydra.sweep.dir)
+            statuses = collect_runs(config.hydra.sweep.dir)["status"]
+            SweepSummaryCallback.failed = int(statuses.isin(("failed", "incomplete")).sum())
         except Exception:
             log.exception("Sweep summary of %s failed", config.hydra.sweep.dir)
 
@@ -221,26 +263,22 @@ def _read_overrides(path: Path) -> List[str]:
 
 
 def _parse_overrides(texts: List[str]) -> Dict[str, Any]:
-    """``key=value`` overrides as key → parsed value; ``+``/``++`` dropped, ``hydra.*`` and deletions skipped."""
-    parsed: Dict[str, Any] = {}
-    for text in texts:
-        key, sep, value = text.partition("=")
-        key = key.lstrip("+")
-        if sep and not key.startswith(("~", "hydra.")):
-            parsed[key] = _parse_value(value)
-    return parsed
-
-
-def _parse_value(text: str) -> Any:
-    """A scalar override value read as OmegaConf reads YAML (``32`` → 32, ``1e-3`` → 0.001, ``inf`` stays text).
-
-    Lists, mappings and text that is not valid YAML stay the original text.
-    """
+    """Overrides as key → value, parsed by Hydra's own parser (``+``/``++`` dropped, ``hydra.*`` and
+    deletions skipped). Lists, mappings and non-finite numbers (``attack.p=inf``) stay text, so
+    that they are categories, not positions on an axis."""
     try:
-        value = OmegaConf.to_container(OmegaConf.create(f"value: {text}"))["value"]
-    except (yaml.YAMLError, OmegaConfBaseException):
-        return text
-    return value if value is None or isinstance(value, (int, float, bool, str)) else text
+        overrides = OverridesParser.create().parse_overrides(texts)
+    except HydraException:
+        return {}
+    parsed: Dict[str, Any] = {}
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_delete() or key.startswith("hydra."):
+            continue
+        value = override.value()
+        scalar = value is None or isinstance(value, (int, bool, str)) or (isinstance(value, float) and math.isfinite(value))
+        parsed[key] = value if scalar else override.get_value_element_as_str()
+    return parsed
 
 
 def _number_or_text(value: Any) -> Any:
@@ -253,8 +291,9 @@ def _is_number_column(column: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
 
 
-def _markdown(df: pd.DataFrame, swept: List[str]) -> str:
-    """A count of runs by status, then a readable table of the runs."""
+def _markdown(df: pd.DataFrame, swept: List[str], seeds: Optional[pd.DataFrame]) -> str:
+    """A count of runs by status, a readable table of the runs, and (seeds swept) the mean ± sd
+    and count per group of runs that differ only in their seeds."""
     counts = df["status"].value_counts()
     by_status = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
     columns = ["job", *swept, "status", "error", *(m for m in MARKDOWN_METRICS if m in df)]
@@ -264,39 +303,78 @@ def _markdown(df: pd.DataFrame, swept: List[str]) -> str:
     for i in text_columns:
         cells[columns[i]] = cells[columns[i]].map(lambda v: v.replace("|", r"\|") if isinstance(v, str) else v)
     body = cells.to_markdown(index=False, floatfmt=".4g", missingval="", disable_numparse=text_columns)
-    return f"# Sweep summary\n\n{len(df)} runs: {by_status}.\n\n{body}\n"
+    text = f"# Sweep summary\n\n{len(df)} runs: {by_status}.\n\n{body}\n"
+    if seeds is not None:
+        text += f"\n## Over seeds (mean ± sd, n runs)\n\n{_seeds_markdown(seeds)}\n"
+    return text
 
 
-def _fooling_plot(df: pd.DataFrame, key: str, others: List[str]) -> bytes:
-    """PNG bytes: fooling rate against ``key``, one solid line per combination of ``others``.
+def _seeds_markdown(seeds: pd.DataFrame) -> str:
+    """The seed aggregate as mean ± sd cells."""
+    metrics = [c[: -len("_mean")] for c in seeds.columns if c.endswith("_mean")]
+    keys = [c for c in seeds.columns if c != "n" and not c.endswith(("_mean", "_sd"))]
+    cells = seeds[keys + ["n"]].astype(object).copy()
+    for metric in metrics:
+        mean, sd = seeds[f"{metric}_mean"], seeds[f"{metric}_sd"]
+        cells[metric] = [f"{m:.4g} ± {d:.2g}" if pd.notna(d) else f"{m:.4g}" for m, d in zip(mean, sd)]
+    return cells.to_markdown(index=False, disable_numparse=True)
 
-    Each line's random baselines are drawn dashed in its colour; repeated x values are averaged.
-    """
+
+def _optuna_best(root: Path) -> Dict[str, Any]:
+    """The best trial's parameters of an Optuna sweep in ``root`` (empty when there is none)."""
+    path = root / OPTUNA_RESULTS
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        results = yaml.safe_load(f) or {}
+    return dict(results.get("best_params") or {})
+
+
+def _fooling_figure(df: pd.DataFrame, key: str, others: List[str], best: Dict[str, Any]) -> Figure:
+    """Fooling rate against ``key``, one solid line per combination of ``others``: the mean over the
+    runs at each x (seeds and repeats), with error bars of their standard deviation when there are
+    several; each line's random baselines dashed in its colour; an Optuna sweep's target (a dotted
+    line) and best trial (a star)."""
     baselines = [b for b in BASELINES if b[0] in df]
     values = ["fooling_rate", *(column for column, _, _ in baselines)]
     groups = list(df.groupby(others, sort=False, dropna=False)) if others else [((), df)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
     handles = []
     for i, (group_values, group) in enumerate(groups):
         color = f"C{i % 10}"
-        label = ", ".join(f"{k}={v}" for k, v in zip(others, group_values)) or "UAP"
-        points = group.groupby(key)[values].mean()
-        (line,) = ax.plot(points.index, points["fooling_rate"], "-o", color=color, label=label)
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, group_values)) or "universal perturbation"
+        points = group.groupby(key)[values].agg(["mean", "std", "count"])
+        spread = points[("fooling_rate", "std")].where(points[("fooling_rate", "count")] > 1)
+        line = ax.errorbar(points.index, points[("fooling_rate", "mean")], yerr=spread, fmt="-o", color=color,
+                           capsize=3, label=label + (" (mean ± sd)" if spread.notna().any() else ""))
         handles.append(line)
         for column, name, style in baselines:
-            ax.plot(points.index, points[column], linestyle=style, color=color, label=name)
+            ax.plot(points.index, points[(column, "mean")], linestyle=style, color=color, label=name)
             if not others:
                 handles.append(ax.lines[-1])
     if others:
         handles += [Line2D([], [], color="gray", linestyle=style, label=name) for _, name, style in baselines]
+    if "target_fooling_rate" in df and df["target_fooling_rate"].notna().any():
+        target = float(df["target_fooling_rate"].dropna().iloc[0])
+        handles.append(ax.axhline(target, color="black", linestyle=":", label=f"target fooling rate {target:g}"))
+    if key in best:
+        trial = df[df[key] == best[key]]
+        if not trial.empty:
+            handles += ax.plot(best[key], trial["fooling_rate"].mean(), "*", color="black", markersize=15,
+                               label=f"best trial: {key}={best[key]:.4g}")
     ax.legend(handles=handles, fontsize=8)
-    ax.set_xlabel(key)
-    ax.set_ylabel("fooling rate")
+    ax.set_xlabel(_axis_label(df, key))
+    ax.set_ylabel("fooling rate (share of eval images)")
     ax.set_title(f"Fooling rate against {key}")
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig
+
+
+def _axis_label(df: pd.DataFrame, key: str) -> str:
+    """``key`` with what it means and its units; ε also with its norm when the runs share one."""
+    label = f"{key}: {AXIS_LABELS[key]}" if key in AXIS_LABELS else key
+    if key == "attack.eps" and "p" in df and df["p"].nunique() == 1:
+        label += f", ℓ{'∞' if str(df['p'].iloc[0]) == 'inf' else df['p'].iloc[0]}"
+    return label

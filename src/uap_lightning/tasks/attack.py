@@ -9,17 +9,17 @@ attack in the same folder.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import dataclasses
 import logging
 import signal
 import threading
+from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.fabric.plugins.environments import LightningEnvironment
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +36,8 @@ from uap_lightning.attacks import (
 from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError, DamagedFileError
+from uap_lightning.keys import keyed_hash
+from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers
 from uap_lightning.loop import (
     AttackLoop,
     AttackOutcome,
@@ -57,15 +59,19 @@ log = logging.getLogger(__name__)
 class AttackTaskConfig(TaskConfig):
     """Compute one universal perturbation and evaluate it (the default).
 
-    The objective returned to Hydra sweepers is the fooling rate, or, with a target fooling
-    rate T, ε + 255·max(0, T − fooling rate)/T: ε itself once T is reached (to minimise)."""
+    The objective returned to Hydra sweepers is a fooling rate r, or, with a target fooling rate
+    T, ε + 255·max(0, T − r)/T: ε itself once T is reached (to minimise). r never looks at the
+    evaluation set: it is the rate on X (``selection=attack_set``), or on a part of X held out
+    from the attack (``selection=holdout``: ``holdout_fraction`` of X, drawn with the attack seed)."""
 
     name: str = "attack"
     target_fooling_rate: Optional[float] = None
+    selection: str = "attack_set"  # attack_set | holdout: the images the sweepers' objective is measured on
+    holdout_fraction: float = 0.2  # selection=holdout: the share of X kept out of the attack
 
 # The settings whose change makes an earlier attack state of no use.
 _FINGERPRINT_KEYS = ("data", "model", "trainer", "attack", "task", "seed")
-_NOT_IN_FINGERPRINT = ("resume", "eval_batch_size", "amp", "channels_last", "compile", "devices", "strategy")
+_NOT_IN_FINGERPRINT = ("resume", "progress", "eval_batch_size", "amp", "channels_last", "compile", "devices", "strategy")
 _FINAL_KEYS = (
     "fooling_rate",
     "fooling_rate_attack_set",
@@ -80,6 +86,8 @@ _FINAL_KEYS = (
     "attack_seconds",
     "beats_random",
 )
+SELECTIONS = ("attack_set", "holdout")
+_TARGETED_KEYS = ("targeted_success_rate", "targeted_success_rate_attack_set")
 _HISTORY_KEYS = (
     "pass",
     "fooling_rate",
@@ -91,6 +99,7 @@ _HISTORY_KEYS = (
     "mean_deepfool_iterations",
     "seconds",
     "targeted_success_rate",
+    "targeted_success_rate_attack_set",
 )
 
 
@@ -101,23 +110,18 @@ def settings_fingerprint(cfg: DictConfig, data_fingerprint: str) -> str:
     for key in _NOT_IN_FINGERPRINT:
         settings["attack"].pop(key, None)
     settings["data_fingerprint"] = data_fingerprint
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return keyed_hash(settings)
 
 
 def make_fabric(cfg: DictConfig, setup: Setup, name: str = "attack") -> Fabric:
     """A Fabric on ``attack.devices`` devices (several: processes it spawns, see
-    :func:`attack_fabric_settings`) with the run's loggers (``tensorboard/<name>``, ``csv/<name>``)."""
-    loggers: List[Any] = []
-    if cfg.logger.tensorboard:
-        loggers.append(
-            TensorBoardLogger(root_dir=str(setup.output_dir), name="tensorboard", version=name, default_hp_metric=False)
-        )
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(root_dir=str(setup.output_dir), name="csv", version=name))
+    :func:`attack_fabric_settings`) with the run's loggers (a run named ``name`` each), the progress
+    display and the run's attack callbacks (the ``callbacks`` group's non-Lightning entries)."""
+    progress = AttackProgressBar(enabled=progress_bars(cfg) and cfg.attack.progress, lines=cfg.attack.progress)
     return Fabric(
         accelerator=cfg.trainer.accelerator,
-        loggers=loggers,
-        callbacks=[AttackProgressBar(enabled=progress_bars(cfg))],
+        loggers=instantiate_loggers(cfg.logger, name),
+        callbacks=[progress, *instantiate_callbacks(cfg.callbacks)["attack"]],
         **attack_fabric_settings(cfg.attack),
     )
 
@@ -166,19 +170,20 @@ def eval_fooling_rate(
     return metrics.fooling_rate(clean, setup.predict(net, setup.eval_images, perturbation))
 
 
-def _resumable(loop: AttackLoop, resume: bool) -> Optional[AttackState]:
-    """The saved state to continue from, when resuming is on and the state fits these settings."""
+def _resumable(state_path: Path, fingerprint: str, resume: bool) -> Optional[AttackState]:
+    """The state saved at ``state_path`` to continue from, when resuming is on and the state was
+    saved with these settings (``fingerprint``)."""
     try:
-        state = loop.load_state()
+        state = AttackState.load(state_path)
     except DamagedFileError as err:
         log.warning("%s; starting afresh", err)
         return None
     if state is None or not resume:
         return None
-    if state.fingerprint != loop.fingerprint:
+    if state.fingerprint != fingerprint:
         log.warning("the run folder holds an attack with other settings; starting afresh")
         return None
-    log.info("continuing the attack saved after pass %d in %s", state.passes, loop.state_path)
+    log.info("continuing the attack saved after pass %d in %s", state.passes, state_path)
     return state
 
 
@@ -205,13 +210,15 @@ def run(setup: Setup) -> Dict[str, Any]:
     Raises KeyboardInterrupt after writing the outputs of an interrupted attack.
     """
     cfg = setup.cfg
-    fabric = make_fabric(cfg, setup)
-    loop = attack_loop(setup, fabric, settings_fingerprint(cfg, setup.datamodule.fingerprint()))
-    state = _resumable(loop, cfg.attack.resume)
+    setup, holdout = split_holdout(setup)
+    fingerprint = settings_fingerprint(cfg, setup.datamodule.fingerprint())
+    state = _resumable(setup.output_dir / STATE_FILE, fingerprint, cfg.attack.resume)
     if state is None:
-        move_aside(setup.output_dir)
+        move_aside(setup.output_dir)  # before any logger writes into the run folder
     else:
         (setup.output_dir / METRICS_FILE).unlink(missing_ok=True)
+    fabric = make_fabric(cfg, setup)
+    loop = attack_loop(setup, fabric, fingerprint)
     victim = setup.victim()
     net = folded_copy(victim.net)  # the same function with batch norm folded: faster to run and differentiate
     eval_labels = setup.eval_labels_for(victim)
@@ -227,15 +234,25 @@ def run(setup: Setup) -> Dict[str, Any]:
     )
     label_names = victim_label_names(setup.class_names, victim)
     dominant = figures.dominant_labels(outcome.clean_eval_labels, outcome.perturbed_eval_labels, len(label_names))
-    results = attack_metrics(setup, victim, outcome, baselines, dominant, label_names)
+    fooling_on_x = outcome.result.fooling_rate
+    if setup.attack.target_class is not None:  # the result's rate is the targeted one: measure fooling on X
+        kept_x = setup.predict(net, setup.attack_images, outcome.result.perturbation)
+        fooling_on_x = metrics.fooling_rate(setup.predict(net, setup.attack_images), kept_x)
+    results = attack_metrics(setup, victim, outcome, fooling_on_x, baselines, dominant, label_names)
+    selected = fooling_on_x
+    if holdout is not None:
+        selected = metrics.fooling_rate(setup.predict(net, holdout), setup.predict(net, holdout, outcome.result.perturbation))
+        results.update(fooling_rate_holdout=selected, holdout_images=len(holdout))
+    results["objective"] = objective(selected, setup.threat.eps, cfg.task.target_fooling_rate)
     run_figures = attack_figures(setup, eval_labels, outcome, results, dominant, label_names)
-    final = {f"final/{k}": float(results[k]) for k in _FINAL_KEYS}
+    final = {f"final/{k}": float(results[k]) for k in _FINAL_KEYS + _TARGETED_KEYS if k in results}
     for logger in fabric.loggers:
         if isinstance(logger, TensorBoardLogger):
             for name, figure in run_figures.items():
                 logger.experiment.add_figure(f"attack/{name}", figure, global_step=results["passes"], close=False)
             logger.log_hyperparams(_hparams(cfg, setup), metrics=final)
         else:
+            logger.log_hyperparams(_hparams(cfg, setup))
             logger.log_metrics(final, step=results["passes"])
         logger.finalize("success")
     write_run_outputs(setup.output_dir, outcome.result.perturbation, run_figures, results)
@@ -244,7 +261,9 @@ def run(setup: Setup) -> Dict[str, Any]:
     if not results["beats_random"]:
         log.warning(weak_result_advice(results))
     if outcome.interrupted:
-        raise KeyboardInterrupt(f"interrupted after pass {results['passes']}")
+        raise KeyboardInterrupt(
+            f"interrupted after pass {results['passes']}; run the same command again in the same run folder to continue"
+        )
     return results
 
 
@@ -252,15 +271,17 @@ def attack_metrics(
     setup: Setup,
     victim: Victim,
     outcome: AttackOutcome,
+    fooling_on_x: float,
     baselines: RandomBaselines,
     dominant: figures.DominantLabels,
     label_names: List[str],
 ) -> Dict[str, Any]:
-    """metrics.json's content for an attack run."""
+    """metrics.json's content for an attack run; ``fooling_on_x`` is the fooling rate of the kept
+    perturbation on X (in targeted mode the attack's own rate on X is the targeted success rate)."""
     cfg, final, result = setup.cfg, outcome.final, outcome.result
     results: Dict[str, Any] = {
         "fooling_rate": final["fooling_rate"],
-        "fooling_rate_attack_set": result.fooling_rate,
+        "fooling_rate_attack_set": fooling_on_x,
         "clean_accuracy": final["clean_accuracy"],
         "perturbed_accuracy": final["perturbed_accuracy"],
         "random_fooling_rate": baselines.same_norm,
@@ -290,15 +311,34 @@ def attack_metrics(
         "dominant_label_share": dominant.share,
         "data": cfg.data.name,
         "model": cfg.model.name,
+        "model_settings": setup.victim_settings(),
         "seed": cfg.seed,
         "attack_seed": setup.seed,
+        "threads": torch.get_num_threads(),
         "history": [{k: record[k] for k in _HISTORY_KEYS if k in record} for record in outcome.history],
     }
-    results["objective"] = objective(results["fooling_rate"], setup.threat.eps, cfg.task.target_fooling_rate)
+    if cfg.task.target_fooling_rate is not None:
+        results["target_fooling_rate"] = cfg.task.target_fooling_rate
     if setup.attack.target_class is not None:
         results["target_class"] = setup.attack.target_class
         results["targeted_success_rate"] = final["targeted_success_rate"]
+        results["targeted_success_rate_attack_set"] = result.fooling_rate
     return results
+
+
+def split_holdout(setup: Setup) -> Tuple[Setup, Optional[Tensor]]:
+    """With ``task.selection=holdout``: the setup with X reduced to the attack's part, and the
+    held-out images (``task.holdout_fraction`` of X, drawn with the attack seed); else (setup, None)."""
+    if setup.cfg.task.selection != "holdout":
+        return setup, None
+    order = torch.randperm(len(setup.attack_images), generator=torch.Generator().manual_seed(setup.seed))
+    held = max(1, int(round(setup.cfg.task.holdout_fraction * len(order))))
+    if held >= len(order):
+        raise ConfigError(f"task.holdout_fraction={setup.cfg.task.holdout_fraction} of {len(order)} images leaves none "
+                          "to attack; lower it or raise data.attack_images")
+    kept = order[held:].sort().values
+    reduced = dataclasses.replace(setup, attack_images=setup.attack_images[kept], attack_labels=setup.attack_labels[kept])
+    return reduced, setup.attack_images[order[:held].sort().values]
 
 
 def objective(fooling_rate: float, eps: float, target: Optional[float]) -> float:
@@ -310,7 +350,12 @@ def objective(fooling_rate: float, eps: float, target: Optional[float]) -> float
 
 
 def check(cfg: DictConfig, attack: AttackSettings) -> None:
-    """A target fooling rate, when given, lies in (0, 1]."""
+    """A target fooling rate, when given, lies in (0, 1]; the selection is known and leaves X and
+    the holdout at least one image each."""
+    if cfg.task.selection not in SELECTIONS:
+        raise ConfigError(f"task.selection must be one of {', '.join(SELECTIONS)}; got {cfg.task.selection!r}")
+    if cfg.task.selection == "holdout" and not 0.0 < cfg.task.holdout_fraction < 1.0:
+        raise ConfigError(f"task.holdout_fraction must lie in (0, 1); got {cfg.task.holdout_fraction}")
     target = cfg.task.target_fooling_rate
     if target is not None and not 0.0 < target <= 1.0:
         raise ConfigError(f"task.target_fooling_rate must lie in (0, 1] or be null; got {target}")
@@ -326,15 +371,17 @@ def attack_figures(
 ) -> Dict[str, Figure]:
     """curve, perturbation, examples and labels figures of an attack run."""
     v = outcome.result.perturbation
-    count = max(1, min(setup.cfg.logger.example_images, len(setup.eval_images)))
-    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed)
+    count = max(1, min(setup.cfg.extras.example_images, len(setup.eval_images)))
+    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed, first_class=dominant.label)
     clean = setup.eval_images[chosen]
     title = f"{m['method']} {setup.threat.symbol} ε={m['eps']:g}: fooling rate {m['fooling_rate']:.2f}"
     return {
         "curve": figures.curve_figure(
             outcome.history,
             m["best_pass"] or None,
-            {"random ℓp noise": m["random_fooling_rate"], "random same-ℓ2 noise": m["random_same_l2_fooling_rate"]},
+            {f"random {setup.threat.symbol} noise": m["random_fooling_rate"],
+             "random direction, same ℓ2": m["random_same_l2_fooling_rate"]},
+            title=f"{m['method']} {setup.threat.symbol} ε={m['eps']:g} on {m['model']}",
         ),
         "perturbation": figures.perturbation_figure(v, m["eps"], m["p"]),
         "examples": figures.examples_figure(
@@ -358,14 +405,20 @@ def victim_label_names(names: List[str], victim: Victim) -> List[str]:
 
 
 def _hparams(cfg: DictConfig, setup: Setup) -> Dict[str, Any]:
+    """TensorBoard's HPARAMS of the run: the attack (its effective ε and p), the data, the victim's
+    model and training settings, the seeds and the sizes of X and the evaluation set."""
     attack = OmegaConf.to_container(cfg.attack, resolve=True)
     attack.update(eps=setup.threat.eps, p=setup.threat.p_name)
     return {
         "attack": attack,
         "data": cfg.data.name,
-        "model": cfg.model.name,
+        "model": setup.victim_settings(),
+        "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
         "seed": cfg.seed,
+        "attack_seed": setup.seed,
         "attack_images": len(setup.attack_images),
+        "eval_images": len(setup.eval_images),
+        "threads": torch.get_num_threads(),
     }
 
 

@@ -27,7 +27,6 @@ from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report import figures
-from uap_lightning.report.outputs import write_figures
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import victim_label_names
 from uap_lightning.tasks.setup import Setup, Task
@@ -74,9 +73,9 @@ def run(setup: Setup) -> Dict[str, Any]:
         dominant_label_name=None if dominant.label is None else names[dominant.label],
         dominant_label_share=dominant.share,
     )
-    write_figures(setup.output_dir, _figures(setup, victim, v, clean, perturbed, dominant, names))
     table = pd.DataFrame([{key: results[key] for key in _TABLE}])
-    return setup.finish(results, f"perturbation {reading.path} on {cfg.model.name}", table, index=False)
+    return setup.finish(results, f"perturbation {reading.path} on {cfg.model.name}", table,
+                        figures=_figures(setup, victim, v, clean, perturbed, dominant, names), index=False)
 
 
 _TABLE = ("fooling_rate", "random_fooling_rate", "random_same_l2_fooling_rate", "clean_accuracy",
@@ -121,8 +120,8 @@ def _figures(
     names: List[str],
 ) -> Dict[str, Figure]:
     """perturbation, examples and labels figures of the scored perturbation."""
-    count = max(1, min(setup.cfg.logger.example_images, len(setup.eval_images)))
-    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed)
+    count = max(1, min(setup.cfg.extras.example_images, len(setup.eval_images)))
+    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed, first_class=dominant.label)
     shown = setup.eval_images[chosen]
     fooling = metrics.fooling_rate(clean, perturbed)
     title = f"{Path(setup.cfg.perturbation.path).name} on {setup.cfg.model.name}: fooling rate {fooling:.2f}"

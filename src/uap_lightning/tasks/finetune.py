@@ -42,6 +42,7 @@ from uap_lightning.baselines import mean_fooling_rate
 from uap_lightning.config import TaskConfig
 from uap_lightning.data import dataset_class
 from uap_lightning.errors import ConfigError
+from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers
 from uap_lightning.models import VictimClassifier
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
@@ -128,11 +129,10 @@ def fine_tune(setup: Setup, module: VictimClassifier, callback: PoolPerturbation
     batches (a Lightning Trainer from the run's ``trainer`` settings, seeded per round)."""
     cfg = setup.cfg
     logs = TrainingLogs(
-        log_dir=str(setup.output_dir),
-        tensorboard=bool(cfg.logger.tensorboard),
-        csv=bool(cfg.logger.csv),
+        loggers=instantiate_loggers(cfg.logger, f"finetune_round{round_index}"),
+        callbacks=instantiate_callbacks(cfg.callbacks)["training"],
         progress_bar=progress_bars(cfg),
-        version=f"finetune_round{round_index}",
+        log_dir=str(setup.output_dir),
     )
     trainer = lightning_trainer(
         cfg.trainer,

@@ -22,7 +22,7 @@ from uap_lightning.attacks import AttackSettings
 from uap_lightning.baselines import random_baselines
 from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
-from uap_lightning.report.figures import save_figure_png, size_curve_figure
+from uap_lightning.report.figures import size_curve_figure
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.setup import Setup, Task
@@ -30,7 +30,7 @@ from uap_lightning.tasks.setup import Setup, Task
 log = logging.getLogger(__name__)
 
 GENERALISATION_CSV = "generalisation.csv"
-GENERALISATION_PNG = "generalisation.png"
+GENERALISATION_FIGURE = "generalisation"  # generalisation.png and generalisation.pdf
 
 
 @dataclass
@@ -101,8 +101,8 @@ def run(setup: Setup) -> Dict[str, Any]:
         },
         f"{setup.attack.method} {threat.symbol} ε={threat.eps:g} on {cfg.model.name}: fooling rate against |X|",
     )
-    save_figure_png(figure, setup.output_dir / GENERALISATION_PNG)
-    return setup.finish({"rows": rows}, "fooling rate against |X|", table, index=False)
+    return setup.finish({"rows": rows}, "fooling rate against |X|", table, figures={GENERALISATION_FIGURE: figure},
+                        index=False)
 
 
 TASK = Task("generalisation", GeneralisationTaskConfig, run, check)

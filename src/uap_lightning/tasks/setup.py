@@ -11,28 +11,32 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from uap_lightning import metrics
+from uap_lightning.api import check_logits
 from uap_lightning.attacks import AttackSettings, ThreatModel, frozen_eval
 from uap_lightning.data import build_datamodule
 from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
-from uap_lightning.report.outputs import write_metrics
+from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers
+from uap_lightning.report.outputs import write_figures, write_metrics
 from uap_lightning.training import TrainingLogs, Victim, obtain_victim
 
 log = logging.getLogger(__name__)
 
 
 def progress_bars(cfg: DictConfig) -> bool:
-    """Whether progress bars are drawn: ``logger.progress_bar``, or (null) only on a terminal."""
-    setting = cfg.logger.progress_bar
+    """Whether progress bars are drawn: ``extras.progress_bar``, or (null) only on a terminal."""
+    setting = cfg.extras.progress_bar
     return sys.stderr.isatty() if setting is None else bool(setting)
 
 
@@ -92,18 +96,55 @@ class Setup:
             "eval_source": self.datamodule.eval_source,
             "data": self.cfg.data.name,
             "model": self.cfg.model.name,
+            "model_settings": self.victim_settings(),
             "seed": self.cfg.seed,
             "attack_seed": self.seed,
+            "threads": torch.get_num_threads(),
         }
 
-    def finish(self, results: Dict[str, Any], title: str, table: pd.DataFrame, **markdown: Any) -> Dict[str, Any]:
-        """Write ``results`` with the run's settings (a key in ``results`` wins) as metrics.json
-        (last), log ``table`` under ``title`` and the run folder; return what was written."""
+    def victim_settings(self) -> Dict[str, Any]:
+        """The run's model settings that are set (``model.adversarial`` and its radius and step
+        included), and the training settings (``trainer.*``) unless the victim is pretrained."""
+        model = OmegaConf.to_container(self.cfg.model, resolve=True)
+        settings = {key: value for key, value in model.items() if value is not None and value != []}
+        if not settings.get("pretrained"):
+            settings["trainer"] = OmegaConf.to_container(self.cfg.trainer, resolve=True)
+        return settings
+
+    def finish(
+        self,
+        results: Dict[str, Any],
+        title: str,
+        table: pd.DataFrame,
+        figures: Optional[Mapping[str, Figure]] = None,
+        **markdown: Any,
+    ) -> Dict[str, Any]:
+        """Write ``figures`` (``<name>.png`` and ``.pdf``), then ``results`` with the run's settings (a
+        key in ``results`` wins) as metrics.json (last); report the numeric results to the run's
+        loggers (a run named after the task; TensorBoard also gets the figures and the table); log
+        ``table`` under ``title`` and the run folder; return what was written."""
         results = {**self.settings(), **results}
+        write_figures(self.output_dir, figures or {})
+        text = table.to_markdown(**{"floatfmt": ".3f", **markdown})
+        self._report_to_loggers(results, title, text, figures or {})
         write_metrics(self.output_dir, results)
-        log.info("%s\n%s", title, table.to_markdown(**{"floatfmt": ".3f", **markdown}))
+        log.info("%s\n%s", title, text)
         log.info("files    %s", self.output_dir.resolve())
         return results
+
+    def _report_to_loggers(self, results: Dict[str, Any], title: str, text: str, figures: Mapping[str, Figure]) -> None:
+        """The task's numeric results to every logger of the run (a run named after the task);
+        TensorBoard also gets the figures and the table (as text)."""
+        task = self.cfg.task.name
+        scalars = {f"{task}/{k}": float(v) for k, v in results.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for logger in instantiate_loggers(self.cfg.logger, task):
+            if isinstance(logger, TensorBoardLogger):
+                for name, figure in figures.items():
+                    logger.experiment.add_figure(f"{task}/{name}", figure, close=False)
+                logger.experiment.add_text(f"{task}/table", f"{title}\n\n{text}")
+            logger.log_metrics(scalars)
+            logger.finalize("success")
 
     def predict(self, net: nn.Module, images: Tensor, perturbation: Optional[Tensor] = None) -> Tensor:
         """Labels (N,) of ``net`` (in eval mode) on ``images`` (+ ``perturbation``, C×H×W), in batches
@@ -124,10 +165,10 @@ class Setup:
         key = repr(sorted(dict(model_cfg).items()))
         if key not in self._victims:
             logs = TrainingLogs(
-                log_dir=str(self.output_dir) if log_training else None,
-                tensorboard=bool(self.cfg.logger.tensorboard),
-                csv=bool(self.cfg.logger.csv),
+                loggers=instantiate_loggers(self.cfg.logger, "victim") if log_training else [],
+                callbacks=instantiate_callbacks(self.cfg.callbacks)["training"],
                 progress_bar=progress_bars(self.cfg),
+                log_dir=str(self.output_dir) if log_training else None,
             )
             victim = obtain_victim(
                 model_cfg,
@@ -137,8 +178,10 @@ class Setup:
                 cache_dir=self.cfg.paths.cache_dir,
                 lock_timeout=self.cfg.paths.lock_timeout,
                 logs=logs,
+                callbacks_cfg=self.cfg.callbacks,
             )
             victim.module.net.eval()
+            check_logits(victim.net, self.attack_images[:2])  # finite N×K logits, before any attack
             self._victims[key] = victim
         return self._victims[key]
 
@@ -164,6 +207,10 @@ def prepare(cfg: DictConfig, attack: AttackSettings) -> Setup:
     datamodule.setup("fit")
     if attack.target_class is not None and attack.target_class >= datamodule.num_classes:
         raise ConfigError(f"attack.target_class={attack.target_class} is not one of the {datamodule.num_classes} classes")
+    try:
+        attack.threat.check_fits(datamodule.image_shape)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     attack_images, attack_labels = datamodule.attack_set(seed=attack.seed)
     eval_images, eval_labels = datamodule.eval_set(attack_seed=attack.seed)
     return Setup(

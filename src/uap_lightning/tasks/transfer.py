@@ -28,7 +28,7 @@ from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.config import TaskConfig, model_preset
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
-from uap_lightning.report.figures import save_figure_png, transfer_figure
+from uap_lightning.report.figures import transfer_figure
 from uap_lightning.rundir import METRICS_FILE, move_aside
 from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.setup import Setup, Task
@@ -38,7 +38,7 @@ from uap_lightning.validation import check_victim_source
 log = logging.getLogger(__name__)
 
 TRANSFER_CSV = "transfer.csv"
-TRANSFER_PNG = "transfer.png"
+TRANSFER_FIGURE = "transfer"  # transfer.png and transfer.pdf
 PERTURBATIONS_DIR = "perturbations"
 
 
@@ -135,8 +135,7 @@ def run(setup: Setup) -> Dict[str, Any]:
 
     atomic_write_text(setup.output_dir / TRANSFER_CSV, table.to_csv())
     title = f"{setup.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
-    save_figure_png(transfer_figure(table.values, list(table.index), victim_labels, title),
-                    setup.output_dir / TRANSFER_PNG)
+    figure = transfer_figure(table.values, list(table.index), victim_labels, title)
     results = {
         "fooling_rate": {row: dict(table.loc[row]) for row in table.index[:-1]},
         "random_fooling_rate": random_rates,
@@ -147,7 +146,8 @@ def run(setup: Setup) -> Dict[str, Any]:
         "sources": source_labels,
         "perturbation_folders": list(cfg.task.perturbations),
     }
-    return setup.finish(results, "fooling rates (rows: perturbation; columns: victim)", table)
+    return setup.finish(results, "fooling rates (rows: perturbation; columns: victim)", table,
+                        figures={TRANSFER_FIGURE: figure})
 
 
 TASK = Task("transfer", TransferTaskConfig, run, check)

@@ -1,0 +1,124 @@
+"""What a researcher meets in the first hour: progress off a terminal, threads as a setting, honest
+labels in targeted mode, seeds aggregated, selection never on the evaluation set, unit guards, and
+what made a result recorded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from attack_helpers import random_conv_net
+from test_report_sweep import make_run
+from uap_lightning import compute_uap
+from uap_lightning.errors import ConfigError
+from uap_lightning.report.sweep import aggregate_seeds, collect_runs, write_summary
+from uap_lightning.tasks import run_task
+from uap_lightning.threads import available_cores, set_threads
+from uap_lightning.validation import resolve_threat
+
+SMALL = ("trainer.max_epochs=3", "data.attack_images=100", "attack.max_passes=2", "logger=none")
+
+
+def test_a_piped_attack_logs_one_line_per_pass(make_cfg, caplog):
+    """Off a terminal the attack writes a line per pass with both rates and the time left."""
+    with caplog.at_level(logging.INFO, logger="uap_lightning.loop"):
+        run_task(make_cfg(*SMALL, "attack.delta=0.01"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pass ")]
+    assert [line.split(":")[0] for line in lines] == ["pass 1/2", "pass 2/2"]
+    assert "fooling on X" in lines[0] and "on the eval set" in lines[0] and "to go" in lines[0]
+
+
+def test_attack_progress_false_silences_the_lines(make_cfg, caplog):
+    """attack.progress=false writes no pass lines."""
+    with caplog.at_level(logging.INFO, logger="uap_lightning.loop"):
+        run_task(make_cfg(*SMALL, "attack.progress=false"))
+    assert not [r for r in caplog.records if r.getMessage().startswith("pass ")]
+
+
+def test_threads_are_set_and_recorded(make_cfg):
+    """set_threads applies the setting (default: this process's cores shared by parallel jobs); metrics.json records it."""
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert set_threads(None, parallel_jobs=available_cores() * 4) == 1
+        assert set_threads(None) == available_cores()
+        with pytest.raises(ConfigError, match="threads must be at least 1"):
+            set_threads(0)
+        set_threads(1)
+        assert run_task(make_cfg(*SMALL))["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_targeted_rates_are_named_as_such(make_cfg):
+    """In targeted mode the rate on X the attack steers by is targeted_success_rate_attack_set, and
+    fooling_rate_attack_set keeps its untargeted meaning (measured on X)."""
+    m = run_task(make_cfg(*SMALL, "attack.target_class=3", "attack.eps=64"))
+    assert {"targeted_success_rate", "targeted_success_rate_attack_set", "fooling_rate_attack_set"} <= set(m)
+    assert all("targeted_success_rate_attack_set" in h and "fooling_rate_attack_set" not in h for h in m["history"])
+    assert 0.0 <= m["fooling_rate_attack_set"] <= 1.0
+
+
+def test_a_seed_sweep_is_aggregated_and_no_seed_is_an_axis(tmp_path):
+    """Runs that differ only in attack.seed give mean, sd and n per ε, error bars, and no fooling_vs_attack_seed plot."""
+    rates = {(32, 0): 0.2, (32, 1): 0.3, (64, 0): 0.5, (64, 1): 0.7}
+    for i, ((eps, seed), rate) in enumerate(rates.items()):
+        make_run(tmp_path / str(i), [f"attack.eps={eps}", f"attack.seed={seed}"],
+                 {"fooling_rate": rate, "random_fooling_rate": 0.1, "p": "inf"})
+    df = collect_runs(tmp_path)
+    seeds = aggregate_seeds(df)
+    assert seeds["n"].tolist() == [2, 2]
+    assert seeds["fooling_rate_mean"].tolist() == pytest.approx([0.25, 0.6])
+    assert seeds["fooling_rate_sd"].tolist() == pytest.approx([0.0707107, 0.1414214])
+    paths = write_summary(tmp_path, df)
+    assert "summary_seeds.csv" in paths and "fooling_vs_attack_eps.png" in paths
+    assert "fooling_vs_attack_seed.png" not in paths
+    assert "0.25 ± 0.071" in (tmp_path / "summary.md").read_text()
+    assert len(pd.read_csv(tmp_path / "summary_seeds.csv")) == 2
+
+
+def test_the_sweepers_objective_never_looks_at_the_eval_set(make_cfg, monkeypatch):
+    """The objective is the rate on X (or on a held-out part of X): an eval set that differs from X
+    changes the fooling rate but not the objective."""
+    results = {}
+    for eval_images in (100, 360):
+        results[eval_images] = run_task(make_cfg(*SMALL, f"data.eval_images={eval_images}"))
+    assert results[100]["objective"] == results[100]["fooling_rate_attack_set"]
+    assert results[100]["objective"] == results[360]["objective"]
+    held = run_task(make_cfg(*SMALL, "task.selection=holdout", "task.holdout_fraction=0.25"))
+    assert held["holdout_images"] == 25 and held["attack_images"] == 75
+    assert held["objective"] == held["fooling_rate_holdout"]
+    with pytest.raises(ConfigError, match="task.selection"):
+        run_task(make_cfg(*SMALL, "task.selection=eval"))
+
+
+def test_an_eps_below_one_level_warns_in_the_api_and_the_cli(make_cfg, caplog):
+    """ε < 1 (0–255 units) warns, saying the units and the ε meant; eps_scale=1 takes [0,1] units."""
+    model = random_conv_net(seed=2).float()
+    images = torch.rand(6, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"eps=0.25098 is below one 8-bit level.*eps=64"):
+        compute_uap(model, images, eps=64 / 255, max_passes=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled = compute_uap(model, images, eps=64 / 255, eps_scale=1, max_passes=1, method="sgd_uap")
+    assert 1 < float(scaled.perturbation.abs().max()) * 255 <= 64 + 1e-3  # ε = 64 in 0–255 units, not 0.25
+    with caplog.at_level(logging.WARNING):
+        assert resolve_threat(make_cfg("attack.eps=0.5")).eps == 0.5
+    assert "attack.eps=0.5 is below one 8-bit level" in caplog.text
+    assert resolve_threat(make_cfg("attack.eps=0.25", "attack.eps_scale=1")).eps == pytest.approx(63.75)
+
+
+def test_what_made_the_result_is_recorded(make_cfg):
+    """metrics.json holds the victim's model settings (adversarial training included) and training settings."""
+    cfg = make_cfg(*SMALL, "model.adversarial=uat")
+    run_task(cfg)
+    saved = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert saved["model_settings"]["adversarial"] == "uat"
+    assert saved["model_settings"]["trainer"]["max_epochs"] == 3
+    assert saved["eval_images"] == 360 and saved["threads"] == torch.get_num_threads()

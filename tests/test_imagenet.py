@@ -252,6 +252,6 @@ def test_transfer_scores_files_of_every_format_and_run_folders(samples_run, tmp_
                    f"task.perturbations=[{','.join(map(str, sources))}]")
     cfg.paths.output_dir = str(tmp_path / "transfer")
     results = run_task(cfg)
-    assert results["sources"] == ["uap", "uap-2", "cnn"]
+    assert results["sources"] == ["uap", "uap-2", "sgd_uap on cnn"]
     rates = results["fooling_rate"]
     assert rates["perturbation from uap"]["cnn"] == pytest.approx(rates["perturbation from uap-2"]["cnn"])

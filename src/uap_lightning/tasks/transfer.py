@@ -79,12 +79,14 @@ def _labels(names: List[str]) -> List[str]:
 
 def _read_perturbation(source: Path, shape: Tuple[int, ...], reading: Any) -> Tuple[str, Tensor]:
     """(a name for it, v C×H×W in [0,1] scale) of a perturbation file (read as ``reading``, the
-    ``perturbation`` settings, say) or of an attack's run folder (named by the model it attacked)."""
+    ``perturbation`` settings, say) or of an attack's run folder (named by its engine and the model
+    it attacked, e.g. ``gd_uap on cnn``)."""
     v = read_perturbation_source(source, shape=shape, layout=reading.layout, scale=reading.scale, key=reading.key)
     if not source.is_dir():
         return source.stem, v
     try:
-        name = json.loads((source / METRICS_FILE).read_text())["model"]
+        recorded = json.loads((source / METRICS_FILE).read_text())
+        name = f"{recorded['method']} on {recorded['model']}"
     except (OSError, ValueError, KeyError, TypeError):
         name = source.name
     return str(name), v

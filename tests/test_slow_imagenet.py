@@ -45,4 +45,4 @@ def test_imagenet_lite0_experiment_runs_and_the_victim_is_accurate(tmp_path, dat
     assert np.abs(published).max() <= 10 + 1e-3
     for name in ("perturbation.pt", "curve.png", "perturbation.png", "examples.png", "labels.png"):
         assert (run_dir / name).is_file(), name
-    assert "pass 1/1: fooling rate" in done.stdout
+    assert "pass 1/1: fooling on X" in done.stdout

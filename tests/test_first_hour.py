@@ -56,6 +56,35 @@ def test_threads_are_set_and_recorded(make_cfg):
         torch.set_num_threads(before)
 
 
+
+def test_the_attack_on_one_victim_holds_across_thread_counts(make_cfg, tmp_path):
+    """The default config at 1 and 2 threads. Training the victim depends on the thread count
+    (weight gradients are summed over the batch in another order), a little; every engine's attack
+    on the one cached victim does not: bit-identical perturbations at 1 and 2 threads."""
+    before = torch.get_num_threads()
+    perturbations, weights = {}, {}
+    try:
+        for threads in (1, 2):
+            set_threads(threads)
+            trained = make_cfg(*SMALL, f"paths.cache_dir={tmp_path / f'cache-{threads}'}",
+                               f"paths.output_dir={tmp_path / f'trained-{threads}'}")
+            run_task(trained)
+            (entry,) = [d for d in (tmp_path / f"cache-{threads}" / "victims").glob("cnn-*") if d.is_dir()]
+            weights[threads] = torch.load(entry / "weights.pt", weights_only=True)
+            for method in ("deepfool_uap", "deepfool_uap_batched", "sgd_uap"):
+                cached = make_cfg(*SMALL, f"attack={method}", f"paths.cache_dir={tmp_path / 'cache-1'}",
+                                  f"paths.output_dir={tmp_path / f'{method}-{threads}'}")
+                run_task(cached)
+                perturbations[method, threads] = torch.load(tmp_path / f"{method}-{threads}" / "perturbation.pt",
+                                                            weights_only=True)
+    finally:
+        torch.set_num_threads(before)
+    assert weights[1].keys() == weights[2].keys()
+    for name in weights[1]:
+        assert torch.allclose(weights[1][name].float(), weights[2][name].float(), atol=1e-4), name
+    for method in ("deepfool_uap", "deepfool_uap_batched", "sgd_uap"):
+        assert torch.equal(perturbations[method, 1], perturbations[method, 2]), method
+
 def test_targeted_rates_are_named_as_such(make_cfg):
     """In targeted mode the rate on X the attack steers by is targeted_success_rate_attack_set, and
     fooling_rate_attack_set keeps its untargeted meaning (measured on X)."""

@@ -16,6 +16,7 @@ import torch
 from attack_helpers import random_conv_net
 from test_report_sweep import make_run
 from uap_lightning import compute_uap
+from uap_lightning.console import quiet_sweep_plugins
 from uap_lightning.errors import ConfigError
 from uap_lightning.report.sweep import aggregate_seeds, collect_runs, write_summary
 from uap_lightning.tasks import run_task
@@ -151,3 +152,18 @@ def test_what_made_the_result_is_recorded(make_cfg):
     assert saved["model_settings"]["adversarial"] == "uat"
     assert saved["model_settings"]["trainer"]["max_epochs"] == 3
     assert saved["eval_images"] == 360 and saved["threads"] == torch.get_num_threads()
+
+
+def test_sweep_plugins_settings_lines_stay_out_of_the_console(caplog):
+    """Optuna's study/storage/sampler lines and joblib's Parallel(...) line are dropped; the
+    best trial and the job lines stay."""
+    quiet_sweep_plugins()
+    optuna_log = logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl")
+    joblib_log = logging.getLogger("hydra_plugins.hydra_joblib_launcher._core")
+    with caplog.at_level(logging.INFO):
+        optuna_log.info("Study name: no-name-1234")
+        optuna_log.info("Sampler: TPESampler")
+        optuna_log.info("Best value: 12.0")
+        joblib_log.info("Joblib.Parallel(n_jobs=2,backend=loky,prefer=processes) is launching 4 jobs")
+        joblib_log.info("Launching jobs, sweep output dir : multirun/x")
+    assert [r.getMessage() for r in caplog.records] == ["Best value: 12.0", "Launching jobs, sweep output dir : multirun/x"]

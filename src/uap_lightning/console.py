@@ -4,9 +4,10 @@ errors, and none of the libraries' tips and warnings that ask nothing of the use
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
@@ -34,6 +35,35 @@ def quiet_libraries() -> None:
     """Ignore the library warnings listed in ``_QUIET_WARNINGS`` for this process."""
     for pattern in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+# Sweep plugins' lines that restate settings the sweep folder already records, by logger.
+_QUIET_PLUGIN_LINES = {
+    "hydra_plugins.hydra_optuna_sweeper._impl": ("Study name:", "Storage:", "Sampler:", "Directions:"),
+    "hydra_plugins.hydra_joblib_launcher._core": ("Joblib.Parallel(",),
+}
+
+
+class _DropLines(logging.Filter):
+    """Drop the records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: Tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def quiet_sweep_plugins() -> None:
+    """Leave the sweep plugins' settings lines (Optuna's study, storage, sampler; joblib's
+    Parallel(...) line) out of the console, and their colour codes when it is not a terminal."""
+    for name, prefixes in _QUIET_PLUGIN_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(prefixes))
+    if not sys.stderr.isatty():
+        os.environ.setdefault("NO_COLOR", "1")  # colorlog (Optuna's console) honours it
 
 
 # The config groups in the order a reader follows a run.

@@ -5,6 +5,7 @@ ART is an optional dependency (the ``bench`` extra); importing it is deferred to
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Tuple
@@ -55,6 +56,8 @@ def art_uap(
     require_art()
     from art.attacks.evasion import UniversalPerturbation
     from art.estimators.classification import PyTorchClassifier
+
+    logging.getLogger("art").setLevel(logging.WARNING)  # ART's info lines are not the benchmark's
 
     device = next(model.parameters()).device
     classifier = PyTorchClassifier(

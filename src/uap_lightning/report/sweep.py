@@ -37,6 +37,7 @@ from matplotlib.lines import Line2D
 from omegaconf import DictConfig
 
 from uap_lightning.atomic import atomic_write_text
+from uap_lightning.console import quiet_sweep_plugins
 from uap_lightning.report.figures import save_figure
 from uap_lightning.rundir import FAILURE_FILE, METRICS_FILE, STALE_DIR
 
@@ -185,6 +186,10 @@ class SweepSummaryCallback(Callback):
     """
 
     failed = 0  # failed or incomplete jobs of the last sweep that ended in this process
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Quiet the sweep plugins' settings lines before the sweeper starts."""
+        quiet_sweep_plugins()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the summary into ``hydra.sweep.dir``."""

@@ -167,3 +167,12 @@ def test_sweep_plugins_settings_lines_stay_out_of_the_console(caplog):
         joblib_log.info("Joblib.Parallel(n_jobs=2,backend=loky,prefer=processes) is launching 4 jobs")
         joblib_log.info("Launching jobs, sweep output dir : multirun/x")
     assert [r.getMessage() for r in caplog.records] == ["Best value: 12.0", "Launching jobs, sweep output dir : multirun/x"]
+
+
+def test_tasks_log_a_line_per_pass_of_each_perturbation(make_cfg, caplog):
+    """generalisation (like transfer and finetune) logs the passes of every perturbation it computes."""
+    with caplog.at_level(logging.INFO, logger="uap_lightning.tasks.attack"):
+        run_task(make_cfg(*SMALL, "task=generalisation", "task.sizes=[20,40]", "attack.delta=0.01"))
+    lines = [r.getMessage().strip() for r in caplog.records if r.getMessage().strip().startswith("pass ")]
+    assert [line.split(":")[0] for line in lines] == ["pass 1/2", "pass 2/2"] * 2
+    assert "fooling rate" in lines[0] and "on X" in lines[0]

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -28,11 +29,13 @@ from torch import Tensor, nn
 from uap_lightning import metrics
 from uap_lightning.attacks import (
     AttackSettings,
+    PassReport,
     UAPResult,
     folded_copy,
     frozen_eval,
     run_passes,
 )
+from uap_lightning.attacks.driver import PassCallback
 from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError, DamagedFileError
@@ -153,10 +156,24 @@ def universal_perturbation(
 ) -> UAPResult:
     """A universal perturbation of ``net`` with the run's attack settings, as the attack task
     computes it (same engine, order, seed and kept pass, so the same v), on ``attack_images``
-    (default: the run's X) with ``seed`` (default: the attack seed). No logging, no files."""
+    (default: the run's X) with ``seed`` (default: the attack seed). No files; a log line per pass
+    unless ``attack.progress=false``."""
     settings = setup.attack if seed is None else setup.attack.replace(seed=int(seed))
     images = setup.attack_images if attack_images is None else attack_images
-    return run_passes(net, settings, images, setup.predict(net, images))
+    on_pass_end = _pass_line(settings) if setup.cfg.attack.progress else None
+    return run_passes(net, settings, images, setup.predict(net, images), on_pass_end=on_pass_end)
+
+
+def _pass_line(settings: AttackSettings) -> PassCallback:
+    """A pass callback logging the pass, the rate on X the attack steers by and the time so far."""
+    started = time.perf_counter()
+    name = settings.rate_on_x_key.replace("_attack_set", "").replace("_", " ")
+
+    def on_pass_end(report: PassReport) -> None:
+        log.info("  pass %d/%d: %s %.4f on X; %.0f s in all", report.pass_index, settings.max_passes, name,
+                 report.fooling_rate, time.perf_counter() - started)
+
+    return on_pass_end
 
 
 def eval_fooling_rate(

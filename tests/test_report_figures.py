@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.patches import Rectangle
 
 from uap_lightning.report.figures import (
     DominantLabels,
@@ -20,6 +21,7 @@ from uap_lightning.report.figures import (
     perturbation_figure,
     perturbation_scale,
     pick_examples,
+    transfer_figure,
     save_figure,
 )
 
@@ -234,3 +236,14 @@ def test_figure_image_and_dpi(tmp_path):
     save_figure(fig, tmp_path / "curve.png", dpi=50)
     assert mpimg.imread(tmp_path / "curve.png").shape[:2] == (200, 320)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.pdf", "curve.png"]  # no temporary file left behind
+
+
+def test_transfer_figure_frames_each_perturbation_on_its_own_victim():
+    """The cell of a perturbation scored on the victim it was computed on is framed in red; rows
+    whose victim is unknown (a file, the random baseline) have no frame."""
+    sources = ["perturbation from deepfool_uap on cnn", "perturbation from gd_uap on lenet", "perturbation from uap",
+               "random ℓ∞ noise"]
+    fig = transfer_figure([[0.4, 0.2], [0.1, 0.5], [0.3, 0.3], [0.1, 0.1]], sources, ["cnn", "lenet"], "t",
+                          ["cnn", "lenet", None])
+    framed = [(p.get_x() + 0.5, p.get_y() + 0.5) for p in fig.axes[0].patches if isinstance(p, Rectangle)]
+    assert framed == [(0.0, 0.0), (1.0, 1.0)]

@@ -111,10 +111,15 @@ def curve_figure(
 
 
 def transfer_figure(
-    matrix: Sequence[Sequence[float]], sources: Sequence[str], victims: Sequence[str], title: str
+    matrix: Sequence[Sequence[float]],
+    sources: Sequence[str],
+    victims: Sequence[str],
+    title: str,
+    computed_on: Sequence[Optional[str]] = (),
 ) -> Figure:
-    """A heatmap of fooling rates: row i is the perturbation computed on ``sources[i]``, column j
-    the victim ``victims[j]`` it is scored on; each cell annotated (the paper's Table 2)."""
+    """A heatmap of fooling rates: row i is the perturbation ``sources[i]``, column j the victim
+    ``victims[j]`` it is scored on; each cell annotated (the paper's Table 2). ``computed_on[i]``
+    names the victim row i was computed on (None: unknown); that cell is framed in red."""
     values = np.asarray(matrix, dtype=float)
     label_inches = 0.075 * max(map(len, map(str, sources)), default=4)  # 8-pt characters of the row labels
     width = max(5.5, 2.6 + label_inches + 1.2 * len(victims))
@@ -122,7 +127,7 @@ def transfer_figure(
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for (i, j), value in np.ndenumerate(values):
-        own = i < len(victims) and sources[i] == victims[j]  # a perturbation scored on its own victim
+        own = i < len(computed_on) and computed_on[i] == victims[j]  # a perturbation scored on its own victim
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, fontweight="bold" if own else "normal",
                 color="white" if value < 0.6 else "black")
         if own:

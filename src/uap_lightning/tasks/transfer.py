@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -77,19 +77,18 @@ def _labels(names: List[str]) -> List[str]:
     return labels
 
 
-def _read_perturbation(source: Path, shape: Tuple[int, ...], reading: Any) -> Tuple[str, Tensor]:
-    """(a name for it, v C×H×W in [0,1] scale) of a perturbation file (read as ``reading``, the
-    ``perturbation`` settings, say) or of an attack's run folder (named by its engine and the model
-    it attacked, e.g. ``gd_uap on cnn``)."""
+def _read_perturbation(source: Path, shape: Tuple[int, ...], reading: Any) -> Tuple[str, Optional[str], Tensor]:
+    """(a name for it, the model it was computed on or None, v C×H×W in [0,1] scale) of a
+    perturbation file (read as ``reading``, the ``perturbation`` settings, say) or of an attack's
+    run folder (named by its engine and the model it attacked, e.g. ``gd_uap on cnn``)."""
     v = read_perturbation_source(source, shape=shape, layout=reading.layout, scale=reading.scale, key=reading.key)
     if not source.is_dir():
-        return source.stem, v
+        return source.stem, None, v
     try:
         recorded = json.loads((source / METRICS_FILE).read_text())
-        name = f"{recorded['method']} on {recorded['model']}"
+        return f"{recorded['method']} on {recorded['model']}", str(recorded["model"]), v
     except (OSError, ValueError, KeyError, TypeError):
-        name = source.name
-    return str(name), v
+        return source.name, None, v
 
 
 def run(setup: Setup) -> Dict[str, Any]:
@@ -103,10 +102,14 @@ def run(setup: Setup) -> Dict[str, Any]:
 
     if cfg.task.perturbations:
         read = [_read_perturbation(Path(source), shape, cfg.perturbation) for source in cfg.task.perturbations]
-        source_labels = _labels([name for name, _ in read])
-        perturbations = [v for _, v in read]
+        source_labels = _labels([name for name, _, _ in read])
+        computed_on = [model for _, model, _ in read]
+        perturbations = [v for _, _, v in read]
+        title = f"fooling rate of each perturbation on each victim (random: {threat.symbol} noise, ε={threat.eps:g})"
     else:
         source_labels = list(victim_labels)
+        computed_on = list(victim_labels)
+        title = f"{setup.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
         perturbations = []
         for label, victim in zip(victim_labels, victims):
             log.info("computing a perturbation on %s ...", label)
@@ -136,8 +139,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     table.index.name = "fooling rate"
 
     atomic_write_text(setup.output_dir / TRANSFER_CSV, table.to_csv())
-    title = f"{setup.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
-    figure = transfer_figure(table.values, list(table.index), victim_labels, title)
+    figure = transfer_figure(table.values, list(table.index), victim_labels, title, computed_on)
     results = {
         "fooling_rate": {row: dict(table.loc[row]) for row in table.index[:-1]},
         "random_fooling_rate": random_rates,

@@ -135,4 +135,6 @@ def test_smoke_benchmark_writes_bench_json(tmp_path):
         assert {"forward_seconds", "gradient_seconds", "other_seconds", "images_per_second"} <= profile.keys()
         assert by_method[method]["random_same_l2_fooling_rate"] is not None
     assert report["forward_backward_images_per_second_batch1"] > 0
+    assert report["victim"]["model"] == "cnn" and report["settings"]["eval_images"] == 360
+    assert report["settings"]["attack_images"] == 100 and report["settings"]["eps"] == 96
     assert "one pass from v = 0" in done.stdout and "forward+backward images/s" in done.stdout

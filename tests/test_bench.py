@@ -138,3 +138,15 @@ def test_smoke_benchmark_writes_bench_json(tmp_path):
     assert report["victim"]["model"] == "cnn" and report["settings"]["eval_images"] == 360
     assert report["settings"]["attack_images"] == 100 and report["settings"]["eps"] == 96
     assert "one pass from v = 0" in done.stdout and "forward+backward images/s" in done.stdout
+
+
+def test_engine_rows_keep_their_defaults_where_the_run_leaves_a_key_null(tmp_path):
+    # the ImageNet preset runs sgd_uap, whose step_size is null (ε/10); gd_uap's row keeps its own
+    cfg = compose_config(["experiment=imagenet_lite0", "task=bench", "task.rows=[sgd_uap,gd_uap]"], tmp_path)
+    assert cfg.attack.step_size is None
+    settings = validate(cfg)
+    bench_task.check(cfg, settings)
+    gd = bench_task.row_settings(cfg, settings, "gd_uap")
+    assert "step_size" not in gd.options
+    assert ENGINES["gd_uap"].from_settings(gd).options.step_size == ENGINES["gd_uap"].Options().step_size
+    assert "step_size" not in bench_task.row_settings(cfg, settings, "sgd_uap").options

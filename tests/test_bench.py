@@ -150,3 +150,14 @@ def test_engine_rows_keep_their_defaults_where_the_run_leaves_a_key_null(tmp_pat
     assert "step_size" not in gd.options
     assert ENGINES["gd_uap"].from_settings(gd).options.step_size == ENGINES["gd_uap"].Options().step_size
     assert "step_size" not in bench_task.row_settings(cfg, settings, "sgd_uap").options
+
+
+def test_bench_rows_do_not_augment_unless_a_row_asks(tmp_path):
+    # the peers cannot augment X, so the ImageNet preset's attack.augment=true stays out of the rows
+    rows = ["task=bench", "task.rows=[naive,deepfool_uap,sgd_uap]", "+task.engines.sgd_uap.augment=true"]
+    cfg = compose_config(["experiment=imagenet_lite0", *rows], tmp_path)
+    settings = validate(cfg)
+    assert settings.augment
+    assert not bench_task.reference_settings(cfg, settings).augment
+    assert not bench_task.row_settings(cfg, settings, "deepfool_uap").augment
+    assert bench_task.row_settings(cfg, settings, "sgd_uap").augment

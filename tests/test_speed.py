@@ -41,3 +41,15 @@ def test_pass_profile_splits_the_time_of_a_pass():
     parts = profile.forward_seconds + profile.gradient_seconds + profile.other_seconds
     assert abs(parts - profile.total_seconds) < 1e-6 or profile.other_seconds == 0
     assert profile.as_dict()["images_per_second"] > 0 and rate > 0
+
+
+def test_pass_profile_times_the_backward_passes_of_every_engine():
+    # gd_uap takes its gradients with loss.backward(), the others with torch.autograd.grad
+    model, attack_images, _ = digits_victim()
+    images = attack_images[:8]
+    with single_thread():
+        for method, options in (("sgd_uap", {}), ("gd_uap", {"steps": 3})):
+            engine = build_engine(method, ThreatModel.parse(64, "inf"), **options)
+            profile = profile_pass(engine, model, images, metrics.predict(model, images), seed=0)
+            assert profile.gradient_seconds > 0, method
+    assert torch.autograd.backward.__name__ == "backward" and torch.autograd.grad.__name__ == "grad"

@@ -1,8 +1,9 @@
 """Where one pass of an engine spends its time: forward passes, gradient passes, the rest.
 
-The victim is wrapped so that its forward passes are timed, and ``torch.autograd.grad`` (the
-only way the engines take gradients) is timed while the pass runs; "other" is the remainder
-(projections, indexing, Python). The sequential engine is also held against the victim's
+The victim is wrapped so that its forward passes are timed, and the backward passes
+(``torch.autograd.grad``, which the DeepFool and SGD engines call, and ``torch.autograd.backward``,
+behind GD-UAP's ``loss.backward()``) are timed while the pass runs; "other" is the remainder
+(projections, optimiser steps, indexing, Python). The sequential engine is also held against the victim's
 own forward+backward throughput at batch 1, the shape its DeepFool steps run at.
 """
 
@@ -26,7 +27,7 @@ class PassProfile:
     images: int
     total_seconds: float
     forward_seconds: float  # the victim's forward passes, with or without gradients
-    gradient_seconds: float  # backward passes (torch.autograd.grad)
+    gradient_seconds: float  # backward passes (torch.autograd.grad and torch.autograd.backward)
     other_seconds: float
 
     @property
@@ -55,22 +56,28 @@ class _TimedForward(nn.Module):
 
 @contextlib.contextmanager
 def _timed_gradients() -> Iterator[List[float]]:
-    """Inside, ``torch.autograd.grad`` adds its wall time to the yielded one-item list."""
-    original = torch.autograd.grad
+    """Inside, ``torch.autograd.grad`` and ``torch.autograd.backward`` (which ``Tensor.backward``
+    calls) add their wall time to the yielded one-item list."""
+    originals = {name: getattr(torch.autograd, name) for name in ("grad", "backward")}
     spent = [0.0]
 
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - started
+    def timed(original: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - started
 
-    torch.autograd.grad = timed
+        return call
+
+    for name, original in originals.items():
+        setattr(torch.autograd, name, timed(original))
     try:
         yield spent
     finally:
-        torch.autograd.grad = original
+        for name, original in originals.items():
+            setattr(torch.autograd, name, original)
 
 
 def profile_pass(

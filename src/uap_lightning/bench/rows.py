@@ -160,4 +160,6 @@ def rows_table(rows: List[BenchRow]) -> pd.DataFrame:
         },
         index=pd.Index([row.method for row in rows], name="method"),
     )
-    return table.astype(object).where(table.notna(), "-")
+    for column in table.columns[table.isna().any()]:  # mixed columns print as text: format them here
+        table[column] = [("-" if pd.isna(value) else f"{value:.3f}") for value in table[column]]
+    return table

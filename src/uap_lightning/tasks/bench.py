@@ -68,21 +68,22 @@ def reference_settings(cfg: DictConfig, attack: AttackSettings) -> AttackSetting
     those it lacks), for the naive and ART rows and as the base of every engine row."""
     names = [f.name for f in dataclasses.fields(DeepFoolOptions)]
     options = {name: cfg.attack[name] for name in names if name in cfg.attack}
-    return attack.replace(method=REFERENCE_METHOD, options=options, target_class=None)
+    return attack.replace(method=REFERENCE_METHOD, options=options, target_class=None, augment=False)
 
 
 def row_settings(cfg: DictConfig, attack: AttackSettings, method: str) -> AttackSettings:
     """The settings of the engine row ``method``: the run's ``attack`` keys the engine takes,
     overridden by ``task.engines.<method>`` (shared keys such as max_passes, or the engine's own).
     A key the run leaves null (its engine's default, e.g. sgd_uap's step_size) keeps the row
-    engine's own default."""
+    engine's own default. Rows do not augment X (the peers cannot), unless
+    ``task.engines.<method>.augment=true``."""
     node = cfg.task.engines.get(method)
     overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     shared = {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(AttackSettings)}}
     own = set(engine_class(method).option_names())
     options = {k: cfg.attack[k] for k in own if cfg.attack.get(k) is not None}
     options.update({k: v for k, v in overrides.items() if k not in shared})
-    return attack.replace(method=method, options=options, target_class=None, **shared)
+    return attack.replace(method=method, options=options, target_class=None, **{"augment": False, **shared})
 
 
 def check(cfg: DictConfig, attack: AttackSettings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 
 import lightning as L
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from uap_lightning.config import ModelConfig
-from uap_lightning.errors import ConfigError
+from uap_lightning.errors import ConfigError, DamagedFileError, UntrustedFileError
 from uap_lightning.models import CheckpointMismatchError, VictimClassifier, build_backbone, load_weights
 from uap_lightning.models.cifar_resnet import resnet_cifar
 from uap_lightning.models.layouts import LAYOUTS, renames
@@ -183,7 +184,8 @@ def test_published_layout_without_renames_lists_keys_and_hint(published_resnet20
     with pytest.raises(CheckpointMismatchError) as info:
         load_weights(resnet_cifar(20, 3, 10), path, model_name="resnet20")
     msg = str(info.value)
-    assert "110 missing key(s): layers.0.0.conv1.weight" in msg
+    # the 18 stage BatchNorms' num_batches_tracked counters are optional, so not among the missing
+    assert "92 missing key(s): layers.0.0.conv1.weight" in msg
     assert "110 unexpected key(s): layer1.0.conv1.weight" in msg
     assert "model.layout (cifar_resnet_a)" in msg and "model.key_map" in msg
 
@@ -215,3 +217,37 @@ def test_colliding_renames_are_refused(published_resnet20):
         load_weights(resnet_cifar(20, 3, 10), path, key_map=[(r"^layer\d\.", "layers.0.")])
     msg = str(info.value)
     assert "module.layer1.0.conv1.weight" in msg and "module.layer2.0.conv1.weight" in msg
+
+
+class Note:
+    """A plain object, as some training scripts keep beside their weights."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _write_object_file(path, kind: str) -> None:
+    """A file that tensors-only loading refuses: a raw pickle holding an object, or a network saved whole."""
+    if kind == "raw pickle":
+        with open(path, "wb") as handle:
+            pickle.dump({"state_dict": _backbone().state_dict(), "note": Note("digits")}, handle)
+    else:
+        torch.save(_backbone(), path, _use_new_zipfile_serialization=kind == "whole module, zip")
+
+
+@pytest.mark.parametrize("kind", ["raw pickle", "whole module, zip", "whole module, legacy"])
+def test_refusal_is_the_only_output(tmp_path, recwarn, capfd, kind):
+    """Refusing a file that needs full unpickling shows the project's message and nothing of torch's."""
+    _write_object_file(tmp_path / "w.pt", kind)
+    with pytest.raises(UntrustedFileError, match="model.trust_checkpoint=true"):
+        load_weights(_backbone(), tmp_path / "w.pt")
+    assert [str(w.message) for w in recwarn] == []
+    out, err = capfd.readouterr()
+    assert out == err == ""
+
+
+def test_trusted_raw_pickle_is_named_as_no_weights_file(tmp_path):
+    """torch.load cannot read a raw pickle even fully: that is a one-line error naming the file."""
+    _write_object_file(tmp_path / "w.pkl", "raw pickle")
+    with pytest.raises(DamagedFileError, match="not a PyTorch weights file"):
+        load_weights(_backbone(), tmp_path / "w.pkl", trust=True)

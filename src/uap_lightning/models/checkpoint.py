@@ -14,6 +14,7 @@ import pickle
 import pickletools
 import re
 import typing
+import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -31,8 +32,9 @@ from uap_lightning.models.layouts import LAYOUTS, Rename, renames
 
 log = logging.getLogger(__name__)
 
-# Dictionary keys under which training scripts commonly nest the weights.
-_NESTING_KEYS = ("state_dict", "model_state_dict", "model")
+# Dictionary keys under which training scripts commonly nest the weights (beside scalars such as
+# ``best_prec1`` or ``epoch`` and optimizer state, which are ignored).
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # Key prefixes added by wrappers: DataParallel/DDP, torch.compile, the victim's ``net``
 # and its ``Sequential(Normalize, backbone)`` index.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "1.")
@@ -62,6 +64,10 @@ SAFE_CHECKPOINT_GLOBALS = [
 ]
 
 
+# What torch.load raises on a file it cannot read (truncated, foreign, a raw pickle).
+_READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError)
+
+
 class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's parameter names or shapes do not fit the model built from the config."""
 
@@ -75,10 +81,15 @@ def read_checkpoint(path: str, *, trust: bool = False, key: str = "model.checkpo
     ``key`` names the setting in messages.
     """
     try:
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+        # torch's warnings here concern its tensors-only unpickler (e.g. a raw pickle's protocol);
+        # what the user must know is said by the errors below.
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        unsafe = _unsafe_globals(path, err)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unsafe = _unsafe_globals(path, err)
         if not unsafe:
             raise _damaged(path, key, err) from None
         if not trust:
@@ -89,8 +100,11 @@ def read_checkpoint(path: str, *, trust: bool = False, key: str = "model.checkpo
                 "model.trust_checkpoint=true"
             ) from None
         log.warning("%s=%s is loaded with full unpickling (model.trust_checkpoint=true): it can run code", key, path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError) as err:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except _READ_ERRORS as full_err:  # e.g. a raw pickle, which torch.load cannot read at all
+            raise _damaged(path, key, full_err) from None
+    except _READ_ERRORS as err:
         raise _damaged(path, key, err) from None
 
 
@@ -145,7 +159,8 @@ def _reason(err: BaseException) -> str:
 
 
 def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a loaded checkpoint: a module, a state dict, or a dict nesting one."""
+    """The tensors of a loaded checkpoint: a module, a state dict, or a dict nesting either
+    under one of :data:`_NESTING_KEYS`."""
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if not isinstance(obj, Mapping):
@@ -153,9 +168,21 @@ def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:
             f"model.checkpoint={path} holds a {type(obj).__name__}, not a state dict"
         )
     for key in _NESTING_KEYS:
-        if isinstance(obj.get(key), Mapping):
+        if isinstance(obj.get(key), (Mapping, nn.Module)):
             return _state_dict_of(obj[key], path)
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _filled_on_load(module: nn.Module, key: str) -> bool:
+    """Whether ``module.load_state_dict`` fills ``key`` (a full key of ``module``) when the file
+    lacks it: the ``num_batches_tracked`` counter of a normalisation layer tracking running
+    statistics, which files saved before PyTorch 0.4.1 do not hold; the layer keeps its own."""
+    owner, _, name = key.rpartition(".")
+    if name != "num_batches_tracked":
+        return False
+    layer = module.get_submodule(owner)
+    # _NormBase is the BatchNorm/InstanceNorm base whose _load_from_state_dict does the filling
+    return isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats
 
 
 def _strip_wrappers(keys: Iterable[str]) -> Dict[str, str]:
@@ -234,7 +261,9 @@ def load_weights(
 
     The file may be a Lightning ``.ckpt`` (weights under ``state_dict``, keys prefixed
     ``net.`` / ``net.1.``), a state dict of the backbone or of the whole ``net``, with or
-    without DataParallel's ``module.`` prefix. Every parameter and buffer must match.
+    without DataParallel's ``module.`` prefix. Every parameter and buffer must match, except
+    BatchNorm's ``num_batches_tracked`` counters, which files saved by PyTorch before 0.4.1
+    lack and which then keep the module's values (as ``load_state_dict`` does).
 
     After the wrapper prefixes are stripped, the file's keys are renamed by the preset
     ``layout`` (see :data:`~uap_lightning.models.layouts.LAYOUTS`), then by ``key_map``:
@@ -256,7 +285,11 @@ def load_weights(
     found_keys = _renamed(_strip_wrappers(found_raw), rules, path)
     target_keys = _strip_wrappers(target)
     found = {k: found_raw[full] for k, full in found_keys.items()}
-    expected = {k: target[full] for k, full in target_keys.items()}
+    expected = {
+        k: target[full]
+        for k, full in target_keys.items()
+        if k in found or not _filled_on_load(module, full)
+    }
     problems = _mismatch_report(expected, found)
     if problems:
         name = model_name or type(module).__name__

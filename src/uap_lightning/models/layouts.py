@@ -19,7 +19,8 @@ LAYOUTS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     # Option-A CIFAR ResNets (ResNet-20/32/44/56/110) as in the common PyTorch
     # reproductions, saved from DataParallel: ``{'state_dict': ...}`` with keys
     # ``module.conv1.*``, ``module.bn1.*``, ``module.layer{1,2,3}.<block>.{conv1,bn1,conv2,bn2}.*``
-    # and ``module.linear.*``; their padding shortcuts have no parameters. Fits
+    # and ``module.linear.*``, many by PyTorch before 0.4.1 and so without BatchNorm's
+    # ``num_batches_tracked`` (not required); their padding shortcuts have no parameters. Fits
     # ``resnet_cifar(depth, ...)``, whose stages are ``layers.{0,1,2}`` and classifier ``fc``.
     "cifar_resnet_a": (
         (r"^layer1\.", "layers.0."),

@@ -27,7 +27,7 @@ from uap_lightning.models import (
 from uap_lightning.models.augment import random_crop_flip
 from uap_lightning.models.torchvision_zoo import weights_file
 
-ZOO = [n for n in MODEL_NAMES if n != "torchvision"]
+ZOO = [n for n in MODEL_NAMES if n not in ("torchvision", "timm")]  # built by name: model.arch
 
 
 def _build(name: str, c: int = 3, s: int = 32, k: int = 10, **kw) -> nn.Module:

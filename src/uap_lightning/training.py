@@ -29,6 +29,7 @@ from uap_lightning.errors import ConfigError, NonFiniteError
 from uap_lightning.models import VictimClassifier, build_backbone, load_weights, output_classes
 from uap_lightning.models.victim import ADVERSARIAL_MODES
 from uap_lightning.models.cache import cache_entry, load_or_train
+from uap_lightning.models.zoo import normalisation
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,11 @@ def build_victim(model_cfg: Any, trainer_cfg: Any, datamodule: UAPDataModule) ->
     channels, size, _ = datamodule.image_shape
     adversarial = model_cfg.adversarial is not None
     backbone = build_backbone(model_cfg, num_classes=datamodule.num_classes, in_channels=channels, image_size=size)
+    mean, std = normalisation(model_cfg, datamodule.mean, datamodule.std)
     return VictimClassifier(
         backbone,
-        mean=list(config_value(model_cfg, "mean") or datamodule.mean),
-        std=list(config_value(model_cfg, "std") or datamodule.std),
+        mean=mean,
+        std=std,
         num_classes=output_classes(model_cfg, datamodule.num_classes),
         optimizer=model_cfg.optimizer,
         lr=model_cfg.lr,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -11,7 +11,12 @@ from uap_lightning.errors import ConfigError
 from .cifar_resnet import resnet18_cifar, resnet_cifar
 from .efficientnet_lite import VARIANTS as LITE_VARIANTS
 from .efficientnet_lite import efficientnet_lite
+from .preprocessing import Preprocessing
 from .small import LeNet, SmallCNN
+from .timm_zoo import preprocessing as timm_preprocessing
+from .timm_zoo import pretrained_classes as timm_pretrained_classes
+from .timm_zoo import resolve_weights as timm_resolve_weights
+from .timm_zoo import timm_classifier
 from .torchvision_zoo import (
     IMAGENET_CLASSES,
     mobilenet_v2_small,
@@ -38,29 +43,65 @@ _BUILDERS: Dict[str, _Builder] = {
         pretrained=bool(cfg.pretrained),
         weights=getattr(cfg, "weights", None),
     ),
+    "timm": lambda cfg, k, c, s: timm_classifier(
+        _require_arch(cfg),
+        num_classes=k,
+        in_channels=c,
+        image_size=s,
+        pretrained=bool(cfg.pretrained),
+        weights=getattr(cfg, "weights", None),
+        trust=bool(getattr(cfg, "trust_checkpoint", False)),
+    ),
 }
 for _lite in LITE_VARIANTS:
     _BUILDERS[_lite] = lambda cfg, k, c, s, name=_lite: efficientnet_lite(
         name, num_classes=k, in_channels=c, image_size=s, pretrained=bool(cfg.pretrained)
     )
 # Models whose pretrained weights are ImageNet classifiers (their 1000-way head is kept).
-IMAGENET_PRETRAINED = ("torchvision", *LITE_VARIANTS)
+IMAGENET_PRETRAINED = ("torchvision", "timm", *LITE_VARIANTS)
 
 MODEL_NAMES = tuple(_BUILDERS)
 
 
 def _require_arch(cfg: Any) -> str:
     if not getattr(cfg, "arch", None):
-        raise ConfigError("model=torchvision needs model.arch, e.g. model.arch=resnet50")
+        raise ConfigError(f"model={cfg.name} needs model.arch, e.g. model.arch=resnet50")
     return str(cfg.arch)
 
 
 def output_classes(cfg: Any, num_classes: int) -> int:
-    """Number of logits the backbone of ``cfg`` gives: 1000 for a pretrained ImageNet model
-    (torchvision, EfficientNet-Lite: its ImageNet head is kept), else ``num_classes``."""
+    """Number of logits the backbone of ``cfg`` gives: that of the kept pretrained head for a
+    pretrained model (1000 for torchvision and EfficientNet-Lite; timm: its pretrained config's),
+    else ``num_classes``."""
+    if cfg.name == "timm" and bool(cfg.pretrained):
+        return timm_pretrained_classes(_require_arch(cfg))
     if cfg.name in IMAGENET_PRETRAINED and bool(cfg.pretrained):
         return IMAGENET_CLASSES
     return num_classes
+
+
+def model_preprocessing(cfg: Any) -> Optional[Preprocessing]:
+    """The input the pretrained weights of ``cfg`` expect (normalisation, image size), for models
+    whose weights declare it (pretrained timm models); None otherwise."""
+    if cfg.name == "timm" and bool(cfg.pretrained):
+        return timm_preprocessing(_require_arch(cfg))
+    return None
+
+
+def normalisation(cfg: Any, data_mean: Sequence[float], data_std: Sequence[float]) -> Tuple[List[float], List[float]]:
+    """(mean, std), [0,1] scale, of the victim's Normalize layer: ``model.mean``/``model.std`` when
+    set, else those the model's pretrained weights expect, else the data's."""
+    declared = model_preprocessing(cfg)
+    default_mean, default_std = (declared.mean, declared.std) if declared else (data_mean, data_std)
+    mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+    return list(mean or default_mean), list(std or default_std)
+
+
+def check_weights_source(cfg: Any) -> None:
+    """Before any heavy work, the errors building ``cfg`` would raise for its weights: an unknown
+    timm architecture, model.weights without model.pretrained, pretrained weights not found."""
+    if cfg.name == "timm":
+        timm_resolve_weights(_require_arch(cfg), pretrained=bool(cfg.pretrained), weights=getattr(cfg, "weights", None))
 
 
 def build_backbone(cfg: Any, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

@@ -1,0 +1,52 @@
+"""Image-file data decoded at the input a pretrained victim was evaluated on.
+
+A pretrained timm model declares its input (side S, centre-crop share c): image-folder data then
+takes ``data.image_size`` = S and ``data.resize`` = ⌊S / c⌋ (when the preset resizes), unless the
+command line sets them. Resolved once, before any data is read.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Collection, FrozenSet, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from uap_lightning.data import ImageFolderDataModule, dataset_class
+from uap_lightning.models.preprocessing import Preprocessing
+from uap_lightning.models.zoo import model_preprocessing
+
+log = logging.getLogger(__name__)
+
+_DATA_DECODE_FILTER = "bilinear"  # the resize filter image-file data is decoded with (data/decode.py)
+
+
+def command_line_keys() -> FrozenSet[str]:
+    """The keys this Hydra job's command line sets (``data.image_size=288`` → ``data.image_size``);
+    empty outside a Hydra job (configs composed in Python)."""
+    if not HydraConfig.initialized():
+        return frozenset()
+    return frozenset(str(o).split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+
+
+def fit_data_to_victim(cfg: DictConfig, given: Collection[str] = ()) -> Optional[Preprocessing]:
+    """Set ``cfg.data.image_size`` and ``cfg.data.resize`` (in place) to the input the run's
+    pretrained victim was evaluated on, when the data is decoded from image files; keys in
+    ``given`` (see :func:`command_line_keys`) keep their values. The victim's declared input,
+    or None when it declares none or the data is not image files (nothing changes then)."""
+    declared = model_preprocessing(cfg.model)
+    if declared is None or not issubclass(dataset_class(cfg.data.name), ImageFolderDataModule):
+        return None
+    if "data.image_size" not in given:
+        cfg.data.image_size = declared.image_size
+    if "data.resize" not in given and cfg.data.resize is not None:
+        cfg.data.resize = declared.resize_for(cfg.data.image_size)
+    filters = "" if declared.interpolation == _DATA_DECODE_FILTER else (
+        f"; it was evaluated on {declared.interpolation}-resized images, the data is resized {_DATA_DECODE_FILTER}"
+    )
+    log.info(
+        "data.image_size=%d, data.resize=%s for model.arch=%s (its pretrained input: %d px, centre crop %.3f%s)",
+        cfg.data.image_size, cfg.data.resize, cfg.model.arch, declared.image_size, declared.crop_pct, filters,
+    )
+    return declared

@@ -42,6 +42,24 @@ def test_bad_settings_end_with_one_message_and_exit_code_2(tmp_path, override, f
     assert not (tmp_path / "run").exists() or not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("attack.eps=8/255", "attack.eps is in 0–255 pixel units: use attack.eps=8 (not 8/255)"),
+        ("attack.epss=10", "did you mean attack.eps=10?"),
+        ("atack.eps=10", "did you mean attack.eps=10?"),
+    ],
+)
+def test_settings_hydra_cannot_compose_get_our_message(tmp_path, override, expected):
+    """A value or key Hydra refuses: one line saying what to type, never Hydra's `+key` advice."""
+    done = cli(tmp_path, override)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-2000:]
+    assert expected in output
+    assert "To append" not in output and "+attack" not in output and "+atack" not in output
+    assert "Traceback" not in output and not (tmp_path / "run").exists()
+
+
 def test_full_error_still_shows_the_traceback(tmp_path):
     done = cli(tmp_path, "attack.delta=1.5", env_extra={"HYDRA_FULL_ERROR": "1"})
     assert done.returncode != 0 and "Traceback" in done.stderr

@@ -8,6 +8,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR
 from uap_lightning.data import dataset_class
+from uap_lightning import validation
 from uap_lightning.validation import ConfigError, resolve_threat, validate
 
 
@@ -101,3 +102,39 @@ def test_schema_rejects_assignment_of_wrong_type(make_cfg):
     cfg = make_cfg()
     with pytest.raises((ValidationError, ConfigKeyError)):
         cfg.attack.max_passes = "many"
+
+
+def composition_message(make_cfg, *overrides: str) -> str:
+    """What the command line says of ``overrides`` that Hydra cannot compose."""
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg(*overrides)
+    return validation.composition_error_message(err.value, list(overrides))
+
+
+def test_eps_as_a_fraction_says_the_units_and_the_value_meant(make_cfg):
+    """attack.eps=8/255 reaches the schema as the text '8/255': the message names the units and the ε."""
+    assert composition_message(make_cfg, "attack.eps=8/255") == (
+        "attack.eps is in 0–255 pixel units: use attack.eps=8 (not 8/255)"
+    )
+    assert "use attack.eps=3.984 (not 1/64)" in composition_message(make_cfg, "attack.eps=1/64")
+    assert "attack.eps must be a number" in composition_message(make_cfg, "attack.eps=ten")
+
+
+@pytest.mark.parametrize(
+    "override, meant",
+    [("attack.epss=10", "attack.eps=10"), ("atack.eps=10", "attack.eps=10"), ("data.imgae_size=3", "data.image_size=3"),
+     ("attack=sgd_uap attack.bta=5", "attack.beta=5"), ("sed=3", "seed=3")],
+)
+def test_a_mistyped_key_gets_a_did_you_mean_and_no_plus_advice(make_cfg, override, meant):
+    message = composition_message(make_cfg, *override.split())
+    assert f"did you mean {meant}?" in message
+    assert "+" not in message and "append" not in message
+
+
+def test_an_eps_in_image_scale_is_named_with_its_pixel_value(make_cfg, caplog):
+    """ε=0.03 for ℓ∞ reads like [0,1] units: the warning gives 0.03 × 255 ≈ 8."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        resolve_threat(make_cfg("attack.eps=0.03", "attack.p=inf"))
+    assert "attack.eps=7.65 (0.03 × 255 ≈ 8)" in caplog.text and "attack.eps_scale=1" in caplog.text

@@ -19,21 +19,27 @@ import math
 import os
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from uap_lightning.config import CONF_DIR, register_configs
 from uap_lightning.console import print_config_tree, quiet_libraries
 from uap_lightning.errors import ConfigError, UserError
 from uap_lightning.report.sweep import SweepSummaryCallback
-from uap_lightning.rundir import remove_if_only_hydra, write_failure
+from uap_lightning.rundir import discard_outputs_since, make_folder, remove_if_only_hydra, write_failure
 from uap_lightning.tasks import TASKS, run_task
 from uap_lightning.threads import available_cores, set_threads
+from uap_lightning.validation import composition_error_message
 
 log = logging.getLogger("uap_lightning")
 
@@ -54,6 +60,26 @@ class _Started:
     value = False
 
 
+class _Composing:
+    """While active (from :func:`entry` until the task starts), Hydra raises the errors of composing
+    the config, as under HYDRA_FULL_ERROR=1, instead of printing its own message for them (which
+    advises ``+key`` for a mistyped key): :func:`entry` says them in the project's words."""
+
+    active = False
+
+    @classmethod
+    def start(cls) -> None:
+        if not _full_error():
+            os.environ[_FULL_ERROR] = "1"
+            cls.active = True
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.active:
+            os.environ.pop(_FULL_ERROR, None)
+            cls.active = False
+
+
 def execute(cfg: DictConfig) -> Optional[float]:
     """Run the task of ``cfg`` inside Hydra; the task's objective for sweepers.
 
@@ -61,6 +87,9 @@ def execute(cfg: DictConfig) -> Optional[float]:
     recorded in the job's ``failure.json`` and NaN returned so the sweep goes on.
     """
     _Started.value = True
+    _Composing.stop()
+    _quiet_disk_full_in_threads()
+    started = time.time()
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -69,12 +98,14 @@ def execute(cfg: DictConfig) -> Optional[float]:
         print_config_tree(cfg, cfg.extras.print_config)
         try:
             metrics = run_task(cfg)
-        except OSError as err:
-            if err.errno not in DISK_FULL:
+        except Exception as failure:
+            err = _disk_full(failure)
+            if err is None:
                 raise
+            discard_outputs_since(run_dir, started)
             raise DiskFullError(
                 f"the disk is full (or the file size limit reached) writing {err.filename or 'a file'}: {err.strerror}; "
-                "free some space and run the same command again (nothing half-written was left)"
+                "free some space and run the same command again (the outputs this run had written were removed)"
             ) from None
     except UserError as err:
         log.error("%s", err)
@@ -95,6 +126,57 @@ def execute(cfg: DictConfig) -> Optional[float]:
     objective = TASKS[cfg.task.name].objective
     value = metrics.get(objective) if objective else None
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _disk_full(error: BaseException) -> Optional[OSError]:
+    """The OSError of a full disk that ``error`` is or was caused by (loggers re-raise it as another
+    type, e.g. Lightning's TensorBoard logger as ValueError), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _quiet_disk_full_in_threads() -> None:
+    """From now on a background thread (TensorBoard's event writer) that dies of a full disk prints no
+    traceback: the writer hands the same error to the run, which says it once. Other errors of
+    threads go to the hook that was in place."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_disk_full", False):
+        return
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_FULL:
+            log.debug("thread %s stopped: %s", getattr(args.thread, "name", "?"), args.exc_value)
+            return
+        previous(args)
+
+    hook.quiet_disk_full = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback (``hydra.callbacks.run_folder``): the run's folder (``hydra.run.dir``) or the
+    sweep's (``hydra.sweep.dir``) is made before any work; one that cannot be (under a file, on a
+    read-only or virtual file system) ends the command with one message and exit status 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_or_exit(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_or_exit(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _make_or_exit(path: str, key: str) -> None:
+    """:func:`make_folder`, or the console's one error line (no run log exists yet) and exit status 2."""
+    try:
+        make_folder(path, key)
+    except ConfigError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def parallel_jobs(hydra_cfg: Any) -> int:
@@ -123,8 +205,11 @@ def check_group_options(arguments: List[str]) -> None:
             )
 
 
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+
+
 def _full_error() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+    return os.environ.get(_FULL_ERROR) == "1"
 
 
 def entry(config_name: str) -> Any:
@@ -137,6 +222,7 @@ def entry(config_name: str) -> Any:
         log.error("%s", err)
         raise SystemExit(EXIT_USER_ERROR) from None
     task_function = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(execute)
+    _Composing.start()
     try:
         result = task_function()
     except KeyboardInterrupt as interrupt:
@@ -146,6 +232,13 @@ def entry(config_name: str) -> Any:
         if done.code == 1 and not _Started.value:  # Hydra refused the settings before any work
             raise SystemExit(EXIT_USER_ERROR) from None
         raise
+    except (HydraException, OmegaConfBaseException) as err:
+        if not _Composing.active:
+            raise
+        log.error("%s", composition_error_message(err, sys.argv[1:]))  # the settings could not be composed
+        raise SystemExit(EXIT_USER_ERROR) from None
+    finally:
+        _Composing.stop()
     if SweepSummaryCallback.failed:
         log.error("%d job(s) of the sweep failed: see summary.md in the sweep folder", SweepSummaryCallback.failed)
         raise SystemExit(EXIT_FAILED_JOBS)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import re
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class
 from uap_lightning.attacks.threat import p_name
@@ -19,9 +21,10 @@ from uap_lightning.data.sample_folder import no_training_split_message
 from uap_lightning.errors import ConfigError
 from uap_lightning.loggers import check_targets
 from uap_lightning.models.layouts import renames
-from uap_lightning.models.zoo import IMAGENET_PRETRAINED
+from uap_lightning.models.zoo import IMAGENET_PRETRAINED, check_weights_source
 from uap_lightning.training import check_training_processes, resolve_adversarial
 from uap_lightning.units import EPS_SCALES, to_pixel_units
+from uap_lightning.victim_input import command_line_keys, fit_data_to_victim
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +61,50 @@ def _check_known_keys(node: Any, prefix: str) -> None:
         known = [f.name for f in dataclasses.fields(schema)]
         unknown = [key for key in node.keys() if key not in known]
         if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            raise ConfigError(
-                f"unknown setting {prefix}{key}{hint} ({prefix.rstrip('.') or 'the config'} takes: "
-                f"{', '.join(known)})"
-            )
+            raise ConfigError(unknown_key_message(prefix, str(unknown[0]), known))
     for key in node.keys():
         if key != "hydra":
             _check_known_keys(node._get_node(key), f"{prefix}{key}.")
+
+
+def unknown_key_message(prefix: str, key: str, known: Sequence[str], rest: str = "") -> str:
+    """What to say of the unknown ``key`` under ``prefix`` (``"attack."``, or ``""`` at the top): the
+    closest of the ``known`` keys as a did-you-mean, keeping ``rest`` (what followed the key in the
+    override: ``".eps=10"``, ``"=10"``), and the keys that node takes."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {prefix}{close[0]}{rest}?" if close else ""
+    return f"unknown setting {prefix}{key}{rest}{hint} ({prefix.rstrip('.') or 'the config'} takes: {', '.join(known)})"
+
+
+_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")  # "8/255"
+
+
+def eps_text_message(key: str, text: str) -> str:
+    """What to say of an ε setting ``key`` (0–255 pixel units) given as the text ``text``: for a
+    fraction such as 8/255 ([0,1] units), the value in 0–255 units to type instead."""
+    fraction = _FRACTION.match(text)
+    if fraction and float(fraction[2]) > 0:
+        numerator, denominator = float(fraction[1]), float(fraction[2])
+        pixels = numerator if denominator == 255 else to_pixel_units(numerator / denominator)
+        return f"{key} is in 0–255 pixel units: use {key}={pixels:.4g} (not {text.strip()})"
+    return f"{key} must be a number in 0–255 pixel units (e.g. {key}=10); got {text!r}"
+
+
+def composition_error_message(err: BaseException, overrides: Sequence[str]) -> str:
+    """What to tell of ``err``, raised by Hydra composing the config from the command line's
+    ``overrides``: a did-you-mean for an unknown key (never Hydra's advice to add it with ``+``),
+    the units for an ε given as text such as 8/255; else Hydra's message and its cause's."""
+    cause = err.__cause__
+    full_key = str(getattr(cause, "full_key", "") or "")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and isinstance(cause.parent_node, DictConfig) and full_key:
+        key = str(cause.key)
+        prefix = full_key[: -len(key)] if full_key.endswith(key) else ""
+        typed = [o for o in overrides if re.match(rf"{re.escape(full_key)}(?=[.=])", o)]
+        rest = typed[0][len(full_key):] if typed else ""
+        return unknown_key_message(prefix, key, [str(k) for k in cause.parent_node.keys()], rest)
+    if isinstance(cause, ValidationError) and isinstance(cause.value, str) and full_key.endswith("eps"):
+        return eps_text_message(full_key, cause.value)
+    return f"{err}\n{cause}" if isinstance(cause, OmegaConfBaseException) else str(err)
 
 
 def resolve_threat(cfg: DictConfig) -> ThreatModel:
@@ -121,12 +158,14 @@ def attack_settings(cfg: DictConfig) -> AttackSettings:
 
 def check_victim_source(model_cfg: Any, data_cfg: Any) -> None:
     """ConfigError when the victim of ``model_cfg`` cannot be obtained on ``data_cfg``: pretrained
-    weights asked of a model that ships none, or training asked on data without a training split."""
+    weights asked of a model that ships none or that are not found, or training asked on data without a
+    training split."""
     if model_cfg.pretrained and model_cfg.name not in IMAGENET_PRETRAINED:
         raise ConfigError(
             f"model.pretrained=true but model={model_cfg.name} has no pretrained weights (those that have: "
             f"{', '.join(IMAGENET_PRETRAINED)}); train it (model.pretrained=false) or give model.checkpoint=PATH"
         )
+    check_weights_source(model_cfg)
     if not dataset_class(data_cfg.name).has_training_split and not (model_cfg.pretrained or model_cfg.checkpoint):
         raise ConfigError(no_training_split_message(data_cfg))
     if (model_cfg.layout or model_cfg.key_map) and not model_cfg.checkpoint:
@@ -162,7 +201,8 @@ def check_attack_devices(attack_cfg: Any, accelerator: str) -> None:
 
 
 def validate(cfg: DictConfig) -> AttackSettings:
-    """Check every setting that can be checked without data or a model; return the attack's settings."""
+    """Check every setting that can be checked without data or a model, fit image-file data to a
+    pretrained victim's input size (:func:`fit_data_to_victim`); return the attack's settings."""
     check_schema(cfg)
     attack = attack_settings(cfg)
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
@@ -183,4 +223,5 @@ def validate(cfg: DictConfig) -> AttackSettings:
     check_accelerator(cfg.trainer.accelerator)
     check_training_processes(cfg.trainer)
     check_attack_devices(cfg.attack, cfg.trainer.accelerator)
+    fit_data_to_victim(cfg, command_line_keys())
     return attack

@@ -51,10 +51,13 @@ class SafeBasicLauncher(BasicLauncher):
     def _failed(sweep_dir: Path, index: int, overrides: List[str], err: BaseException) -> JobReturn:
         """The folder of a job that could not be composed: its overrides and failure.json; a return
         whose value (NaN) tells sweepers nothing was measured."""
+        from uap_lightning.validation import composition_error_message  # heavy: only when a job fails
+
         folder = sweep_dir / f"{index}-{safe_folder_name(','.join(filter_overrides(overrides)))}"
         atomic_write_text(folder / ".hydra" / "overrides.yaml", yaml.safe_dump(overrides))
         write_failure(folder, err)
-        log.error("job %d (%s) cannot be composed: %s", index, " ".join(overrides), str(err).splitlines()[0])
+        log.error("job %d (%s) cannot be composed: %s", index, " ".join(overrides),
+                  composition_error_message(err, overrides).splitlines()[0])
         ret = JobReturn(overrides=overrides, working_dir=str(folder), status=JobStatus.COMPLETED)
         ret.return_value = float("nan")
         return ret

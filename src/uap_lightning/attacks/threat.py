@@ -97,7 +97,8 @@ class ThreatModel:
         ``eps_key`` and ``scale_key`` name the settings (the API's: eps, eps_scale)."""
         return (
             f"{eps_key}={self.eps:g} is below one 8-bit level: ε is in 0–255 pixel units for every p, so no pixel "
-            f"can change by a full level; did you mean {eps_key}={to_pixel_units(self.eps):g} ({self.eps:g} × 255)? "
+            f"can change by a full level; did you mean {eps_key}={to_pixel_units(self.eps):g} ({self.eps:g} × 255 ≈ "
+            f"{round(to_pixel_units(self.eps))})? "
             f"To give ε in [0,1] units, set {scale_key}=1"
         )
 

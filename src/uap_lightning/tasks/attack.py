@@ -40,7 +40,7 @@ from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError, DamagedFileError
 from uap_lightning.keys import keyed_hash
-from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers
+from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
 from uap_lightning.loop import (
     AttackLoop,
     AttackOutcome,
@@ -50,7 +50,7 @@ from uap_lightning.loop import (
 )
 from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_run_outputs
-from uap_lightning.report.summary import attack_summary, weak_result_advice
+from uap_lightning.report.summary import attack_summary, result_warnings, victim_name
 from uap_lightning.rundir import METRICS_FILE, STATE_FILE, move_aside
 from uap_lightning.tasks.setup import Setup, Task, progress_bars
 from uap_lightning.training import Victim
@@ -267,16 +267,13 @@ def run(setup: Setup) -> Dict[str, Any]:
         if isinstance(logger, TensorBoardLogger):
             for name, figure in run_figures.items():
                 logger.experiment.add_figure(f"attack/{name}", figure, global_step=results["passes"], close=False)
-            logger.log_hyperparams(_hparams(cfg, setup), metrics=final)
-        else:
-            logger.log_hyperparams(_hparams(cfg, setup))
-            logger.log_metrics(final, step=results["passes"])
+        log_outcome(logger, run_hparams(cfg, setup.attack), final, step=results["passes"])
         logger.finalize("success")
     write_run_outputs(setup.output_dir, outcome.result.perturbation, run_figures, results)
     for line in attack_summary(results, setup.output_dir):
         log.info(line)
-    if not results["beats_random"]:
-        log.warning(weak_result_advice(results))
+    for warning in result_warnings(results):
+        log.warning(warning)
     if outcome.interrupted:
         raise KeyboardInterrupt(
             f"interrupted after pass {results['passes']}; run the same command again in the same run folder to continue"
@@ -326,6 +323,7 @@ def attack_metrics(
         "dominant_label": dominant.label,
         "dominant_label_name": None if dominant.label is None else label_names[dominant.label],
         "dominant_label_share": dominant.share,
+        "num_classes": setup.num_classes,
         "data": cfg.data.name,
         "model": cfg.model.name,
         "model_settings": setup.victim_settings(),
@@ -398,7 +396,7 @@ def attack_figures(
             m["best_pass"] or None,
             {f"random {setup.threat.symbol} noise": m["random_fooling_rate"],
              "random direction, same ℓ2": m["random_same_l2_fooling_rate"]},
-            title=f"{m['method']} {setup.threat.symbol} ε={m['eps']:g} on {m['model']}",
+            title=f"{m['method']} {setup.threat.symbol} ε={m['eps']:g} on {victim_name(m)}",
         ),
         "perturbation": figures.perturbation_figure(v, m["eps"], m["p"]),
         "examples": figures.examples_figure(
@@ -419,24 +417,6 @@ def victim_label_names(names: List[str], victim: Victim) -> List[str]:
     predicts beyond the data's classes)."""
     outputs = int(victim.module.hparams.num_classes)
     return [str(n) for n in names[:outputs]] + [str(i) for i in range(len(names), outputs)]
-
-
-def _hparams(cfg: DictConfig, setup: Setup) -> Dict[str, Any]:
-    """TensorBoard's HPARAMS of the run: the attack (its effective ε and p), the data, the victim's
-    model and training settings, the seeds and the sizes of X and the evaluation set."""
-    attack = OmegaConf.to_container(cfg.attack, resolve=True)
-    attack.update(eps=setup.threat.eps, p=setup.threat.p_name)
-    return {
-        "attack": attack,
-        "data": cfg.data.name,
-        "model": setup.victim_settings(),
-        "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
-        "seed": cfg.seed,
-        "attack_seed": setup.seed,
-        "attack_images": len(setup.attack_images),
-        "eval_images": len(setup.eval_images),
-        "threads": torch.get_num_threads(),
-    }
 
 
 TASK = Task("attack", AttackTaskConfig, run, check, objective="objective")

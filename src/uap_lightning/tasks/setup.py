@@ -27,7 +27,7 @@ from uap_lightning.attacks import AttackSettings, ThreatModel, frozen_eval
 from uap_lightning.data import build_datamodule
 from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
-from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers
+from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
 from uap_lightning.report.outputs import write_figures, write_metrics
 from uap_lightning.training import TrainingLogs, Victim, obtain_victim
 
@@ -104,11 +104,13 @@ class Setup:
 
     def victim_settings(self) -> Dict[str, Any]:
         """The run's model settings that are set (``model.adversarial`` and its radius and step
-        included), and the training settings (``trainer.*``) unless the victim is pretrained."""
+        included), and the training settings unless the victim is pretrained, each under the path a
+        command line sets it by (``model.width``, ``trainer.max_epochs``)."""
         model = OmegaConf.to_container(self.cfg.model, resolve=True)
-        settings = {key: value for key, value in model.items() if value is not None and value != []}
-        if not settings.get("pretrained"):
-            settings["trainer"] = OmegaConf.to_container(self.cfg.trainer, resolve=True)
+        settings = {f"model.{key}": value for key, value in model.items() if value is not None and value != []}
+        if not model.get("pretrained"):
+            trainer = OmegaConf.to_container(self.cfg.trainer, resolve=True)
+            settings.update({f"trainer.{key}": value for key, value in trainer.items()})
         return settings
 
     def finish(
@@ -117,33 +119,43 @@ class Setup:
         title: str,
         table: pd.DataFrame,
         figures: Optional[Mapping[str, Figure]] = None,
+        scalars: Optional[Mapping[str, float]] = None,
+        steps: Optional[Mapping[int, Mapping[str, float]]] = None,
         **markdown: Any,
     ) -> Dict[str, Any]:
         """Write ``figures`` (``<name>.png`` and ``.pdf``), then ``results`` with the run's settings (a
-        key in ``results`` wins) as metrics.json (last); report the numeric results to the run's
-        loggers (a run named after the task; TensorBoard also gets the figures and the table); log
-        ``table`` under ``title`` and the run folder; return what was written."""
+        key in ``results`` wins) as metrics.json (last); report to the run's loggers (a run named
+        after the task): the run's hparams, the numbers of ``results`` (``<task>/<key>``) and
+        ``scalars`` (tag → value), and ``steps`` (step → {tag: value}, e.g. by the size of X);
+        TensorBoard also gets the figures and the table; log ``table`` under ``title`` and the run
+        folder; return what was written."""
+        task = self.cfg.task.name
+        final = {f"{task}/{k}": float(v) for k, v in results.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        final.update(scalars or {})
         results = {**self.settings(), **results}
         write_figures(self.output_dir, figures or {})
         text = table.to_markdown(**{"floatfmt": ".3f", **markdown})
-        self._report_to_loggers(results, title, text, figures or {})
+        self._report_to_loggers(final, steps or {}, title, text, figures or {})
         write_metrics(self.output_dir, results)
         log.info("%s\n%s", title, text)
         log.info("files    %s", self.output_dir.resolve())
         return results
 
-    def _report_to_loggers(self, results: Dict[str, Any], title: str, text: str, figures: Mapping[str, Figure]) -> None:
-        """The task's numeric results to every logger of the run (a run named after the task);
-        TensorBoard also gets the figures and the table (as text)."""
+    def _report_to_loggers(self, final: Mapping[str, float], steps: Mapping[int, Mapping[str, float]], title: str,
+                           text: str, figures: Mapping[str, Figure]) -> None:
+        """The task's numbers to every logger of the run (a run named after the task): ``steps`` at
+        their steps, then the run's hparams with the ``final`` numbers; TensorBoard also gets the
+        figures and the table (as text)."""
         task = self.cfg.task.name
-        scalars = {f"{task}/{k}": float(v) for k, v in results.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for logger in instantiate_loggers(self.cfg.logger, task):
             if isinstance(logger, TensorBoardLogger):
                 for name, figure in figures.items():
                     logger.experiment.add_figure(f"{task}/{name}", figure, close=False)
                 logger.experiment.add_text(f"{task}/table", f"{title}\n\n{text}")
-            logger.log_metrics(scalars)
+            for step, values in sorted(steps.items()):
+                logger.log_metrics(dict(values), step=step)
+            log_outcome(logger, run_hparams(self.cfg, self.attack), final)
             logger.finalize("success")
 
     def predict(self, net: nn.Module, images: Tensor, perturbation: Optional[Tensor] = None) -> Tensor:

@@ -7,7 +7,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run imagenet test test-slow test-all bench bench-smoke tensorboard clean
+.PHONY: help install run demo imagenet test test-slow test-all bench bench-smoke tensorboard clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ install: $(STAMP) ## Create .venv and install the package (editable) with its de
 
 run: $(STAMP) ## Run the default experiment (digits, cnn, deepfool_uap); extra overrides: make run ARGS="attack.eps=64"
 	$(BIN)/python -m uap_lightning.run $(ARGS)
+
+demo: $(STAMP) ## The phenomenon on a real ImageNet classifier in about two minutes (UAP_DATA_DIR must hold imagenet-samples/)
+	$(BIN)/python -m uap_lightning.run experiment=imagenet_demo $(ARGS)
 
 imagenet: $(STAMP) ## The paper's headline: EfficientNet-Lite0 on the ImageNet photographs (UAP_DATA_DIR must hold imagenet-samples/)
 	$(BIN)/python -m uap_lightning.run experiment=imagenet_lite0 $(ARGS)
@@ -41,8 +44,9 @@ bench: $(STAMP) ## Benchmark ART, the naive reference and the project's engines 
 bench-smoke: $(STAMP) ## The benchmark on digits, in under a minute
 	$(BIN)/python -m uap_lightning.bench experiment=bench_smoke $(ARGS)
 
-tensorboard: $(STAMP) ## Serve TensorBoard over outputs/ and multirun/
-	$(BIN)/tensorboard --logdir . --bind_all
+TB_HOST ?= localhost
+tensorboard: $(STAMP) ## Serve TensorBoard over outputs/ and multirun/ on localhost; TB_HOST=0.0.0.0 serves the network, ARGS="--port 6007"
+	$(BIN)/tensorboard --logdir_spec outputs:outputs,multirun:multirun --host $(TB_HOST) $(ARGS)
 
 clean: ## Remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .cache .pytest_cache .hypothesis

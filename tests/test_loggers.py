@@ -1,20 +1,63 @@
 """The stack's loggers and callbacks from `_target_` configs, the allow-list of what they may build,
-and the config tree printed at start."""
+what reaches TensorBoard (scalars of every task, HPARAMS, readable run folders), quiet tracking
+loggers, `make tensorboard`, and the config tree printed at start."""
 
 from __future__ import annotations
 
+import logging
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any, Dict
 
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
+from conftest import CONF_DIR, compose_config
+from uap_lightning.config import register_configs
 from uap_lightning.console import print_config_tree
 from uap_lightning.errors import ConfigError
-from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers
+from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, run_hparams
 from uap_lightning.tasks import run_task
+from uap_lightning.validation import attack_settings
 
 SMALL = ("trainer.max_epochs=2", "data.attack_images=60", "attack.max_passes=1", "attack.eps=64")
+REPO = Path(__file__).resolve().parents[1]
+RUN_NAME = "deepfool_uap-linf-eps64-cnn-digits"  # what SMALL runs: engine, norm, ε, victim, data
+
+
+def events_of(folder: Path) -> EventAccumulator:
+    """The TensorBoard events of the run in ``folder``, read back."""
+    assert list(folder.glob("events.out.tfevents.*")), f"no TensorBoard run in {folder}"
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return events
+
+
+def scalars_of(events: EventAccumulator) -> Dict[str, Dict[int, float]]:
+    """{tag: {step: value}} of every scalar of ``events``."""
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def hparams_of(events: EventAccumulator) -> Dict[str, Any]:
+    """The HPARAMS entry of ``events``' run: {name: value of its own type}."""
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[hparams_metadata.SESSION_START_INFO_TAG]
+    info = hparams_metadata.parse_session_start_info_plugin_data(content)
+    return {name: getattr(value, value.WhichOneof("kind")) for name, value in info.hparams.items()}
+
+
+@pytest.fixture(scope="module")
+def attack_run(tmp_path_factory) -> Path:
+    """The run folder of one small attack logged to TensorBoard."""
+    cfg = compose_config([*SMALL, "logger=tensorboard"], tmp_path_factory.mktemp("attack"))
+    run_task(cfg)
+    return Path(cfg.paths.output_dir)
 
 
 def test_every_logger_preset_builds_one_run_per_phase(make_cfg, tmp_path):
@@ -26,16 +69,22 @@ def test_every_logger_preset_builds_one_run_per_phase(make_cfg, tmp_path):
     assert instantiate_loggers(make_cfg("logger=none").logger, "attack") == []
 
 
-def test_wandb_and_mlflow_log_offline_into_the_run_folder(make_cfg, monkeypatch):
-    """logger=[wandb,mlflow] runs without a network: wandb's offline run and MLflow's SQLite store lie
-    in the run folder, with the attack's final metrics."""
+def test_wandb_and_mlflow_log_offline_into_the_run_folder(make_cfg, capfd, caplog, recwarn):
+    """logger=[wandb,mlflow] runs without a network and without a line on the console: wandb's offline
+    runs (one per phase) and MLflow's SQLite store lie in the run folder, with the attack's final metrics."""
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    caplog.set_level(logging.INFO)
     cfg = make_cfg(*SMALL, "logger=[wandb,mlflow]")
     run_task(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
+    out, err = capfd.readouterr()
+    assert "wandb:" not in out + err and "mlflow." not in out + err and "alembic" not in out + err, out + err
+    library_lines = [r.getMessage() for r in caplog.records
+                     if r.name.startswith(("mlflow", "alembic", "lightning.pytorch.loggers"))]
+    assert not library_lines, library_lines
+    assert not [str(w.message) for w in recwarn if "wandb" in str(w.message).lower()]
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2, "not one offline wandb run per phase"
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
@@ -76,8 +125,94 @@ def test_the_config_tree_is_printed_when_asked(capsys):
 
 
 def test_task_reports_reach_the_loggers(make_cfg):
-    """A task's results (here transfer's) go to the run's loggers: a CSV run named after the task."""
-    cfg = make_cfg(*SMALL, "task=transfer", "task.victims=[cnn]", "logger=csv")
-    run_task(cfg)
-    table = pd.read_csv(Path(cfg.paths.output_dir) / "csv" / "transfer" / "metrics.csv")
-    assert "transfer/random_draws" in table.columns
+    """Transfer's table reaches the run's loggers: in TensorBoard (and CSV, a run named after the task)
+    one scalar per perturbation and victim, the random baseline's and the accuracies, as metrics.json has them."""
+    cfg = make_cfg(*SMALL, "task=transfer", "task.victims=[cnn,lenet]", "logger=[tensorboard,csv]")
+    results = run_task(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    assert "transfer/random_draws" in pd.read_csv(run_dir / "csv" / "transfer" / "metrics.csv").columns
+    scalars = scalars_of(events_of(run_dir / "tensorboard" / "deepfool_uap-linf-eps64-cnn-digits" / "transfer"))
+    for source in ("cnn", "lenet"):
+        for victim in ("cnn", "lenet"):
+            expected = results["fooling_rate"][f"perturbation from {source}"][victim]
+            assert scalars[f"transfer/{source}/{victim}/fooling_rate"] == {0: pytest.approx(expected)}
+        assert scalars[f"transfer/random_noise/{source}/fooling_rate"][0] == pytest.approx(
+            results["random_fooling_rate"][source])
+        assert scalars[f"transfer/clean_accuracy/{source}"][0] == pytest.approx(results["clean_accuracy"][source])
+
+
+def test_generalisation_reaches_tensorboard_by_the_size_of_x(make_cfg):
+    """task=generalisation logs each size's fooling rate and baselines at step |X|."""
+    cfg = make_cfg(*SMALL, "task=generalisation", "task.sizes=[20,40]", "logger=tensorboard")
+    rows = run_task(cfg)["rows"]
+    scalars = scalars_of(events_of(Path(cfg.paths.output_dir) / "tensorboard" / RUN_NAME / "generalisation"))
+    for key in ("fooling_rate", "fooling_rate_attack_set", "random_fooling_rate", "random_same_l2_fooling_rate"):
+        assert scalars[f"generalisation/{key}"] == {row["attack_images"]: pytest.approx(row[key]) for row in rows}
+
+
+def test_tensorboard_runs_are_named_after_what_ran_inside_the_run_folder(attack_run):
+    """Each phase's TensorBoard run lies in <run dir>/tensorboard/<engine-norm-ε-victim-data>/<phase>."""
+    assert sorted(p.name for p in (attack_run / "tensorboard").iterdir()) == [RUN_NAME]
+    for phase in ("victim", "attack"):
+        events_of(attack_run / "tensorboard" / RUN_NAME / phase)
+    assert not list(attack_run.rglob("version_*"))
+
+
+def test_attack_hparams_are_the_key_settings_typed_without_nulls(attack_run):
+    """A single run's HPARAMS: the attack's settings and options, victim, data and seed, flat, numbers
+    as numbers (booleans as 0/1, as torch writes them) and text as text; null settings (target_class,
+    the engine's inner_step) left out; no 'None'."""
+    hparams = hparams_of(events_of(attack_run / "tensorboard" / RUN_NAME / "attack"))
+    assert {"attack/method": "deepfool_uap", "attack/eps": 64.0, "attack/p": "inf", "attack/max_passes": 1.0,
+            "attack/clip": 1.0, "attack/deepfool_norm": "2", "model": "cnn", "data": "digits",
+            "data/attack_images": 60.0, "seed": 0.0}.items() <= hparams.items()
+    assert "None" not in hparams.values() and not any("None" in str(v) for v in hparams.values())
+    assert "attack/target_class" not in hparams and "attack/inner_step" not in hparams
+    assert not [name for name in hparams if name.startswith(("trainer", "paths", "logger", "extras"))]
+
+
+@pytest.fixture
+def sweep_job():
+    """``sweep_job(overrides)``: the run config of a multirun job with ``overrides``, Hydra's job
+    settings in place (as inside a sweep) until the test ends."""
+    register_configs()
+
+    def job(overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, "hydra.mode=MULTIRUN"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield job
+    HydraConfig.instance().cfg = None
+
+
+def test_sweep_hparams_are_the_keys_the_job_sets(sweep_job):
+    """In a sweep, HPARAMS hold the swept settings only, typed as the config holds them; a group by its
+    option; nulls and where-to-report keys (paths, logger) left out."""
+    cfg = sweep_job(["attack.eps=32", "attack.p=2", "model=lenet", "attack.target_class=null",
+                     "paths.cache_dir=/tmp/cache", "logger=csv", "data.attack_images=60"])
+    assert run_hparams(cfg, attack_settings(cfg)) == {"attack/eps": 32.0, "attack/p": "2", "model": "lenet",
+                                                       "data/attack_images": 60}
+
+
+def test_make_tensorboard_serves_the_run_folders_on_localhost():
+    """`make tensorboard` serves outputs/ and multirun/ (either may not exist yet) on localhost, not the
+    whole working tree on every interface; TB_HOST opens it to the network on request."""
+    from tensorboard import program
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    def flags(*variables):
+        shown = subprocess.run(["make", "-n", "tensorboard", *variables], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout
+        line = next(line for line in shown.splitlines() if "/tensorboard " in line)
+        server = program.TensorBoard()
+        server.configure(argv=[None, *shlex.split(line)[1:]])  # TensorBoard's own parsing of the recipe's flags
+        return server.flags
+
+    default = flags()
+    assert default.host == "localhost" and not default.bind_all and default.logdir == ""
+    assert sorted(default.logdir_spec.split(",")) == ["multirun:multirun", "outputs:outputs"]
+    assert flags("TB_HOST=0.0.0.0").host == "0.0.0.0"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -151,7 +152,26 @@ def run(setup: Setup) -> Dict[str, Any]:
         "perturbation_folders": list(cfg.task.perturbations),
     }
     return setup.finish(results, "fooling rates (rows: perturbation; columns: victim)", table,
-                        figures={TRANSFER_FIGURE: figure})
+                        figures={TRANSFER_FIGURE: figure}, scalars=_scalars(table, results))
+
+
+def _scalars(table: pd.DataFrame, results: Dict[str, Any]) -> Dict[str, float]:
+    """``table`` (a row per source of ``results["sources"]``, then the random baseline's) and the
+    victims' accuracies as the loggers' tags: ``transfer/<source>/<victim>/fooling_rate``
+    (``random_noise`` as the random baseline's source), ``transfer/clean_accuracy/<victim>``,
+    ``transfer/victim_accuracy/<victim>``."""
+    sources = [*results["sources"], "random_noise"]
+    scalars = {f"transfer/{_tag(source)}/{_tag(victim)}/fooling_rate": float(rate)
+               for source, (_, row) in zip(sources, table.iterrows()) for victim, rate in row.items()}
+    for key in ("clean_accuracy", "victim_accuracy"):
+        scalars.update({f"transfer/{key}/{_tag(victim)}": float(value)
+                        for victim, value in results[key].items() if value is not None})
+    return scalars
+
+
+def _tag(label: str) -> str:
+    """``label`` as one level of a logger's tag: spaces and slashes as underscores."""
+    return re.sub(r"[\s/]+", "_", label)
 
 
 TASK = Task("transfer", TransferTaskConfig, run, check)

@@ -181,10 +181,11 @@ def test_dominant_labels_tie_and_nothing_fooled():
 
 
 def test_labels_figure_renders_640x400(tmp_path):
-    dominant = dominant_labels(torch.zeros(10, dtype=torch.long), torch.tensor([3] * 6 + [1, 2, 5, 0]), 10)
+    dominant = dominant_labels(torch.zeros(16, dtype=torch.long), torch.tensor([3] * 8 + [1, 2, 4, 5, 6, 7, 8, 9]), 10)
     fig = labels_figure(dominant, CIFAR_NAMES)
-    assert fig.axes[0].get_title() == "where fooled images go: 67% to 'cat' (n=9)"
-    assert fig.axes[0].get_xticklabels()[0].get_rotation() > 0  # CIFAR names would overlap
+    assert fig.axes[0].get_title() == "where fooled images go: 50% to 'cat' (n=16 fooled images)"
+    assert len(fig.axes[0].patches) == 9  # no bar for the class nothing went to
+    assert fig.axes[0].get_xticklabels()[0].get_rotation() > 0  # nine CIFAR names would overlap
     digits = labels_figure(dominant, [str(k) for k in range(10)])
     assert digits.axes[0].get_xticklabels()[0].get_rotation() == 0
     assert _png_shape(fig, tmp_path / "labels.png") == (400, 640, 4)
@@ -247,3 +248,72 @@ def test_transfer_figure_frames_each_perturbation_on_its_own_victim():
                           ["cnn", "lenet", None])
     framed = [(p.get_x() + 0.5, p.get_y() + 0.5) for p in fig.axes[0].patches if isinstance(p, Rectangle)]
     assert framed == [(0.0, 0.0), (1.0, 1.0)]
+
+
+def _visible_xticks(ax) -> list[float]:
+    """The x ticks inside the axis limits, after drawing (the locator runs at draw time)."""
+    FigureCanvasAgg(ax.figure).draw()
+    low, high = ax.get_xlim()
+    return [float(t) for t in ax.get_xticks() if low <= t <= high]
+
+
+@pytest.mark.parametrize("passes", [1, 2, 37])
+def test_curve_figure_ticks_are_whole_passes(passes):
+    ticks = _visible_xticks(curve_figure(_history(passes), 1, {"random ℓ∞ noise": 0.05}).axes[0])
+    assert ticks and all(t.is_integer() and 1 <= t <= passes for t in ticks)
+    if passes <= 2:
+        assert ticks == [float(k) for k in range(1, passes + 1)]
+
+
+def test_curve_figure_of_one_pass_shows_every_series_its_legend_lists():
+    """One pass: each series is a single point, visible only with a marker; the legend names only
+    what is drawn, and the kept pass's star lies under the point it marks."""
+    fig = curve_figure(_history(1), 1, {"random ℓ∞ noise": 0.05})
+    ax = fig.axes[0]
+    visible = {line.get_label() for line in ax.lines
+               if len(line.get_xdata()) > 1 or line.get_marker() not in ("None", "", " ", None)}
+    listed = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert "clean accuracy" in listed
+    assert set(listed) <= visible
+    on_x = next(line for line in ax.lines if line.get_label() == "fooling rate on X")
+    star = next(line for line in ax.lines if line.get_marker() == "*")
+    assert star.get_zorder() < on_x.get_zorder()
+
+
+def test_labels_figure_draws_only_classes_that_fooled_images_went_to():
+    names = [f"class {k}" for k in range(1000)]
+    one = labels_figure(dominant_labels(torch.tensor([0]), torch.tensor([7]), 1000), names)
+    ax = one.axes[0]
+    assert len(ax.patches) == 1
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["class 7"]
+    assert "(n=1 fooled image)" in ax.get_title()
+    FigureCanvasAgg(one).draw()
+    bar = ax.patches[0].get_window_extent()
+    assert bar.width < 0.25 * ax.get_window_extent().width  # one bar, not a slab across the axes
+
+    few = labels_figure(dominant_labels(torch.zeros(6, dtype=torch.long), torch.tensor([3, 3, 1, 3, 2, 1]), 10),
+                        CIFAR_NAMES)
+    assert [t.get_text() for t in few.axes[0].get_xticklabels()] == ["automobile", "bird", "cat"]  # class order
+    assert len(few.axes[0].patches) == 3
+    assert "(the 30 most frequent)" not in few.axes[0].get_xlabel()
+
+
+def test_examples_figure_tells_a_corrected_prediction_from_a_fooled_one():
+    """Red is a prediction changed to a wrong label; a wrong prediction changed to the true label is
+    another colour; the figure's legend explains the colours shown, and only those."""
+    count = 4
+    images = torch.rand(count, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    true = [0, 1, 2, 4]
+    clean_pred = [0, 5, 2, 5]  # right, wrong, right, wrong
+    perturbed_pred = [3, 1, 2, 6]  # fooled, corrected, unchanged, fooled (one wrong label to another)
+    fig = examples_figure(images, images, true, clean_pred, perturbed_pred, CIFAR_NAMES, "t")
+    colours = [ax.xaxis.label.get_color() for ax in fig.axes[count:]]
+    assert colours[0] == colours[3] == "red"
+    assert colours[1] not in ("red", "black") and colours[2] == "black"
+    legend = [text.get_text() for legend in fig.legends for text in legend.get_texts()]
+    assert len(legend) == 2 and any("wrong" in t for t in legend) and any("true" in t for t in legend)
+
+    only_fooled = examples_figure(images[:1], images[:1], [0], [0], [3], CIFAR_NAMES, "t")
+    assert [text.get_text() for legend in only_fooled.legends for text in legend.get_texts()] == [
+        next(t for t in legend if "wrong" in t)
+    ]

@@ -231,3 +231,40 @@ def test_callback_logs_a_failing_report_instead_of_raising(
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     sweep_module.SweepSummaryCallback().on_multirun_end(config)
     assert "disk full" in caplog.text and str(tmp_path) in caplog.text
+
+
+def engine_sweep(root: Path, models: Sequence[str]) -> pd.DataFrame:
+    """Runs over attack.eps (16, 32) × engine (deepfool_uap, sgd_uap) × ``models``, on digits: the
+    random noise of norm ε depends on the victim and ε only; the random direction of v's ℓ2 norm
+    also on the engine."""
+    job = 0
+    for eps in (16, 32):
+        for model in models:
+            for engine, l2 in (("deepfool_uap", 1.0), ("sgd_uap", 2.0)):
+                metrics = {**metrics_for(eps, model), "data": "digits", "method": engine}
+                metrics["random_same_l2_fooling_rate"] *= l2
+                overrides = [f"attack.eps={eps}", f"attack={engine}"] + ([f"model={model}"] if len(models) > 1 else [])
+                make_run(root / str(job), overrides, metrics=metrics)
+                job += 1
+    return collect_runs(root)
+
+
+def dashed(ax, style: str) -> list:
+    return [line for line in ax.lines if line.get_linestyle() == style]
+
+
+def test_sweep_plot_draws_each_victims_random_baseline_once(tmp_path: Path) -> None:
+    df = engine_sweep(tmp_path / "one", ["cnn"])
+    ax = sweep_module.fooling_figure(df, "attack.eps", ["attack"], {}).axes[0]
+    assert len(dashed(ax, "--")) == 1  # the noise of norm ε: the same for both engines
+    assert len(dashed(ax, "-.")) == 2  # v's ℓ2 norm differs per engine
+    assert "cnn" in ax.get_title() and "digits" in ax.get_title()
+    listed = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert len(listed) == len(set(listed))
+
+    df = engine_sweep(tmp_path / "two", ["cnn", "lenet"])
+    ax = sweep_module.fooling_figure(df, "attack.eps", ["model", "attack"], {}).axes[0]
+    assert len(dashed(ax, "--")) == 2  # one per victim
+    noise = [text.get_text() for text in ax.get_legend().get_texts() if text.get_text().startswith("random noise")]
+    assert len(noise) == 2 and any("cnn" in t for t in noise) and any("lenet" in t for t in noise)
+    assert "cnn" in ax.get_title() and "lenet" in ax.get_title() and "digits" in ax.get_title()

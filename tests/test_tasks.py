@@ -114,3 +114,16 @@ def test_a_sweep_with_one_failing_job_leaves_a_complete_summary(tmp_path):
     assert png_shape(sweep / "fooling_vs_attack_eps.png")[0] > 100
     assert json.loads((sweep / summary.iloc[3]["job"] / "failure.json").read_text())["status"] == "failed"
     assert all(name.split("-")[0].isdigit() and "attack.eps=" in name for name in summary["job"])
+
+
+def test_generalisation_table_prints_counts_as_integers():
+    """|X|, the kept pass and the passes are counts: the logged table prints 50, not 50.000."""
+    from uap_lightning.tasks import generalisation
+
+    table = pd.DataFrame([
+        {"attack_images": 50, "fooling_rate": 0.25, "best_pass": 3, "passes": 4, "norm_l2": 512.25},
+        {"attack_images": 100, "fooling_rate": 0.5, "best_pass": 2, "passes": 4, "norm_l2": 640.0},
+    ])
+    text = generalisation.printable(table).to_markdown(floatfmt=".3f", index=False)  # as Setup.finish prints
+    last = [cell.strip() for cell in text.splitlines()[-1].strip("|").split("|")]
+    assert last == ["100", "0.500", "2", "4", "640.000"]

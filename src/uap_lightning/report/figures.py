@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -51,8 +51,15 @@ EXAMPLES_MARGIN = 0.5  # room for the row labels
 EXAMPLES_MIN_WIDTH = 4.0
 EXAMPLES_HEIGHT = 4.5
 MAX_BARS = 30
+LEGEND_CHARS_PER_INCH = 18  # about the 7-pt characters of a legend entry per inch
+LEGEND_HANDLE_CHARS = 6  # the room of an entry's colour patch and gaps, in characters
+MIN_BAR_SLOTS = 5  # the bar chart is at least this many bars wide, so that a single bar stays a bar
+TITLE_CHARS = 64  # about the 12-pt characters of a title that fit across the bar chart
 TICK_CHARS = 70  # about the characters of 8-pt tick labels that fit across the bar chart unrotated
 
+_CHANGE_COLOURS = {"fooled": "red", "corrected": "tab:blue"}  # of a perturbed prediction's label
+_CHANGE_TEXTS = {"fooled": "red: fooled, the prediction changed to a wrong label",
+                 "corrected": "blue: the prediction changed to the true label"}
 _RANDOM_STYLES = ("--", (0, (6, 2, 1, 2)), (0, (2, 2)), (0, (8, 3)))
 _RANDOM_GREYS = ("0.45", "0.6", "0.3", "0.7")
 
@@ -88,8 +95,8 @@ def curve_figure(
         passes, [float(r["perturbed_accuracy"]) for r in history], "^-", color="tab:green", label="perturbed accuracy"
     )
     clean = [(int(r["pass"]), float(r["clean_accuracy"])) for r in history if r.get("clean_accuracy") is not None]
-    if clean:
-        ax.plot(*zip(*clean), ":", color="tab:green", linewidth=2, label="clean accuracy")
+    if clean:  # hollow markers: a single pass has no line to show
+        ax.plot(*zip(*clean), "o:", color="tab:green", markerfacecolor="none", linewidth=2, label="clean accuracy")
     for i, (name, rate) in enumerate((random_rates or {}).items()):
         style = _RANDOM_STYLES[i % len(_RANDOM_STYLES)]
         grey = _RANDOM_GREYS[i % len(_RANDOM_GREYS)]
@@ -97,10 +104,10 @@ def curve_figure(
     if best_pass is not None:
         ax.axvline(best_pass, color="black", linewidth=0.8, alpha=0.5, label=f"kept pass {best_pass}")
         for rate in (rate for number, rate in zip(passes, on_x) if number == best_pass):
-            ax.plot(best_pass, rate, "*", color="black", markersize=14, zorder=5)
+            ax.plot(best_pass, rate, "*", color="black", markersize=14, zorder=1.5)  # under the point it marks
     last = max(passes + ([best_pass] if best_pass is not None else []), default=1)
     ax.set_xlim(0.5, last + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole passes, even for one
     ax.set_ylim(0.0, 1.04)  # room above 1 so that an accuracy near 1 stays visible
     ax.set_xlabel("pass over X")
     ax.set_ylabel("share of images")
@@ -268,8 +275,9 @@ def examples_figure(
 ) -> Figure:
     """Clean images (N×C×H×W, [0,1]) above with true and predicted labels, x + v below with its prediction.
 
-    A perturbed prediction that differs from the clean one is written in red. Size
-    max(4.0, 1.5·N + 0.5) × 4.5 in.
+    A perturbed prediction that differs from the clean one is written in red when it is wrong
+    (fooled), in blue when it is the true label (v corrected a mistake); a legend below explains
+    the colours shown. Size max(4.0, 1.5·N + 0.5) × 4.5 in.
     """
     count = clean.shape[0]
     true_labels, clean_pred, perturbed_pred = (_ints(x) for x in (true_labels, clean_pred, perturbed_pred))
@@ -291,14 +299,39 @@ def examples_figure(
             f"true: {_wrapped(_name(class_names, true_labels[i]))}\npred: {_wrapped(_name(class_names, clean_pred[i]))}",
             fontsize=7,
         )
-        fooled = perturbed_pred[i] != clean_pred[i]
-        axes[1][i].set_xlabel(
-            f"pred: {_wrapped(_name(class_names, perturbed_pred[i]))}", fontsize=7, color="red" if fooled else "black"
-        )
+        change = _change(true_labels[i], clean_pred[i], perturbed_pred[i])
+        axes[1][i].set_xlabel(f"pred: {_wrapped(_name(class_names, perturbed_pred[i]))}", fontsize=7,
+                              color=_CHANGE_COLOURS.get(change, "black"))
     axes[0][0].set_ylabel("clean")
     axes[1][0].set_ylabel("x + v")
+    changes = {_change(*labels) for labels in zip(true_labels, clean_pred, perturbed_pred)}
+    _change_legend(fig, [c for c in _CHANGE_TEXTS if c in changes])
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _change_legend(fig: Figure, shown: Sequence[str]) -> None:
+    """A legend under the examples naming the colours of the changes ``shown`` (none: no legend);
+    its entries side by side when they fit across the figure, else one per line."""
+    if not shown:
+        return
+    texts = [_CHANGE_TEXTS[c] for c in shown]
+    inches = sum(len(t) + LEGEND_HANDLE_CHARS for t in texts) / LEGEND_CHARS_PER_INCH
+    fig.legend(
+        handles=[Patch(color=_CHANGE_COLOURS[c], label=t) for c, t in zip(shown, texts)],
+        labelcolor=[_CHANGE_COLOURS[c] for c in shown],
+        loc="outside lower center",
+        ncols=len(texts) if inches <= fig.get_figwidth() else 1,
+        fontsize=7,
+        frameon=False,
+    )
+
+
+def _change(true: int, clean: int, perturbed: int) -> str:
+    """How v changed a prediction: "fooled" (to a wrong label), "corrected" (to the true label) or "unchanged"."""
+    if perturbed == clean:
+        return "unchanged"
+    return "corrected" if perturbed == true else "fooled"
 
 
 @dataclass(frozen=True)
@@ -332,20 +365,24 @@ def dominant_labels(clean_pred: Tensor, perturbed_pred: Tensor, num_classes: int
 
 
 def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figure:
-    """Bar chart of the share of fooled images sent to each class, the dominant label in red
-    (6.4×4.0 in).
+    """Bar chart of the share of fooled images sent to each class they were sent to, the dominant
+    label in red (6.4×4.0 in).
 
-    Up to 30 classes in class order; more: the 30 largest shares, largest first. Class names
-    are rotated when they would overlap.
+    Up to 30 such classes in class order; more: the 30 largest shares, largest first. The chart is
+    at least 5 bars wide (a lone bar stays narrow); class names are rotated when they would overlap.
     """
     fig = _new_figure(LABELS_SIZE)
     ax = fig.add_subplot()
-    classes = list(range(len(dominant.counts)))
-    if len(classes) > MAX_BARS:
+    classes = [k for k, count in enumerate(dominant.counts) if count > 0]
+    truncated = len(classes) > MAX_BARS
+    if truncated:
         classes = sorted(classes, key=lambda k: -dominant.counts[k])[:MAX_BARS]
     heights = [dominant.counts[k] / max(1, dominant.fooled) for k in classes]
     colours = ["tab:red" if k == dominant.label else "tab:gray" for k in classes]
     ax.bar(range(len(classes)), heights, color=colours)
+    margin = max(0, MIN_BAR_SLOTS - len(classes)) / 2
+    ax.set_xlim(-0.5 - margin, len(classes) - 0.5 + margin)
+    ax.set_ylim(0.0, 1.05)
     names = [_name(class_names, k) for k in classes]
     crowded = len(names) * max(map(len, names), default=0) > TICK_CHARS  # would the names overlap side by side?
     ax.set_xticks(range(len(classes)))
@@ -358,15 +395,14 @@ def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figur
     )
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.set_ylabel("share of fooled images sent there")
-    ax.set_xlabel("predicted class under the perturbation" + (" (the 30 most frequent)" if len(dominant.counts) > MAX_BARS
-                                                               else ""))
+    ax.set_xlabel("predicted class under the perturbation" + (f" (the {MAX_BARS} most frequent)" if truncated else ""))
     if dominant.label is None:
         ax.set_title("where fooled images go: nothing fooled (n=0)")
+        ax.text(0.5, 0.5, "no image was fooled", transform=ax.transAxes, ha="center", va="center", color="0.4")
     else:
-        ax.set_title(
-            f"where fooled images go: {dominant.share:.0%} to '{_name(class_names, dominant.label)}'"
-            f" (n={dominant.fooled})"
-        )
+        head = f"where fooled images go: {dominant.share:.0%} to '{_name(class_names, dominant.label)}'"
+        count = f"(n={dominant.fooled} fooled image{'' if dominant.fooled == 1 else 's'})"
+        ax.set_title(head + ("\n" if len(head) + len(count) >= TITLE_CHARS else " ") + count)
     return fig
 
 

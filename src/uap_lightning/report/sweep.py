@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -77,6 +78,7 @@ BASELINES = (
     ("random_fooling_rate", "random noise of norm ε", "--"),
     ("random_same_l2_fooling_rate", "random direction, ℓ2 norm of v", "-."),
 )
+SHARED_BASELINE_GREYS = ("0.35", "0.6", "0.15", "0.75")  # of baselines that several lines share
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
@@ -143,7 +145,7 @@ def write_summary(root: str | os.PathLike, df: Optional[pd.DataFrame] = None) ->
         if values.notna().all() and not pd.api.types.is_bool_dtype(plotted[key]):
             png = root / f"fooling_vs_{key.replace('.', '_')}.png"
             others = [k for k in swept if k != key and k not in SEED_KEYS]
-            save_figure(_fooling_figure(plotted.assign(**{key: values}), key, others, best), png)
+            save_figure(fooling_figure(plotted.assign(**{key: values}), key, others, best), png)
             paths[png.name] = png
     return paths
 
@@ -335,31 +337,24 @@ def _optuna_best(root: Path) -> Dict[str, Any]:
     return dict(results.get("best_params") or {})
 
 
-def _fooling_figure(df: pd.DataFrame, key: str, others: List[str], best: Dict[str, Any]) -> Figure:
+def fooling_figure(df: pd.DataFrame, key: str, others: List[str], best: Dict[str, Any]) -> Figure:
     """Fooling rate against ``key``, one solid line per combination of ``others``: the mean over the
     runs at each x (seeds and repeats), with error bars of their standard deviation when there are
-    several; each line's random baselines dashed in its colour; an Optuna sweep's target (a dotted
-    line) and best trial (a star)."""
-    baselines = [b for b in BASELINES if b[0] in df]
-    values = ["fooling_rate", *(column for column, _, _ in baselines)]
+    several; the random baselines dashed, each distinct curve once (:func:`_draw_baselines`); an
+    Optuna sweep's target (a dotted line) and best trial (a star). The title names the victims and
+    the data of the runs."""
+    baselines = [b for b in BASELINES if b[0] in df and df[b[0]].notna().any()]
     groups = list(df.groupby(others, sort=False, dropna=False)) if others else [((), df)]
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     handles = []
     for i, (group_values, group) in enumerate(groups):
-        color = f"C{i % 10}"
         label = ", ".join(f"{k}={v}" for k, v in zip(others, group_values)) or "universal perturbation"
-        points = group.groupby(key)[values].agg(["mean", "std", "count"])
-        spread = points[("fooling_rate", "std")].where(points[("fooling_rate", "count")] > 1)
-        line = ax.errorbar(points.index, points[("fooling_rate", "mean")], yerr=spread, fmt="-o", color=color,
-                           capsize=3, label=label + (" (mean ± sd)" if spread.notna().any() else ""))
-        handles.append(line)
-        for column, name, style in baselines:
-            ax.plot(points.index, points[(column, "mean")], linestyle=style, color=color, label=name)
-            if not others:
-                handles.append(ax.lines[-1])
-    if others:
-        handles += [Line2D([], [], color="gray", linestyle=style, label=name) for _, name, style in baselines]
+        points = group.groupby(key)["fooling_rate"].agg(["mean", "std", "count"])
+        spread = points["std"].where(points["count"] > 1)
+        handles.append(ax.errorbar(points.index, points["mean"], yerr=spread, fmt="-o", color=f"C{i % 10}", capsize=3,
+                                   label=label + (" (mean ± sd)" if spread.notna().any() else "")))
+    handles += _draw_baselines(ax, df, key, others, groups, baselines)
     if "target_fooling_rate" in df and df["target_fooling_rate"].notna().any():
         target = float(df["target_fooling_rate"].dropna().iloc[0])
         handles.append(ax.axhline(target, color="black", linestyle=":", label=f"target fooling rate {target:g}"))
@@ -371,10 +366,55 @@ def _fooling_figure(df: pd.DataFrame, key: str, others: List[str], best: Dict[st
     ax.legend(handles=handles, fontsize=8)
     ax.set_xlabel(_axis_label(df, key))
     ax.set_ylabel("fooling rate (share of eval images)")
-    ax.set_title(f"Fooling rate against {key}")
+    ax.set_title(textwrap.fill(f"Fooling rate against {key}{_victims_and_data(df)}", 90), fontsize=10)
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
     return fig
+
+
+def _draw_baselines(ax, df: pd.DataFrame, key: str, others: List[str], groups: List[Any],
+                    baselines: List[Any]) -> List[Line2D]:
+    """Draw each random baseline once per distinct curve: lines of the same victim and data whose
+    baseline has the same points (the noise of norm ε of several engines) share one line, in grey,
+    with a legend entry naming what those lines have in common; a baseline of one line alone is
+    drawn in that line's colour, under one legend entry per baseline. Returns the legend handles."""
+    handles: List[Line2D] = []
+    for column, name, style in baselines:
+        curves: Dict[Any, List[int]] = {}  # (victim, data, points) → indices of the groups that have it
+        for i, (_, group) in enumerate(groups):
+            points = group.groupby(key)[column].mean().dropna()
+            if points.empty:
+                continue
+            identity = (_victims_and_data(group), tuple(points.index), tuple(points.to_numpy()))
+            curves.setdefault(identity, []).append(i)
+        alone = False
+        for shade, ((_, xs, ys), members) in enumerate(curves.items()):
+            if len(members) == 1 and len(groups) > 1:
+                ax.plot(xs, ys, linestyle=style, color=f"C{members[0] % 10}")
+                alone = True
+                continue
+            common = [f"{k}={v}" for k, v in zip(others, groups[members[0]][0])
+                      if all(groups[m][0][others.index(k)] == v for m in members)]
+            colour = "C0" if len(groups) == 1 else SHARED_BASELINE_GREYS[shade % len(SHARED_BASELINE_GREYS)]
+            handles += ax.plot(xs, ys, linestyle=style, color=colour,
+                               label=name + (f" ({', '.join(common)})" if common else ""))
+        if alone:
+            handles.append(Line2D([], [], color="gray", linestyle=style, label=f"{name} (in its line's colour)"))
+    return handles
+
+
+def _victims_and_data(df: pd.DataFrame) -> str:
+    """": <victims> on <data>" of the runs in ``df`` (from their metrics, or the ``model`` and ``data``
+    overrides), each list in order of appearance; empty when neither is known."""
+    names = []
+    for setting in ("model", "data"):
+        column = next((c for c in (f"metrics.{setting}", setting) if c in df), None)
+        values = df[column].dropna().astype(str).unique().tolist() if column else []
+        names.append(", ".join(values))
+    victims, data = names
+    if not victims and not data:
+        return ""
+    return ": " + (f"{victims} on {data}" if victims and data else victims or f"on {data}")
 
 
 def _axis_label(df: pd.DataFrame, key: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from uap_lightning.config import DataConfig
+from uap_lightning.errors import DamagedFileError
 from uap_lightning.data import DataNotFoundError, ImageFolderDataModule, build_datamodule
 from uap_lightning.data import imagefolder
 
@@ -204,3 +206,77 @@ def test_real_cifar10_copy(tmp_path):
     assert splits.train_labels.bincount().tolist() == [5000] * 10
     images, labels = dm.attack_set()
     assert images.shape == (500, 3, 32, 32) and labels.bincount().tolist() == [50] * 10
+
+
+def test_a_16_bit_grey_png_is_scaled_to_8_bits(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16) of value 108·257 decodes to grey 108, not to clipped white;
+    the full 16-bit range maps onto 0–255."""
+    make_tree(tmp_path)
+    ramp = np.array([[0, 108 * 257], [65535, 108 * 257]], dtype=np.uint16).repeat(8, 0).repeat(8, 1)
+    Image.fromarray(np.full((16, 16), 108 * 257, dtype=np.uint16)).save(tmp_path / "train" / "cat" / "000.png")
+    Image.fromarray(ramp).save(tmp_path / "train" / "cat" / "001.png")
+    assert Image.open(tmp_path / "train" / "cat" / "000.png").mode == "I;16"
+    images = build_datamodule(folder_cfg(tmp_path, image_size=16)).splits.train_images
+    assert images[0].float().mean().item() == 108.0
+    corners = images[1][:, [0, 0, 15, 15], [0, 15, 0, 15]]
+    assert corners.tolist() == [[0, 108, 255, 108]] * 3
+
+
+@pytest.mark.parametrize(
+    "make_loop, looping",
+    [
+        (lambda root: os.symlink("loop.png", root / "train" / "cat" / "loop.png"), "train/cat/loop.png"),
+        (lambda root: (os.symlink("b.png", root / "train" / "cat" / "a.png"),
+                       os.symlink("a.png", root / "train" / "cat" / "b.png")), "train/cat/a.png"),
+        (lambda root: os.symlink("eel", root / "test" / "eel"), "test/eel"),
+        (lambda root: (shutil.rmtree(root / "test"), os.symlink("test", root / "test")), "test"),
+    ],
+    ids=["image-to-itself", "two-images", "class-folder", "split-folder"],
+)
+def test_a_symbolic_link_loop_is_named(tmp_path, monkeypatch, make_loop, looping):
+    """A symbolic link that leads back to itself (an image, a class or a split folder) ends in one
+    DamagedFileError naming it, before any image is decoded."""
+    forbid_decoding(monkeypatch)
+    make_tree(tmp_path)
+    make_loop(tmp_path)
+    with pytest.raises(DamagedFileError) as info:
+        build_datamodule(folder_cfg(tmp_path)).setup()
+    message = str(info.value)
+    assert str(tmp_path / looping) in message and "loop" in message and "\n" not in message
+
+
+def sample_tree(root: Path, rows: list) -> DataConfig:
+    """``root/val/<wnid>/0.png`` for three wnids and a classes.tsv of ``rows`` (index, wnid, name)."""
+    for label, wnid in enumerate(("n00", "n01", "n02")):
+        folder = root / "val" / wnid
+        folder.mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (8, 8), (40 * label, 10 * index, 90)).save(folder / f"{index}.png")
+    lines = ["index\twnid\tname"] + ["\t".join(map(str, row)) for row in rows]
+    (root / "classes.tsv").write_text("\n".join(lines) + "\n")
+    return DataConfig(name="sample_folder", root=str(root), in_channels=3, image_size=8, attack_images=3,
+                      class_names_file="classes.tsv")
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([(0, "n00", "tench"), (1, "n01", "goldfish"), (2, "n01", "shark"), (3, "n02", "ray")],
+         r"wnid n01 on lines 3 and 4"),
+        ([(0, "n00", "tench"), (1, "n01", "goldfish"), (1, "n02", "shark")], r"index 1 on lines 3 and 4"),
+    ],
+    ids=["wnid", "index"],
+)
+def test_a_class_names_file_with_a_duplicate_id_is_refused(tmp_path, monkeypatch, rows, message):
+    """A classes.tsv naming one wnid (or index) twice would let the later line silently win: refused,
+    naming the id and both lines, before any image is decoded."""
+    forbid_decoding(monkeypatch)
+    cfg = sample_tree(tmp_path, rows)
+    with pytest.raises(DamagedFileError, match=message) as info:
+        build_datamodule(cfg).setup()
+    assert "classes.tsv" in str(info.value)
+
+
+def test_a_class_names_file_without_duplicates_names_the_classes(tmp_path):
+    cfg = sample_tree(tmp_path, [(0, "n00", "tench"), (1, "n01", "goldfish"), (2, "n02", "shark")])
+    assert build_datamodule(cfg).class_names == ["tench", "goldfish", "shark"]

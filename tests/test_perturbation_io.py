@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import scipy.io
 import torch
 
 from uap_lightning.errors import ConfigError, DamagedFileError, NotFoundError, UntrustedFileError
-from uap_lightning.perturbation_io import read_perturbation, write_perturbation_npy
+from uap_lightning.perturbation_io import read_perturbation, read_perturbation_source, write_perturbation_npy
 
 C, H, W = 3, 8, 6
 
@@ -123,11 +126,10 @@ def test_scale_is_inferred_both_ways(tmp_path: Path) -> None:
 
 
 def test_explicit_scale_overrides_inference(tmp_path: Path) -> None:
-    """scale=255 divides small values by 255; scale=1 keeps large ones."""
+    """scale=255 divides small values by 255; scale=1 keeps values within ±1."""
     np.save(tmp_path / "small.npy", np.full((H, W, C), 0.5, dtype=np.float32))
-    np.save(tmp_path / "big.npy", np.full((H, W, C), 10.0, dtype=np.float32))
     assert torch.allclose(read_perturbation(tmp_path / "small.npy", scale=255), torch.full((C, H, W), 0.5 / 255))
-    assert torch.allclose(read_perturbation(tmp_path / "big.npy", scale=1), torch.full((C, H, W), 10.0))
+    assert torch.allclose(read_perturbation(tmp_path / "small.npy", scale=1), torch.full((C, H, W), 0.5))
 
 
 def test_integer_array_is_read_as_float32(tmp_path: Path) -> None:
@@ -246,3 +248,90 @@ def test_bad_settings_are_refused(tmp_path: Path, v: torch.Tensor, setting: dict
     np.save(tmp_path / "v.npy", hwc255(v))
     with pytest.raises(ConfigError, match="perturbation\\." + next(iter(setting))):
         read_perturbation(tmp_path / "v.npy", **setting)
+
+
+class Settings:
+    """A class of the test module: pickled by reference, so loading it would import and build it."""
+
+
+@pytest.mark.parametrize(
+    "save, wanted",
+    [
+        (lambda path: torch.save({"v": torch.zeros(C, H, W), "meta": Settings()}, path), "Settings"),
+        (lambda path: torch.save({"v": np.zeros((H, W, C), np.float32)}, path), "numpy"),
+        (lambda path: torch.save({"v": torch.zeros(C, H, W), "meta": Settings()}, path,
+                                 _use_new_zipfile_serialization=False), "Settings"),
+        (lambda path: path.write_bytes(pickle.dumps({"v": Settings()})), "Settings"),
+    ],
+    ids=["zip-class", "zip-numpy", "legacy-class", "raw-pickle"],
+)
+def test_pt_with_a_pickled_global_names_it(tmp_path: Path, save, wanted: str) -> None:
+    """A .pt whose pickle refers to a Python global is refused as untrusted, naming the global; no warning
+    is printed beside the message."""
+    path = tmp_path / "v.pt"
+    save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UntrustedFileError) as info:
+            read_perturbation(path)
+    message = str(info.value)
+    assert wanted in message and "refused" in message and "v.pt" in message
+    assert "weights_only" not in message and "\n" not in message
+
+
+def npy_header_only(path: Path, shape: tuple, tail: bytes = b"\0" * 64) -> Path:
+    """A .npy whose header claims float32 ``shape`` but whose data is only ``tail``."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        f.write(tail)
+    return path
+
+
+def test_npy_header_claiming_more_data_than_the_file_holds_is_refused_before_reading(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A .npy header claiming 20000×20000×3 float32 (4.8 GB) in a file of a few bytes is refused
+    from its header, naming the shape and both sizes; the data is never read."""
+    path = npy_header_only(tmp_path / "v.npy", (20000, 20000, 3))
+    monkeypatch.setattr(np, "fromfile", lambda *a, **k: pytest.fail("the array was read"))
+    with pytest.raises(DamagedFileError) as info:
+        read_perturbation(path)
+    message = str(info.value)
+    assert "v.npy" in message and "20000×20000×3" in message
+    assert "4800000000 bytes" in message and f"{path.stat().st_size} bytes" in message
+
+
+def test_npz_member_claiming_more_data_than_it_holds_is_refused(tmp_path: Path) -> None:
+    """The same check for an array in a .npz archive."""
+    member = npy_header_only(tmp_path / "uap.npy", (20000, 20000, 3))
+    with zipfile.ZipFile(tmp_path / "v.npz", "w") as archive:
+        archive.write(member, "uap.npy")
+    with pytest.raises(DamagedFileError, match=r"v\.npz\[uap\].*20000×20000×3"):
+        read_perturbation(tmp_path / "v.npz")
+
+
+@pytest.mark.parametrize(
+    "value, scale, message",
+    [
+        (300.0, None, r"0–255 pixel units.*300"),
+        (-1000.0, 255, r"0–255 pixel units.*1000"),
+        (10.0, 1, r"perturbation\.scale=1.*\[0,1\] scale.*10"),
+    ],
+)
+def test_values_beyond_255_pixel_units_are_refused(tmp_path: Path, value: float, scale, message: str) -> None:
+    """|v| beyond 255 in 0–255 units (or beyond 1 in [0,1] scale) cannot be a perturbation of an
+    image: refused, naming the units the file was read in and its largest |value|."""
+    a = np.zeros((H, W, C), dtype=np.float32)
+    a[1, 2, 0] = value
+    np.save(tmp_path / "v.npy", a)
+    with pytest.raises(ConfigError, match=message):
+        read_perturbation(tmp_path / "v.npy", scale=scale)
+
+
+def test_a_run_folder_perturbation_is_read_as_the_attack_made_it(tmp_path: Path) -> None:
+    """The perturbation.pt of a run folder is in [0,1] scale by the project's own convention: an ℓ2
+    perturbation with entries beyond ±1 (void once x+v is clipped) is read unchanged."""
+    v = torch.zeros(C, H, W)
+    v[0, 0, 0] = 1.5
+    torch.save(v, tmp_path / "perturbation.pt")
+    assert torch.equal(read_perturbation_source(tmp_path), v)

@@ -297,3 +297,54 @@ def test_no_message_advises_loading_with_weights_only_false(tmp_path):
             read_checkpoint(str(tmp_path / name))
         assert error in str(info.value) and wanted in str(info.value)
         assert "weights_only=False" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_a_full_disk_under_tensorboard_ends_in_one_message_and_leaves_no_outputs(tmp_path):
+    """TensorBoard's writer thread meeting a full disk during the attack: one message, exit status 2,
+    no thread traceback; the run's incomplete outputs are removed, the attack state after pass 1 is
+    kept so that the same command continues."""
+    script = (
+        "import errno, sys\n"
+        "from tensorboard.summary.writer import record_writer\n"
+        "write = record_writer.RecordWriter.write\n"
+        "def full(self, data):\n"
+        "    if b'/attack/' in self._writer.filename:\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return write(self, data)\n"
+        "record_writer.RecordWriter.write = full\n"
+        "from uap_lightning.run import main\n"
+        "sys.argv = ['run', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
+    overrides = [o for o in SMALL if not o.startswith("logger=")] + ["attack.max_passes=2", "attack.delta=0.01"]
+    done = subprocess.run([sys.executable, "-c", script, *overrides, "logger=tensorboard", f"hydra.run.dir={run_dir}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "the disk is full" in done.stdout
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr[-2000:]
+    left = {p.name for p in run_dir.iterdir()}
+    assert left <= {".hydra", "run.log", "attack_state.ckpt"}, left
+    assert "attack_state.ckpt" in left
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_a_run_dir_that_cannot_be_made_ends_in_one_message(tmp_path, where):
+    """hydra.run.dir under a regular file, or under /proc, is refused before any work with one message
+    naming hydra.run.dir; no traceback."""
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    run_dir = tmp_path / "notes.txt" / "run" if where == "file" else Path("/proc") / f"uap-{os.getpid()}" / "run"
+    done = cli(tmp_path, f"hydra.run.dir={run_dir}", *SMALL)
+    assert done.returncode == 2, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert f"hydra.run.dir={run_dir}" in output and "Traceback" not in output, output[-2000:]
+    assert not (tmp_path / "cache" / "victims").exists()  # refused before the victim was trained
+
+
+def test_a_sweep_dir_that_cannot_be_made_ends_in_one_message(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    done = cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path / 'notes.txt' / 'sweep'}", "attack.eps=32,64", *SMALL)
+    assert done.returncode == 2, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "hydra.sweep.dir=" in output and "Traceback" not in output, output[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uap_lightning.loop import AttackLoop
+from uap_lightning.loop import AttackLoop, AttackState
 from uap_lightning.tasks import run_task
 
 # A digits run with enough passes to interrupt: a 3-epoch cnn, 100 attack images, never converging.
@@ -138,3 +139,61 @@ def test_sigterm_saves_the_last_pass_and_the_same_command_continues(tmp_path):
     assert finished["interrupted"] is False
     assert [h["pass"] for h in finished["history"]][: metrics["passes"]] == list(range(1, metrics["passes"] + 1))
     assert finished["passes"] == 10 or finished["converged"]
+
+
+def saved_state(path: Path) -> AttackState:
+    """An attack state after pass 2 of v = 0.25 everywhere, saved by the loop at ``path``."""
+    from lightning.fabric import Fabric
+
+    from uap_lightning.attacks import AttackSettings, KeptPerturbation, ThreatModel
+
+    v = torch.full((3, 4, 4), 0.25)
+    state = AttackState("settings", 2, v, KeptPerturbation(v.clone(), 0.5, 2), torch.Generator().get_state(),
+                        [{"pass": 1, "fooling_rate": 0.25}, {"pass": 2, "fooling_rate": 0.5}], 1.5)
+    loop = AttackLoop(Fabric(accelerator="cpu", devices=1), AttackSettings(ThreatModel.parse(64, "inf")), state_path=path)
+    loop._save(state)
+    return state
+
+
+def test_a_saved_state_reads_back_whole(tmp_path):
+    state = saved_state(tmp_path / "attack_state.ckpt")
+    loaded = AttackState.load(tmp_path / "attack_state.ckpt")
+    assert torch.equal(loaded.perturbation, state.perturbation) and loaded.history == state.history
+    assert loaded.passes == 2 and loaded.kept.fooling_rate == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["attack_state.ckpt"]  # no temporary file left
+
+
+def test_a_state_whose_bytes_changed_is_damaged_and_the_attack_starts_afresh(tmp_path, caplog):
+    """One changed byte of v in attack_state.ckpt (the file still unpickles) fails its checksum: the
+    state is reported damaged, never resumed from."""
+    from uap_lightning.errors import DamagedFileError
+    from uap_lightning.tasks.attack import _resumable
+
+    path = tmp_path / "attack_state.ckpt"
+    saved_state(path)
+    data = bytearray(path.read_bytes())
+    where = data.find(torch.full((16,), 0.25).numpy().tobytes())
+    assert where >= 0
+    data[where + 1] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match=r"attack_state\.ckpt is damaged.*checksum"):
+        AttackState.load(path)
+    with caplog.at_level(logging.WARNING):
+        assert _resumable(path, "settings", resume=True) is None
+    assert "damaged" in caplog.text and "starting afresh" in caplog.text
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A state save that fails midway (a full disk) leaves neither a temporary file nor a new state."""
+    import errno
+
+    from lightning.fabric import Fabric
+
+    def full(self, path, state, filter=None):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Fabric, "save", full)
+    with pytest.raises(OSError):
+        saved_state(tmp_path / "attack_state.ckpt")
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import io
 import logging
 import math
 import os
@@ -57,7 +59,7 @@ from uap_lightning.report.figures import perturbation_image
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the state travels as a torch.save payload beside its sha256
 HEARTBEAT_SECONDS = 60.0  # a line this often while a pass runs, off a terminal
 
 PassLogger = Callable[[Dict[str, Any], Tensor], None]  # (a pass's record, v after it)
@@ -101,17 +103,42 @@ class AttackState:
             "finished": self.finished,
         }
 
+    def to_file_content(self) -> Dict[str, Any]:
+        """What the state file holds: ``to_dict()`` serialised by ``torch.save`` (a uint8 tensor)
+        beside the sha256 of those bytes, which :meth:`load` checks."""
+        buffer = io.BytesIO()
+        torch.save(self.to_dict(), buffer)
+        payload = buffer.getvalue()
+        return {
+            "version": STATE_VERSION,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+        }
+
     @classmethod
     def load(cls, path: Path) -> Optional["AttackState"]:
         """The state saved at ``path`` (tensors-only load), or None when there is none.
 
-        DamagedFileError when the file exists but cannot be read as an attack state."""
+        DamagedFileError when the file exists but cannot be read as an attack state, or when its
+        contents do not match their sha256 checksum."""
         if not path.is_file():
             return None
         try:
             # torch.load, not Fabric's: a Fabric of several devices loads only once launched
-            return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+            content = torch.load(path, map_location="cpu", weights_only=True)
+            if content.get("version") != STATE_VERSION:
+                raise ValueError(f"attack state version {content.get('version')!r}, expected {STATE_VERSION}")
+            payload, checksum = content["payload"].numpy().tobytes(), content["sha256"]
         except Exception as err:  # any failure to read the state means it cannot be resumed
+            raise DamagedFileError(f"attack state {path} cannot be read: {err}") from None
+        if hashlib.sha256(payload).hexdigest() != checksum:
+            raise DamagedFileError(
+                f"attack state {path} is damaged: its contents do not match their sha256 checksum, so the attack "
+                "cannot continue from it"
+            )
+        try:
+            return cls.from_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
+        except Exception as err:
             raise DamagedFileError(f"attack state {path} cannot be read: {err}") from None
 
     @classmethod
@@ -354,13 +381,18 @@ class AttackLoop:
         )
 
     def _save(self, state: AttackState) -> None:
-        """Save ``state`` with Fabric (rank 0), to a temporary name then renamed into place."""
+        """Save ``state`` (with its checksum) with Fabric (rank 0), to a temporary name then renamed
+        into place; a failed save leaves no temporary file."""
         if self.state_path is None:
             return
         temporary = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}.tmp")
-        self.fabric.save(temporary, state.to_dict())
-        if self.fabric.is_global_zero:
-            os.replace(temporary, self.state_path)
+        try:
+            self.fabric.save(temporary, state.to_file_content())
+            if self.fabric.is_global_zero:
+                os.replace(temporary, self.state_path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def _evaluate(
         self,

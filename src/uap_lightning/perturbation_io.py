@@ -6,15 +6,19 @@ in 0–255 pixel units (values like ±10); ``read_perturbation`` turns any suppo
 into the project's form, refusing rather than guessing where a file is unclear.
 
 Files are read without unpickling: ``numpy.load(allow_pickle=False)`` and
-``torch.load(weights_only=True)``; a file that holds Python objects is refused.
+``torch.load(weights_only=True)``; a file that holds Python objects is refused, naming them. A
+``.npy`` header is checked against the file's size before any array is allocated.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Tuple
+from typing import Any, BinaryIO, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.io
@@ -22,7 +26,8 @@ import torch
 from torch import Tensor
 
 from uap_lightning.atomic import atomic_write
-from uap_lightning.errors import ConfigError, DamagedFileError, NotFoundError, UntrustedFileError
+from uap_lightning.errors import ConfigError, DamagedFileError, NotFoundError, UntrustedFileError, UserError
+from uap_lightning.models.checkpoint import SAFE_CHECKPOINT_GLOBALS, _unsafe_globals
 from uap_lightning.units import PIXEL_SCALE, to_pixel_units
 
 LAYOUTS = ("hwc", "chw")  # perturbation.layout: axis order of a 3-D array in the file
@@ -55,10 +60,12 @@ def read_perturbation_source(
     key: Optional[str] = None,
 ) -> Tensor:
     """:func:`read_perturbation` of a file, or of the ``perturbation.pt`` (C×H×W, [0,1] scale)
-    in a run folder of this project (``layout``, ``scale`` and ``key`` then do not apply)."""
+    in a run folder of this project (``layout``, ``scale`` and ``key`` then do not apply, and v is
+    read as the attack made it: an ℓ2 perturbation may hold entries beyond ±1, void once x+v is
+    clipped)."""
     path = Path(path)
     if path.is_dir():
-        return read_perturbation(path / RUN_FOLDER_FILE, shape=shape, layout="chw", scale=1)
+        return _read(path / RUN_FOLDER_FILE, shape, "chw", 1, None)[0]
     return read_perturbation(path, shape=shape, layout=layout, scale=scale, key=key)
 
 
@@ -87,15 +94,26 @@ def read_perturbation(
 
     ``scale`` (255 for 0–255 pixel units, 1 for [0,1] image scale; None infers it): max |v|
     > 1 means 255, else 1. Limit: a 0–255 perturbation whose every |value| is ≤ 1 is read
-    as [0,1]-scale, so pass ``scale=255`` for such a file.
+    as [0,1]-scale, so pass ``scale=255`` for such a file. No image changes by more than 255
+    pixel units, so a file holding |v| > 255 in its units is refused.
 
     ``shape`` (C, H, W), when given, must match the result; nothing is resized.
 
     Raises NotFoundError for a missing file, ConfigError for settings that do not fit the
-    file (suffix, key, layout, scale, shape), UntrustedFileError for pickled contents and
-    DamagedFileError for unreadable, non-numeric or non-finite contents.
+    file (suffix, key, layout, scale, shape, values beyond ±255 pixel units), UntrustedFileError
+    for pickled contents (naming the Python objects) and DamagedFileError for unreadable,
+    non-numeric or non-finite contents and for a header declaring more data than the file holds.
     """
-    path = Path(path)
+    v, source, used_scale = _read(Path(path), shape, layout, scale, key)
+    _check_range(v, source, used_scale, explicit=scale is not None)
+    return v
+
+
+def _read(
+    path: Path, shape: Optional[Tuple[int, int, int]], layout: Optional[str], scale: Optional[float], key: Optional[str]
+) -> Tuple[Tensor, str, float]:
+    """(the C×H×W [0,1]-scale tensor of :func:`read_perturbation`, a label naming the file and key,
+    the scale used), without the range check."""
     _check_settings(path, layout, scale)
     if not path.is_file():
         raise NotFoundError(
@@ -109,7 +127,27 @@ def read_perturbation(
             f"{_shape(v.shape)}, but C×H×W {_shape(shape)} is expected; use a perturbation of that size "
             "(nothing is resized), or set perturbation.layout=hwc|chw if the axes were misread"
         )
-    return (v / _scale_of(v, scale)).contiguous()
+    used_scale = _scale_of(v, scale)
+    return (v / used_scale).contiguous(), source, used_scale
+
+
+def _check_range(v: Tensor, source: str, scale: float, explicit: bool) -> None:
+    """ConfigError when the [0,1]-scale ``v`` (read from ``source`` in ``scale``) holds |v| > 1: more
+    than 255 pixel units, which no image can change by, so the file's units are not the ones read."""
+    peak = float(v.abs().max()) if v.numel() else 0.0
+    if peak <= 1.0:
+        return
+    if scale == 1.0:
+        raise ConfigError(
+            f"perturbation.scale=1 reads {source} in [0,1] scale, but its largest |value| is {peak:g}, beyond the "
+            "±1 an image can change by; set perturbation.scale=255 if the file is in 0–255 pixel units"
+        )
+    why = "perturbation.scale=255" if explicit else "inferred, as some |value| exceeds 1"
+    raise ConfigError(
+        f"{source} is read in 0–255 pixel units ({why}), but its largest |value| is {peak * scale:g}, beyond the ±255 "
+        "an image can change by: the file holds other units (e.g. 0–65535) or is damaged; save the perturbation "
+        "in 0–255 pixel units or in [0,1] scale"
+    )
 
 
 def write_perturbation_npy(path: str | os.PathLike, perturbation: Tensor) -> None:
@@ -145,15 +183,40 @@ def _load(path: Path, key: Optional[str]) -> Tuple[Any, str]:
 
 
 def _load_numpy(path: Path, key: Optional[str]) -> Tuple[np.ndarray, str]:
-    """The array of a ``.npy`` file, or the one ``key`` picks from a ``.npz`` archive."""
+    """The array of a ``.npy`` file, or the one ``key`` picks from a ``.npz`` archive; each header
+    is checked against the bytes that follow it before the array is read."""
     with _numpy_errors(path):
+        with open(path, "rb") as handle:
+            _check_data_size(handle, path.stat().st_size, str(path))
         loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         return loaded, str(path)
     with loaded:
         name, source = _pick({name: name for name in loaded.files}, key, path, "array")
+        member = f"{name}.npy" if f"{name}.npy" in loaded.zip.namelist() else name
         with _numpy_errors(path):
+            with loaded.zip.open(member) as handle:
+                _check_data_size(handle, loaded.zip.getinfo(member).file_size, source)
             return loaded[name], source
+
+
+def _check_data_size(handle: BinaryIO, size: int, source: str) -> None:
+    """DamagedFileError when the ``.npy`` header at the start of ``handle`` (``size`` bytes in all)
+    declares more data than follows it, so that a forged header allocates nothing; anything but a
+    ``.npy`` is left to numpy."""
+    if handle.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+        return
+    handle.seek(0)
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(handle)
+    needed = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and needed > size - handle.tell():
+        raise DamagedFileError(
+            f"perturbation file {source} is truncated or damaged: its header declares a {dtype} array of shape "
+            f"{_shape(shape)} ({needed} bytes of data), but the file holds {size} bytes; point perturbation.path "
+            "at an intact file"
+        )
 
 
 @contextmanager
@@ -161,6 +224,8 @@ def _numpy_errors(path: Path) -> Iterator[None]:
     """Turn numpy's failures to read ``path`` into UntrustedFileError or DamagedFileError."""
     try:
         yield
+    except UserError:
+        raise
     except Exception as err:  # numpy raises many types for a truncated or foreign file
         if _pickled(path, err):
             raise _untrusted(path) from None
@@ -182,12 +247,16 @@ def _load_mat(path: Path) -> Mapping[str, Any]:
 
 
 def _load_torch(path: Path, key: Optional[str]) -> Tuple[Tensor, str]:
-    """The tensor of a ``.pt``/``.pth`` file: the object itself, or a dict's tensor."""
+    """The tensor of a ``.pt``/``.pth`` file: the object itself, or a dict's tensor. Read tensors-only
+    with the checkpoint loader's allow-list; a file wanting other Python objects is refused, naming them."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a raw pickle: read or refused anyway
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(str(path), err)
+        raise (_untrusted(path, unsafe) if unsafe else _damaged(path, err)) from None
     except Exception as err:  # torch raises many types for a truncated or foreign file
-        if "Unsupported global" in str(err):
-            raise _untrusted(path) from None
         raise _damaged(path, err) from None
     if isinstance(obj, Tensor):
         return obj, str(path)
@@ -281,10 +350,13 @@ def _pickled(path: Path, err: BaseException) -> bool:
         return f.read(1) == _PICKLE_START
 
 
-def _untrusted(path: Path) -> UntrustedFileError:
+def _untrusted(path: Path, names: Sequence[str] = ()) -> UntrustedFileError:
+    """The error for a file holding pickled objects (``names``: the globals it refers to, when known)."""
+    named = f" ({', '.join(names[:5])})" if names else ""
     return UntrustedFileError(
-        f"perturbation file {path} holds pickled Python objects, which could run code when loaded, so it is "
-        "refused; save the perturbation as a plain numeric array (e.g. np.save(PATH, v.astype(np.float32)))"
+        f"perturbation file {path} holds pickled Python objects{named}, which could run code when loaded, so it is "
+        "refused as untrusted; save the perturbation as a plain numeric array (e.g. np.save(PATH, "
+        "v.astype(np.float32)) or torch.save(v, PATH) of the tensor alone)"
     )
 
 

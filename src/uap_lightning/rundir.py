@@ -2,20 +2,24 @@
 
 Only the files and folders runs write are moved (never anything else a user keeps there),
 into ``<run dir>/stale/<time>/``, which reports skip. Hydra's ``.hydra/`` and the job log
-belong to the starting run and stay.
+belong to the starting run and stay. The folder is made (or refused, naming its setting)
+before any work, and a job that fails for want of space removes what it wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Optional
 
 from uap_lightning.atomic import atomic_write_text
+from uap_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,50 @@ RUN_OUTPUTS = (
     "mlflow.db",
     "mlartifacts",
 )
+
+
+def make_folder(path: str | os.PathLike, key: str) -> None:
+    """Make the folder ``path`` that the setting ``key`` (``hydra.run.dir``, ``hydra.sweep.dir``) names,
+    with its parents, and check that a file can be written there; ConfigError naming ``key``, the
+    reason and what to change when it cannot."""
+    path = Path(path).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else f"{err.strerror} ({err.filename or path})"
+        raise ConfigError(
+            f"{key}={path} cannot be made or written to: {reason}; set {key} to a folder you can write to"
+        ) from None
+
+
+def discard_outputs_since(run_dir: Path, since: float) -> None:
+    """Remove the outputs (files of :data:`RUN_OUTPUTS`, recursively) that a failed job wrote into
+    ``run_dir`` at or after ``since`` (``time.time()``, whole seconds count), so that none is taken
+    for a finished run's, and the folders this leaves empty. The attack state (complete by
+    construction, checksummed) stays so that the same command continues; outputs of earlier runs
+    stay too. Best effort: a file that cannot be removed is left."""
+    since = float(int(since))  # file systems that keep whole seconds
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if name == STATE_FILE or not path.exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            for folder, _, files in os.walk(path, topdown=False):
+                for file_name in files:
+                    _remove_if_newer(Path(folder) / file_name, since)
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only when empty
+        else:
+            _remove_if_newer(path, since)
+
+
+def _remove_if_newer(path: Path, since: float) -> None:
+    with contextlib.suppress(OSError):
+        if path.lstat().st_mtime >= since:
+            path.unlink()
 
 
 def earlier_outputs(run_dir: Path) -> list:

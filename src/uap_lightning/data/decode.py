@@ -30,7 +30,8 @@ def load_rgb(path: str, image_size: int, resize: Optional[int], max_pixels: Opti
 
     The shorter side is resized (bilinear, antialiased) to ``resize`` when given, or up to
     ``image_size`` when it is smaller; then the center square is cropped (torchvision's
-    ``resize`` and ``center_crop``). Grey and palette images are converted to RGB. An image of more
+    ``resize`` and ``center_crop``). Grey and palette images are converted to RGB; 16-bit grey
+    (PIL modes ``I;16*``) is scaled from 0–65535 to 0–255 first. An image of more
     than ``max_pixels`` pixels (None: PIL's decompression-bomb limit) is refused before decoding.
     """
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -41,6 +42,8 @@ def load_rgb(path: str, image_size: int, resize: Optional[int], max_pixels: Opti
                     f"image {path} has {image.width}×{image.height} pixels, more than data.max_image_pixels={limit} "
                     "(a guard against decompression bombs); raise data.max_image_pixels for a file you trust"
                 )
+            if image.mode.startswith("I;16"):  # convert("RGB") would clip 0–65535 at 255
+                image = Image.fromarray(np.rint(np.asarray(image, dtype=np.float32) / 257).astype(np.uint8))
             image = image.convert("RGB")
     except Image.DecompressionBombError as err:
         raise ConfigError(f"image {path}: {err}; raise data.max_image_pixels for a file you trust") from None

@@ -2,13 +2,16 @@
 
 Every file is decoded once to RGB, its shorter side resized to ``data.resize`` (when set)
 and the center ``data.image_size`` square cropped; the uint8 result is cached on disk.
+Symbolic links are followed; one that leads back to itself is refused, naming it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import hashlib
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from uap_lightning.errors import ConfigError, DataNotFoundError
+from uap_lightning.errors import ConfigError, DamagedFileError, DataNotFoundError
 
 from . import cache
 from .base import Splits, UAPDataModule, config_value, register_dataset
@@ -42,9 +45,28 @@ def _shown(names: Sequence[str], limit: int = 100) -> str:
     return listed if len(names) <= limit else f"{listed}, ... ({len(names)} in all)"
 
 
+def _mode(path: str | os.PathLike) -> int:
+    """The file type bits of ``path``, links followed (0 when it does not exist or cannot be
+    reached); DamagedFileError naming a symbolic link that leads back to itself."""
+    try:
+        return os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DamagedFileError(
+                f"{path} is a symbolic link that leads back to itself (a loop); remove it or point it at an "
+                "image or a folder"
+            ) from None
+        return 0
+
+
+def is_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder, links followed (see :func:`_mode` for a link loop)."""
+    return stat.S_ISDIR(_mode(path))
+
+
 def _class_folders(split_dir: Path) -> List[str]:
     with os.scandir(split_dir) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        return sorted(e.name for e in entries if not e.name.startswith(".") and is_folder(e.path))
 
 
 def _image_names(class_dir: Path) -> List[str]:
@@ -52,9 +74,9 @@ def _image_names(class_dir: Path) -> List[str]:
         return sorted(
             e.name
             for e in entries
-            if e.is_file()
-            and not e.name.startswith(".")
+            if not e.name.startswith(".")
             and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            and stat.S_ISREG(_mode(e.path))
         )
 
 
@@ -103,7 +125,7 @@ class ImageFolderDataModule(UAPDataModule):
         if root is None:
             raise ConfigError(f"data.root is not set: point it at a folder laid out as {self.layout}")
         path = Path(os.path.expanduser(str(root))).absolute()
-        if not path.is_dir():
+        if not is_folder(path):
             raise DataNotFoundError(
                 f"data.root {path} does not exist; put the images there ({self.layout}), point data.root at them, "
                 "or set UAP_DATA_DIR to the folder that holds the data folders"
@@ -113,10 +135,10 @@ class ImageFolderDataModule(UAPDataModule):
     @staticmethod
     def _split_dirs(root: Path) -> Tuple[Path, Path]:
         train_dir = root / "train"
-        if not train_dir.is_dir():
+        if not is_folder(train_dir):
             raise DataNotFoundError(f"data.root {root} has no train/ folder; expected {LAYOUT}")
         for name in ("test", "val"):
-            if (root / name).is_dir():
+            if is_folder(root / name):
                 return train_dir, root / name
         raise DataNotFoundError(
             f"data.root {root} has neither a test/ nor a val/ folder; expected {LAYOUT}"

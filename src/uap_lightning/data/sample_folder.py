@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from uap_lightning.errors import ConfigError, DamagedFileError, DataNotFoundError
 
 from .base import Splits, config_value, register_dataset
-from .imagefolder import ImageFolderDataModule
+from .imagefolder import ImageFolderDataModule, is_folder
 from .sampling import balanced_indices
 from .tensor_dataset import to_float
 
@@ -45,7 +45,7 @@ class SampleFolderDataModule(ImageFolderDataModule):
     layout = LAYOUT
 
     def _split_folder(self, root: Path) -> Path:
-        return root / SPLIT_FOLDER if (root / SPLIT_FOLDER).is_dir() else root
+        return root / SPLIT_FOLDER if is_folder(root / SPLIT_FOLDER) else root
 
     def load_splits(self) -> Splits:
         root = self._root()
@@ -53,12 +53,14 @@ class SampleFolderDataModule(ImageFolderDataModule):
         classes = self._classes(folder, folder)
         files = self._list_split(root, folder, classes)
         self.check_sizes(len(files), 0)
+        names = self._readable_names(root, classes)
         tensors = self._decoded(root, {"train": files}, classes)
         images, labels = tensors["train_images"], tensors["train_labels"]
-        return Splits(images, labels, images[:0], labels[:0], self._readable_names(root, classes))
+        return Splits(images, labels, images[:0], labels[:0], names)
 
     def _readable_names(self, root: Path, folders: List[str]) -> List[str]:
-        """Class names from ``data.class_names_file`` (folder → name), else the folder names."""
+        """Class names from ``data.class_names_file`` (folder → name), else the folder names.
+        DamagedFileError when the file names a folder (wnid) or an index on two lines."""
         file_name = config_value(self.cfg, "class_names_file")
         if file_name is None:
             return list(folders)
@@ -70,7 +72,10 @@ class SampleFolderDataModule(ImageFolderDataModule):
                 rows = list(csv.reader(handle, delimiter="\t"))
         except (OSError, UnicodeDecodeError) as err:
             raise DamagedFileError(f"cannot read data.class_names_file {path}: {err}") from None
-        names = {row[1]: row[2] for row in rows[1:] if len(row) >= 3}
+        entries = [(line, row) for line, row in enumerate(rows[1:], start=2) if len(row) >= 3]
+        for column, what in ((0, "index"), (1, "wnid")):
+            _refuse_duplicates(path, [(row[column], line) for line, row in entries], what)
+        names = {row[1]: row[2] for _, row in entries}
         missing = [folder for folder in folders if folder not in names]
         if missing:
             raise DamagedFileError(
@@ -127,6 +132,19 @@ class SampleFolderDataModule(ImageFolderDataModule):
     @property
     def eval_source(self) -> str:
         return "images not in X"
+
+
+def _refuse_duplicates(path: Path, ids: List[Tuple[str, int]], what: str) -> None:
+    """DamagedFileError naming the first ``what`` (an index or a wnid) that two lines of ``path`` share;
+    ``ids`` holds (id, line number) pairs."""
+    first_line = {}
+    for value, line in ids:
+        if value in first_line:
+            raise DamagedFileError(
+                f"data.class_names_file {path} names {what} {value} on lines {first_line[value]} and {line}; "
+                f"keep one line per {what} (fix the file or set data.class_names_file=null)"
+            )
+        first_line[value] = line
 
 
 def no_training_split_message(data_cfg: Any) -> str:

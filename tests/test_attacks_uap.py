@@ -312,9 +312,9 @@ def test_run_passes_history_callback_and_stopping():
     assert indices == [0, 1, 2]
     assert [i for i, _, _ in seen] == [1, 2, 3]
     assert result.fooling_rate == pytest.approx(0.6) and seen[-1][1] == result.fooling_rate
-    keys = {"pass", "fooling_rate_attack_set", "updates", "mean_deepfool_iterations", "seconds"}
+    keys = {"pass", "fooling_rate_attack_set", "updates", "mean_inner_iterations", "seconds"}
     assert set(result.history[0]) == keys
-    assert result.history[0]["mean_deepfool_iterations"] == 2.0
+    assert result.history[0]["mean_inner_iterations"] == 2.0
     torch.testing.assert_close(result.perturbation, torch.full((1, 2, 2), 0.3))
 
 

@@ -260,7 +260,7 @@ class AttackLoop:
                         self.settings.rate_on_x_key: report.fooling_rate,
                         "clean_accuracy": clean_accuracy,
                         "updates": report.stats.updates,
-                        "mean_deepfool_iterations": report.stats.mean_iterations,
+                        "mean_inner_iterations": report.stats.mean_iterations,
                         "seconds": pass_seconds,
                         "attack_seconds": elapsed,
                         "kept_pass": report.kept.pass_index,

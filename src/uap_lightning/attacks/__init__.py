@@ -2,7 +2,7 @@
 
 from uap_lightning.attacks.base import PassStats, UniversalAttack
 from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
-from uap_lightning.attacks.deepfool_uap import BatchedDeepFoolUAP, DeepFoolUAP
+from uap_lightning.attacks.deepfool_uap import AlgorithmOne, BatchedDeepFoolUAP, DeepFoolUAP
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, SingleProcess, TorchDistributed
 from uap_lightning.attacks.driver import (
     KeptPerturbation,
@@ -12,15 +12,25 @@ from uap_lightning.attacks.driver import (
     run_passes,
 )
 from uap_lightning.attacks.engines import ENGINES, build_engine, engine_class, import_engine_modules, register_engine
+from uap_lightning.attacks.inner import (
+    INNER_ATTACKS,
+    InnerAttack,
+    InnerOptions,
+    InnerResult,
+    inner_class,
+    register_inner,
+)
 from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
 from uap_lightning.attacks.projections import dual_norm, dual_step, lp_norm, project_lp
 from uap_lightning.attacks.settings import KEEP_CHOICES, AttackSettings
 from uap_lightning.attacks.sgd_uap import SGDUAP
+from uap_lightning.attacks.gd_uap import GDUAP  # after SGD-UAP: ENGINES keeps the engines in import order
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 
 import_engine_modules()  # an engine module added to this package registers itself
 
 __all__ = [
+    "AlgorithmOne",
     "AttackSettings",
     "BatchedDeepFoolUAP",
     "CompiledPredictions",
@@ -30,6 +40,11 @@ __all__ = [
     "DeepFoolResult",
     "DeepFoolUAP",
     "ENGINES",
+    "GDUAP",
+    "INNER_ATTACKS",
+    "InnerAttack",
+    "InnerOptions",
+    "InnerResult",
     "PassStats",
     "Reducer",
     "SINGLE_PROCESS",
@@ -48,10 +63,12 @@ __all__ = [
     "engine_class",
     "folded_copy",
     "frozen_eval",
+    "inner_class",
     "lp_norm",
     "model_device",
     "parse_p",
     "project_lp",
     "register_engine",
+    "register_inner",
     "run_passes",
 ]

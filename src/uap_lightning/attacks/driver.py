@@ -112,7 +112,7 @@ def run_passes(
     kept perturbation of earlier passes when resuming. After each pass the rate on X is measured,
     the kept perturbation updated (``settings.keep``: "best" or "last"; selection looks at X
     only), a history entry (pass, the rate on X under ``settings.rate_on_x_key``, updates,
-    mean_deepfool_iterations, seconds of the pass and its evaluation) appended and ``on_pass_end(PassReport)`` called. The
+    mean_inner_iterations, seconds of the pass and its evaluation) appended and ``on_pass_end(PassReport)`` called. The
     model is kept in eval mode with frozen parameters meanwhile; the engine runs on its
     batch-norm-folded copy (:func:`folded_copy`), whose predictions run compiled when
     ``settings.compile`` (:class:`CompiledPredictions`; compiling counts in the passes' seconds).
@@ -186,7 +186,7 @@ def run_passes(
                     "pass": passes,
                     settings.rate_on_x_key: rate,
                     "updates": stats.updates,
-                    "mean_deepfool_iterations": stats.mean_iterations,
+                    "mean_inner_iterations": stats.mean_iterations,
                     "seconds": time.perf_counter() - started,
                 }
             )

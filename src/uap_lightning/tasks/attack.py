@@ -99,7 +99,7 @@ _HISTORY_KEYS = (
     "norm_l2",
     "norm_linf",
     "updates",
-    "mean_deepfool_iterations",
+    "mean_inner_iterations",
     "seconds",
     "targeted_success_rate",
     "targeted_success_rate_attack_set",

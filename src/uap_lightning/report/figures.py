@@ -382,7 +382,8 @@ def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figur
     ax.bar(range(len(classes)), heights, color=colours)
     margin = max(0, MIN_BAR_SLOTS - len(classes)) / 2
     ax.set_xlim(-0.5 - margin, len(classes) - 0.5 + margin)
-    ax.set_ylim(0.0, 1.05)
+    # the axis ends a tenth above the tallest bar (on the 10% grid): small shares stay readable
+    ax.set_ylim(0.0, min(1.05, math.ceil(10 * max(heights, default=0.0) + 1e-9) / 10 + 0.05))
     names = [_name(class_names, k) for k in classes]
     crowded = len(names) * max(map(len, names), default=0) > TICK_CHARS  # would the names overlap side by side?
     ax.set_xticks(range(len(classes)))

@@ -1,6 +1,6 @@
 """Image-file data decoded at the input a pretrained victim was evaluated on.
 
-A pretrained timm model declares its input (side S, centre-crop share c): image-folder data then
+A pretrained timm model or EfficientNet-Lite declares its input (side S, centre-crop share c): image-folder data then
 takes ``data.image_size`` = S and ``data.resize`` = ⌊S / c⌋ (when the preset resizes), unless the
 command line sets them. Resolved once, before any data is read.
 """
@@ -30,6 +30,11 @@ def command_line_keys() -> FrozenSet[str]:
     return frozenset(str(o).split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
 
 
+def victim_label(model_cfg: DictConfig) -> str:
+    """``model.arch=NAME`` for a model built by name (timm, torchvision), else ``model=PRESET``."""
+    return f"model.arch={model_cfg.arch}" if model_cfg.get("arch") else f"model={model_cfg.name}"
+
+
 def fit_data_to_victim(cfg: DictConfig, given: Collection[str] = ()) -> Optional[Preprocessing]:
     """Set ``cfg.data.image_size`` and ``cfg.data.resize`` (in place) to the input the run's
     pretrained victim was evaluated on, when the data is decoded from image files; keys in
@@ -46,7 +51,7 @@ def fit_data_to_victim(cfg: DictConfig, given: Collection[str] = ()) -> Optional
         f"; it was evaluated on {declared.interpolation}-resized images, the data is resized {_DATA_DECODE_FILTER}"
     )
     log.info(
-        "data.image_size=%d, data.resize=%s for model.arch=%s (its pretrained input: %d px, centre crop %.3f%s)",
-        cfg.data.image_size, cfg.data.resize, cfg.model.arch, declared.image_size, declared.crop_pct, filters,
+        "data.image_size=%d, data.resize=%s for %s (its pretrained input: %d px, centre crop %.3f%s)",
+        cfg.data.image_size, cfg.data.resize, victim_label(cfg.model), declared.image_size, declared.crop_pct, filters,
     )
     return declared

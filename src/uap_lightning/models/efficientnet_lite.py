@@ -33,6 +33,12 @@ class LiteVariant:
     weights_class: str
     native_size: int
 
+    @property
+    def crop_pct(self) -> float:
+        """The share of the resized side its evaluation crop keeps: EfficientNet's evaluation
+        resizes to the native size plus 32 pixels (224 of 256, 240 of 272, 260 of 292)."""
+        return round(self.native_size / (self.native_size + 32), 3)
+
 
 VARIANTS: Dict[str, LiteVariant] = {
     f"efficientnet_lite{k}": LiteVariant(

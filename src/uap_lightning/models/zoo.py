@@ -82,9 +82,14 @@ def output_classes(cfg: Any, num_classes: int) -> int:
 
 def model_preprocessing(cfg: Any) -> Optional[Preprocessing]:
     """The input the pretrained weights of ``cfg`` expect (normalisation, image size), for models
-    whose weights declare it (pretrained timm models); None otherwise."""
+    whose weights declare it (pretrained timm models, from their pretrained config; the
+    EfficientNet-Lites, at their native size with inputs in [−1, 1]); None otherwise."""
     if cfg.name == "timm" and bool(cfg.pretrained):
         return timm_preprocessing(_require_arch(cfg))
+    if cfg.name in LITE_VARIANTS and bool(cfg.pretrained):
+        variant = LITE_VARIANTS[cfg.name]
+        return Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_size=variant.native_size,
+                             crop_pct=variant.crop_pct, interpolation="bilinear")
     return None
 
 

@@ -197,6 +197,25 @@ class Setup:
             self._victims[key] = victim
         return self._victims[key]
 
+    def at_input(self, image_size: int, resize: Optional[int]) -> "Setup":
+        """This setup with its images decoded again at ``image_size`` pixels (after resizing the
+        shorter side to ``resize``; None: the preset's resizing), for a victim that expects that
+        input: the same photographs in X and the eval set, the same victims. Image-file data only."""
+        cfg = self.cfg.copy()
+        cfg.data.image_size = int(image_size)
+        if resize is not None:
+            cfg.data.resize = int(resize)
+        moved = prepare(cfg, self.attack)
+        if not (torch.equal(moved.attack_labels, self.attack_labels) and torch.equal(moved.eval_labels, self.eval_labels)):
+            raise RuntimeError(f"decoding {cfg.data.name} at {image_size} px drew other images; this is a bug")
+        moved._victims = self._victims
+        return moved
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images, pixels."""
+        return int(self.eval_images.shape[-1])
+
     def labels_for(self, victim: Victim, labels: Tensor) -> Tensor:
         """``labels`` (the data's classes, int64) in ``victim``'s output indices: an ImageNet head
         predicts over all class folders, so its labels are the folders' positions."""

@@ -3,7 +3,8 @@ victim fools the others.
 
 Each perturbation (computed on each victim of ``task.victims`` with the run's attack settings,
 or read from the files or run folders of ``task.perturbations``) is scored on every victim's eval-set
-predictions. Writes ``transfer.csv`` (rows: where the perturbation comes from; columns: the
+predictions. On image-file data each pretrained victim that declares its input size sees the
+photographs at that size (``task.native_sizes``); a perturbation of another size is resized to it. Writes ``transfer.csv`` (rows: where the perturbation comes from; columns: the
 victim; a last row: each victim's random ℓp baseline), ``transfer.png``, the computed
 perturbations under ``perturbations/`` and ``metrics.json``.
 """
@@ -19,14 +20,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
 from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write, atomic_write_text
-from uap_lightning.attacks import AttackSettings
+from uap_lightning.attacks import AttackSettings, ThreatModel, project_lp
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.config import TaskConfig, model_preset
+from uap_lightning.data import ImageFolderDataModule, dataset_class
+from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report.figures import transfer_figure
@@ -53,6 +57,10 @@ class TransferTaskConfig(TaskConfig):
     # perturbation files (read as ``perturbation`` says) or run folders holding perturbation.pt;
     # empty: compute one on each victim
     perturbations: List[str] = field(default_factory=list)
+    # image-file data: each pretrained victim that declares its input size (EfficientNet-Lite1 240 px,
+    # timm models) sees the photographs decoded at that size, and perturbations of another size are
+    # resized to it (bilinear) and projected onto the ε-ball; false: every victim at data.image_size
+    native_sizes: bool = True
 
 
 def check(cfg: DictConfig, attack: AttackSettings) -> None:
@@ -100,6 +108,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     victim_labels = _labels([c.name for c in configs])
     victims: List[Victim] = [setup.victim(c, log_training=False) for c in configs]
     shape = tuple(setup.eval_images.shape[1:])
+    inputs = _victim_inputs(setup, configs)  # the setup each victim is scored on
 
     if cfg.task.perturbations:
         read = [_read_perturbation(Path(source), shape, cfg.perturbation) for source in cfg.task.perturbations]
@@ -112,26 +121,30 @@ def run(setup: Setup) -> Dict[str, Any]:
         computed_on = list(victim_labels)
         title = f"{setup.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
         perturbations = []
-        for label, victim in zip(victim_labels, victims):
-            log.info("computing a perturbation on %s ...", label)
-            perturbations.append(universal_perturbation(setup, victim.net).perturbation)
+        for label, victim, own in zip(victim_labels, victims, inputs):
+            log.info("computing a perturbation on %s (%d px) ...", label, own.image_size)
+            perturbations.append(universal_perturbation(own, victim.net).perturbation)
         for label, v in zip(source_labels, perturbations):
             path = setup.output_dir / PERTURBATIONS_DIR / f"{label}.pt"
             atomic_write(path, lambda f, v=v: torch.save(v.contiguous(), f))
 
-    cleans = [setup.predict(victim.net, setup.eval_images) for victim in victims]
+    cleans = [own.predict(victim.net, own.eval_images) for victim, own in zip(victims, inputs)]
     table = pd.DataFrame(
-        [[eval_fooling_rate(setup, victim.net, v, clean) for victim, clean in zip(victims, cleans)] for v in perturbations],
+        [
+            [eval_fooling_rate(own, victim.net, fit_to_size(v, own.image_size, threat), clean)
+             for victim, own, clean in zip(victims, inputs, cleans)]
+            for v in perturbations
+        ],
         index=[f"perturbation from {label}" for label in source_labels],
         columns=victim_labels,
     )
     random_rates, accuracies = {}, {}
-    for label, victim, clean in zip(victim_labels, victims, cleans):
-        accuracies[label] = metrics.accuracy(clean, setup.eval_labels_for(victim))
+    for label, victim, own, clean in zip(victim_labels, victims, inputs, cleans):
+        accuracies[label] = metrics.accuracy(clean, own.eval_labels_for(victim))
         random_rates[label] = mean_fooling_rate(
-            lambda noise, net=victim.net: setup.predict(net, setup.eval_images, noise),
+            lambda noise, net=victim.net, own=own: own.predict(net, own.eval_images, noise),
             clean,
-            shape,
+            tuple(own.eval_images.shape[1:]),
             threat.eps,
             threat.p,
             torch.Generator().manual_seed(setup.seed + 1),
@@ -148,11 +161,40 @@ def run(setup: Setup) -> Dict[str, Any]:
         "clean_accuracy": accuracies,
         "victim_accuracy": {label: v.test_accuracy for label, v in zip(victim_labels, victims)},
         "victims": victim_labels,
+        "input_size": {label: own.image_size for label, own in zip(victim_labels, inputs)},
         "sources": source_labels,
         "perturbation_folders": list(cfg.task.perturbations),
     }
     return setup.finish(results, "fooling rates (rows: perturbation; columns: victim)", table,
                         figures={TRANSFER_FIGURE: figure}, scalars=_scalars(table, results))
+
+
+def _victim_inputs(setup: Setup, configs: List[Any]) -> List[Setup]:
+    """The setup each victim of ``configs`` is scored on: the run's, or with ``task.native_sizes``
+    on image-file data, the run's photographs decoded at the input size the victim's pretrained
+    weights declare (one setup per size)."""
+    native = setup.cfg.task.native_sizes and issubclass(dataset_class(setup.cfg.data.name), ImageFolderDataModule)
+    by_size = {setup.image_size: setup}
+    inputs = []
+    for config in configs:
+        declared = model_preprocessing(config) if native else None
+        if declared is not None and declared.image_size not in by_size:
+            resize = declared.resize_for(declared.image_size) if setup.cfg.data.get("resize") is not None else None
+            log.info("decoding the photographs at %d px (resize %s) for model=%s", declared.image_size, resize, config.name)
+            by_size[declared.image_size] = setup.at_input(declared.image_size, resize)
+        inputs.append(by_size[declared.image_size] if declared is not None else setup)
+    return inputs
+
+
+def fit_to_size(v: Tensor, size: int, threat: ThreatModel) -> Tensor:
+    """``v`` (C×H×W, [0,1] scale) at ``size``×``size`` pixels: resized bilinearly (antialiased when
+    shrinking) when its size differs, then projected onto ``threat``'s ℓp ball (an ℓ2 or ℓ1 norm
+    grows with the pixel count)."""
+    if tuple(v.shape[-2:]) == (size, size):
+        return v
+    resized = F.interpolate(v.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False,
+                            antialias=size < v.shape[-1])[0]
+    return project_lp(resized, threat.radius, threat.p)
 
 
 def _scalars(table: pd.DataFrame, results: Dict[str, Any]) -> Dict[str, float]:

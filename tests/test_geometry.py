@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from matplotlib.image import imread
@@ -131,6 +132,9 @@ def test_geometry_task_on_digits(make_cfg, tmp_path):
     assert m["normals_energy"]["5"] > 2 * m["random_energy"]["5"]  # the normals' singular values decay faster
     assert imread(run_dir / "geometry.png").shape[:2] == (840, 2200)
     assert (run_dir / "geometry.pdf").is_file()
+    table = pd.read_csv(run_dir / "geometry.csv")
+    assert table["k"].tolist() == [2, 5, 60] and table["subspace"].tolist() == pytest.approx(
+        [m["subspace_fooling_rate"][k]["mean"] for k in ("2", "5", "60")], abs=1e-3)
     assert json.loads((run_dir / "metrics.json").read_text())["subspace_fooling_rate"] == m["subspace_fooling_rate"]
 
     again = make_cfg(*SMALL, "task=geometry", "task.ks=[2,5,100]", "task.images=60", "task.draws=2")

@@ -7,7 +7,8 @@ many random unit vectors, and the fooling rate on the eval set of a random vecto
 from the span of N's top-k singular vectors (k of ``task.ks``) with that of a random vector of the
 same norm drawn from the whole space, each the mean of ``task.draws`` seeded draws. For p ≠ 2 each
 vector is drawn uniformly on the unit ℓ2 sphere of its space and then scaled to ‖·‖p = ε (the
-paper's setting is ℓ2). Writes ``geometry.png``, ``geometry.pdf`` and ``metrics.json``.
+paper's setting is ℓ2). Writes ``geometry.csv`` (a row per k), ``geometry.png``, ``geometry.pdf``
+and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from uap_lightning import metrics
+from uap_lightning.atomic import atomic_write_text
 from uap_lightning.attacks import AttackSettings
 from uap_lightning.attacks.deepfool import DeepFoolOptions
 from uap_lightning.attacks.geometry import (
@@ -43,6 +45,7 @@ from uap_lightning.tasks.setup import Setup, Task
 log = logging.getLogger(__name__)
 
 GEOMETRY_FIGURE = "geometry"  # geometry.png and geometry.pdf
+GEOMETRY_CSV = "geometry.csv"
 
 
 @dataclass
@@ -199,6 +202,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     title = (f"fooling rate on {len(setup.eval_images)} eval images of random {threat.symbol} vectors of norm "
              f"ε={threat.eps:g} from the top-k singular subspace of {n} boundary normals vs the whole space "
              f"(mean ± std of {draws} draws)")
+    atomic_write_text(setup.output_dir / GEOMETRY_CSV, table.to_csv())
     return setup.finish(results, title, table, figures={GEOMETRY_FIGURE: figure})
 
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 import uap_lightning
 from uap_lightning.config import register_configs
+from uap_lightning.tasks import task_schemas
 
 CONF_DIR = Path(uap_lightning.__file__).parent / "conf"
 
@@ -20,7 +21,7 @@ QUIET = ("extras.progress_bar=false", "trainer.enable_progress_bar=false")
 
 def compose_config(overrides: Sequence[str], root: Path, config_name: str = "config") -> DictConfig:
     """The run (or ``config_name="bench"``) config for ``overrides``, with every path inside ``root``."""
-    register_configs()
+    register_configs(task_schemas())
     paths = (
         f"paths.root_dir={root}",
         f"paths.data_dir={root / 'data'}",

@@ -98,7 +98,7 @@ def test_targeted_reports_the_targeted_success_rate():
         (dict(eps=-1), "attack.eps"),
         (dict(p=3), "attack.p must be one of 1, 2, inf"),
         (dict(method="fgsm"), "attack.method must be one of"),
-        (dict(target_class=10), r"target_class must be an integer in \[0, 9\]"),
+        (dict(target_class=10), r"target_class=10 is not one of the 10 classes \(0 to 9\)"),
     ],
 )
 def test_rejects_bad_input_with_clear_messages(bad, message):

@@ -138,3 +138,15 @@ def test_an_eps_in_image_scale_is_named_with_its_pixel_value(make_cfg, caplog):
     with caplog.at_level(logging.WARNING):
         resolve_threat(make_cfg("attack.eps=0.03", "attack.p=inf"))
     assert "attack.eps=7.65 (0.03 × 255 ≈ 8)" in caplog.text and "attack.eps_scale=1" in caplog.text
+
+
+def test_the_default_eps_is_one_lookup_for_any_spelling_of_p(make_cfg):
+    """Left out, attack.eps resolves to the data preset's ε for attack.p however p is written, and
+    the run's threat model is that same ε (what --cfg job --resolve shows is what runs)."""
+    from uap_lightning.validation import resolve_threat
+
+    for spelling in ("2", "2.0"):
+        cfg = make_cfg(f"attack.p={spelling}")
+        assert cfg.attack.eps == cfg.data.default_eps["2"]
+        assert resolve_threat(cfg).eps == cfg.data.default_eps["2"]
+    assert make_cfg("attack.p=inf").attack.eps == make_cfg("attack.p=Infinity").attack.eps

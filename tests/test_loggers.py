@@ -21,6 +21,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from conftest import CONF_DIR, compose_config
 from uap_lightning.config import register_configs
+from uap_lightning.tasks import task_schemas
 from uap_lightning.console import print_config_tree
 from uap_lightning.errors import ConfigError
 from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, run_hparams
@@ -175,7 +176,7 @@ def test_attack_hparams_are_the_key_settings_typed_without_nulls(attack_run):
 def sweep_job():
     """``sweep_job(overrides)``: the run config of a multirun job with ``overrides``, Hydra's job
     settings in place (as inside a sweep) until the test ends."""
-    register_configs()
+    register_configs(task_schemas())
 
     def job(overrides):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

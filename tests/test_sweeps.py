@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR
 from uap_lightning.config import register_configs
+from uap_lightning.tasks import task_schemas
 
 SMALL = ("trainer.max_epochs=3", "data.attack_images=100", "attack.max_passes=1")
 
@@ -26,7 +27,7 @@ def cli(tmp_path: Path, *arguments: str, timeout: int = 600) -> subprocess.Compl
 
 
 def hydra_config(*overrides: str):
-    register_configs()
+    register_configs(task_schemas())
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from uap_lightning import metrics
 from uap_lightning.attacks.driver import PassCallback, PassReport, UAPResult, run_passes
+from uap_lightning.attacks.base import checked_target_class
 from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.model_state import frozen_eval, model_device
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.errors import NonFiniteError
-from uap_lightning.units import EPS_SCALES, to_pixel_units
 
 Images = Union[Tensor, Iterable]
 RANGE_TOLERANCE = 1e-4
@@ -91,8 +91,7 @@ def compute_uap(
     settings.threat.check_fits(x.shape[1:], eps_key="eps")
     with frozen_eval(model):
         classes = check_logits(model, x)
-        if target_class is not None and target_class >= classes:
-            raise ValueError(f"target_class must be an integer in [0, {classes - 1}]; got {target_class!r}")
+        checked_target_class(target_class, classes, key="target_class")
         clean = metrics.predict(model, x, batch_size=settings.eval_batch_size, clip=settings.clip)
         with pass_bar(settings, verbose) as on_pass_end:
             return run_passes(model, settings, x, clean, on_pass_end=on_pass_end)
@@ -101,11 +100,9 @@ def compute_uap(
 def threat_of(eps: Any, p: Union[str, float], eps_scale: int) -> ThreatModel:
     """The threat model of an API call: ``eps`` in the units ``eps_scale`` says, checked; warns
     (UserWarning) when ε is under one 8-bit level in 0–255 units."""
-    if eps_scale not in EPS_SCALES:
-        raise ValueError(f"eps_scale must be 255 (eps in 0–255 pixel units) or 1 ([0,1] scale); got {eps_scale!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a number (0–255 pixel units, or [0,1] with eps_scale=1); got {eps!r}")
-    threat = ThreatModel.parse(to_pixel_units(float(eps)) if eps_scale == 1 else eps, p)
+    threat = ThreatModel.in_units(eps, p, eps_scale, eps_key="eps", scale_key="eps_scale")
     if threat.below_one_level:
         warnings.warn(threat.unit_advice("eps", "eps_scale"), UserWarning, stacklevel=3)
     return threat

@@ -14,12 +14,13 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Mapping, Optional, Type
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from uap_lightning.attacks import ENGINES, AttackSettings, UniversalAttack
+from uap_lightning.attacks.threat import p_name
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra tree, shipped inside the package
 
@@ -106,7 +107,7 @@ class TrainerConfig:
     num_nodes: Optional[int] = None  # None: 1
 
 
-DEFAULT_EPS: Any = "${oc.select:data.default_eps.${attack.p},null}"  # attack.eps when none is given
+DEFAULT_EPS: Any = "${uap_default_eps:}"  # attack.eps when none is given: see preset_eps
 
 
 @dataclass
@@ -232,10 +233,25 @@ def model_preset(entry: Any) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), changes)
 
 
-def default_eps(data_cfg: Any, p: str) -> Optional[float]:
-    """The data preset's default ε (0–255 units) for the norm named ``p`` ("inf", "2", "1"), or None."""
+def default_eps(data_cfg: Any, p: Any) -> Optional[float]:
+    """The data preset's default ε (0–255 units) for the norm ``p`` (anything ``attack.p`` takes:
+    inf, 2, 2.0, ...), or None. The one place a default ε is looked up: ``attack.eps`` left out
+    resolves to it (the ``uap_default_eps`` resolver), for ``--cfg job --resolve`` and the run alike."""
     defaults = data_cfg.default_eps or {}
-    return float(defaults[p]) if p in defaults else None
+    name = p_name(p)
+    return float(defaults[name]) if name in defaults else None
+
+
+def preset_eps(*, _root_: DictConfig) -> Optional[float]:
+    """The ``uap_default_eps`` resolver: :func:`default_eps` of the run's data and ``attack.p``
+    (None for a ``p`` that is not a norm: the settings check says so)."""
+    try:
+        return default_eps(_root_.data, _root_.attack.p)
+    except ValueError:
+        return None
+
+
+OmegaConf.register_new_resolver("uap_default_eps", preset_eps, replace=True)
 
 
 def safe_folder_name(text: str) -> str:
@@ -244,19 +260,18 @@ def safe_folder_name(text: str) -> str:
     return re.sub(r"\.\.+", "_", text.replace("/", "_").replace("\\", "_")) or "_"
 
 
-def register_configs() -> None:
+def register_configs(task_schemas: Mapping[str, type]) -> None:
     """Register the schemas: ``run_schema`` for the primary configs, ``<name>_schema`` in the
-    ``attack`` group for every engine and in the ``task`` group for every task; and the
-    ``uap_safe`` resolver."""
-    from uap_lightning.tasks import TASKS  # tasks import this module
-
+    ``attack`` group for every engine and in the ``task`` group for every task of
+    ``task_schemas`` (name → its :class:`TaskConfig` subclass, the entry's registry:
+    ``uap_lightning.tasks.task_schemas()``); and the ``uap_safe`` resolver."""
     OmegaConf.register_new_resolver("uap_safe", safe_folder_name, replace=True)
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     for name, schema in attack_schemas().items():
         store.store(group="attack", name=f"{name}_schema", node=schema)
-    for name, task in TASKS.items():
-        store.store(group="task", name=f"{name}_schema", node=task.schema)
+    for name, schema in task_schemas.items():
+        store.store(group="task", name=f"{name}_schema", node=schema)
 
 
 attack_schemas()  # every engine's schema a module attribute from the start (see attack_schema)

@@ -37,7 +37,7 @@ from uap_lightning.console import print_config_tree, quiet_libraries
 from uap_lightning.errors import ConfigError, UserError
 from uap_lightning.report.sweep import SweepSummaryCallback
 from uap_lightning.rundir import discard_outputs_since, make_folder, remove_if_only_hydra, write_failure
-from uap_lightning.tasks import TASKS, run_task
+from uap_lightning.tasks import TASKS, run_task, task_schemas
 from uap_lightning.threads import available_cores, set_threads
 from uap_lightning.validation import composition_error_message
 
@@ -214,7 +214,7 @@ def _full_error() -> bool:
 
 def entry(config_name: str) -> Any:
     """Run Hydra with ``config_name`` from the packaged configs, mapping outcomes to exit codes."""
-    register_configs()
+    register_configs(task_schemas())
     quiet_libraries()
     try:
         check_group_options(sys.argv[1:])

@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class
 from uap_lightning.attacks.threat import p_name
-from uap_lightning.config import attack_schemas, default_eps
+from uap_lightning.config import attack_schemas
 from uap_lightning.data import dataset_class
 from uap_lightning.data.sample_folder import no_training_split_message
 from uap_lightning.errors import ConfigError
@@ -23,7 +23,7 @@ from uap_lightning.loggers import check_targets
 from uap_lightning.models.layouts import renames
 from uap_lightning.models.zoo import IMAGENET_PRETRAINED, check_weights_source
 from uap_lightning.training import check_training_processes, resolve_adversarial
-from uap_lightning.units import EPS_SCALES, to_pixel_units
+from uap_lightning.units import to_pixel_units
 from uap_lightning.victim_input import command_line_keys, fit_data_to_victim
 
 log = logging.getLogger(__name__)
@@ -36,21 +36,25 @@ ATTACK_STRATEGIES = ("auto", "ddp_spawn")
 def check_schema(cfg: DictConfig) -> None:
     """Refuse keys the schema does not know, including those added with ``+`` (Hydra lets
     ``+key=value`` through a structured config), and an ``attack.method`` or ``task.name``
-    that differs from the preset chosen with ``attack=NAME`` / ``task=NAME``."""
-    from uap_lightning.tasks import TASKS  # tasks import this module
-
-    task_schemas = {name: task.schema for name, task in TASKS.items()}
-    for group, schemas, name_key in (("attack", attack_schemas(), "method"), ("task", task_schemas, "name")):
+    that differs from the preset chosen with ``attack=NAME`` / ``task=NAME`` (each preset's schema
+    names its engine or task in the default of that key)."""
+    for group, name_key in (("attack", "method"), ("task", "name")):
         node = cfg[group]
         chosen = node[name_key]
-        if chosen not in schemas:
-            raise ConfigError(f"{group}.{name_key}={chosen!r} is unknown; choose one of {', '.join(schemas)}")
-        if OmegaConf.get_type(node) is not schemas[chosen]:
+        preset = _schema_default(OmegaConf.get_type(node), name_key)
+        if chosen != preset:
+            known = f"; choose one of {', '.join(attack_schemas())}" if group == "attack" else ""
             raise ConfigError(
-                f"{group}.{name_key}={chosen} does not match the {group} preset; pick it with {group}={chosen} "
-                f"(its settings differ) instead of {group}.{name_key}={chosen}"
+                f"{group}.{name_key}={chosen} does not match the {group} preset ({group}={preset}); pick it with "
+                f"{group}={chosen} (its settings differ) instead of {group}.{name_key}={chosen}{known}"
             )
     _check_known_keys(cfg, "")
+
+
+def _schema_default(schema: Any, key: str) -> Any:
+    """The default of field ``key`` of the dataclass ``schema`` (None: not a dataclass or no such field)."""
+    fields = {f.name: f.default for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    return fields.get(key)
 
 
 def _check_known_keys(node: Any, prefix: str) -> None:
@@ -114,17 +118,15 @@ def resolve_threat(cfg: DictConfig) -> ThreatModel:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     given = not OmegaConf.is_interpolation(cfg.attack, "eps")  # not the data preset's default
-    eps = cfg.attack.eps if given else default_eps(cfg.data, p)
+    eps = cfg.attack.eps  # left out: the preset's (config.default_eps, through its resolver)
     if eps is None:
         raise ConfigError(
             f"attack.eps is not set and data={cfg.data.name} has no default ε for p={p}; "
             f"set attack.eps=<ε in 0–255 pixel units>"
         )
     scale = cfg.attack.eps_scale if given else 255  # the presets' defaults are in 0–255 units
-    if scale not in EPS_SCALES:
-        raise ConfigError(f"attack.eps_scale must be 255 (0–255 pixel units) or 1 ([0,1] scale); got {scale}")
     try:
-        threat = ThreatModel.parse(to_pixel_units(float(eps)) if scale == 1 else eps, cfg.attack.p)
+        threat = ThreatModel.in_units(eps, cfg.attack.p, scale)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if threat.below_one_level:

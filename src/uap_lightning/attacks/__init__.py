@@ -1,6 +1,6 @@
 """Universal adversarial perturbation engines, pure torch (no Lightning, no Hydra)."""
 
-from uap_lightning.attacks.base import PassStats, UniversalAttack
+from uap_lightning.attacks.base import PassStats, UniversalAttack, checked_target_class
 from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
 from uap_lightning.attacks.deepfool_uap import AlgorithmOne, BatchedDeepFoolUAP, DeepFoolUAP
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, SingleProcess, TorchDistributed
@@ -56,6 +56,7 @@ __all__ = [
     "UniversalAttack",
     "attack_set_rate",
     "build_engine",
+    "checked_target_class",
     "deepfool_batched",
     "deepfool_single",
     "dual_norm",

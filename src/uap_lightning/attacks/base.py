@@ -41,6 +41,21 @@ class NoOptions:
     """The options of an engine that has none beyond the shared ones."""
 
 
+def checked_target_class(
+    value: Any, num_classes: Optional[int] = None, key: str = "attack.target_class"
+) -> Optional[int]:
+    """``value`` as the class index a targeted attack pushes images to (None: untargeted);
+    ValueError naming ``key`` unless it is an integer >= 0 and, when ``num_classes`` is known,
+    below it. The one check of a target class, wherever one is given."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{key} must be a class index >= 0 or null; got {value!r}")
+    if num_classes is not None and value >= num_classes:
+        raise ValueError(f"{key}={value} is not one of the {num_classes} classes (0 to {num_classes - 1})")
+    return int(value)
+
+
 class UniversalAttack(abc.ABC):
     """An engine that improves a universal perturbation v (C×H×W, [0,1] scale) one pass at a time.
 
@@ -64,10 +79,7 @@ class UniversalAttack(abc.ABC):
     ) -> None:
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a ThreatModel; got {type(threat).__name__}")
-        if target_class is not None and (
-            isinstance(target_class, bool) or not isinstance(target_class, numbers.Integral) or target_class < 0
-        ):
-            raise ValueError(f"attack.target_class must be a class index >= 0 or null; got {target_class!r}")
+        target_class = checked_target_class(target_class)
         unknown = sorted(set(options) - set(self.option_names()))
         if unknown:
             raise TypeError(
@@ -76,7 +88,7 @@ class UniversalAttack(abc.ABC):
             )
         self.threat = threat
         self.clip = bool(clip)
-        self.target_class = None if target_class is None else int(target_class)
+        self.target_class = target_class
         self.options = self.Options(**options)
 
     @classmethod

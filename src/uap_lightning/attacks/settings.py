@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from uap_lightning.attacks.base import UniversalAttack, engine_class
+from uap_lightning.attacks.base import UniversalAttack, checked_target_class, engine_class
 from uap_lightning.attacks.threat import ThreatModel
 
 KEEP_CHOICES = ("best", "last")
@@ -64,8 +64,7 @@ class AttackSettings:
             raise ValueError(f"attack.max_passes must be an integer >= 1; got {self.max_passes!r}")
         if self.keep not in KEEP_CHOICES:
             raise ValueError(f"attack.keep must be one of {', '.join(KEEP_CHOICES)}; got {self.keep!r}")
-        if self.target_class is not None and (not _is_int(self.target_class) or self.target_class < 0):
-            raise ValueError(f"attack.target_class must be a class index >= 0 or null; got {self.target_class!r}")
+        object.__setattr__(self, "target_class", checked_target_class(self.target_class))
         if not _is_int(self.seed):
             raise ValueError(f"attack.seed must be an integer; got {self.seed!r}")
         if not _is_int(self.eval_batch_size) or self.eval_batch_size < 1:

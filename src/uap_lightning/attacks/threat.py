@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from uap_lightning.units import to_image_scale, to_pixel_units
+from uap_lightning.units import EPS_SCALES, to_image_scale, to_pixel_units
 
 NORMS = (1.0, 2.0, math.inf)
 _P_NAMES = {1.0: "1", 2.0: "2", math.inf: "inf"}
@@ -69,6 +69,21 @@ class ThreatModel:
         elif isinstance(eps, numbers.Real) and not isinstance(eps, bool):
             value = float(eps)
         return cls(eps=value, p=norm)
+
+    @classmethod
+    def in_units(
+        cls, eps: Union[float, int, str], p: Union[str, float, int], eps_scale: int,
+        eps_key: str = "attack.eps", scale_key: str = "attack.eps_scale",
+    ) -> "ThreatModel":
+        """:meth:`parse` with ``eps`` in the units ``eps_scale`` says: 255 (0–255 pixel units) or 1
+        ([0,1] image scale, converted); ``eps_key`` and ``scale_key`` name the settings in errors."""
+        if isinstance(eps_scale, bool) or eps_scale not in EPS_SCALES:
+            raise ValueError(f"{scale_key} must be 255 ({eps_key} in 0–255 pixel units) or 1 ([0,1] scale); got {eps_scale!r}")
+        if eps_scale == 1:
+            if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+                raise ValueError(f"{eps_key} must be a number in [0,1] units with {scale_key}=1; got {eps!r}")
+            eps = to_pixel_units(float(eps))
+        return cls.parse(eps, p)
 
     def largest_useful_eps(self, shape: Sequence[int]) -> float:
         """The ℓp norm (0–255 units) of the all-ones image of C×H×W ``shape``: every perturbation of

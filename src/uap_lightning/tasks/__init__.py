@@ -34,6 +34,11 @@ def _declared_tasks() -> Dict[str, Task]:
 TASKS: Dict[str, Task] = _declared_tasks()
 
 
+def task_schemas() -> Dict[str, type]:
+    """Each task's settings schema by name, for :func:`uap_lightning.config.register_configs`."""
+    return {name: task.schema for name, task in TASKS.items()}
+
+
 def run_task(cfg: DictConfig) -> Dict[str, Any]:
     """Check ``cfg``, prepare the shared setup and run the task ``task.name``; its metrics."""
     attack = validate(cfg)
@@ -43,4 +48,4 @@ def run_task(cfg: DictConfig) -> Dict[str, Any]:
     return task.run(prepare(cfg, attack))
 
 
-__all__ = ["TASKS", "Setup", "Task", "prepare", "run_task"]
+__all__ = ["TASKS", "Setup", "Task", "prepare", "run_task", "task_schemas"]

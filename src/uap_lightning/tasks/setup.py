@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from uap_lightning import metrics
 from uap_lightning.api import check_logits
-from uap_lightning.attacks import AttackSettings, ThreatModel, frozen_eval
+from uap_lightning.attacks import AttackSettings, ThreatModel, checked_target_class, frozen_eval
 from uap_lightning.data import build_datamodule
 from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
@@ -236,9 +236,8 @@ def prepare(cfg: DictConfig, attack: AttackSettings) -> Setup:
     datamodule = build_datamodule(cfg.data, cache_dir=cfg.paths.cache_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if attack.target_class is not None and attack.target_class >= datamodule.num_classes:
-        raise ConfigError(f"attack.target_class={attack.target_class} is not one of the {datamodule.num_classes} classes")
     try:
+        checked_target_class(attack.target_class, datamodule.num_classes)
         attack.threat.check_fits(datamodule.image_shape)
     except ValueError as err:
         raise ConfigError(str(err)) from None

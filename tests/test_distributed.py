@@ -20,7 +20,7 @@ from uap_lightning.attacks import SGDUAP, AttackSettings, BatchedDeepFoolUAP, De
 from uap_lightning.attacks.base import UniversalAttack
 from uap_lightning.data import build_datamodule
 from uap_lightning.errors import ConfigError
-from uap_lightning.loop import AttackLoop
+from uap_lightning.loop import AttackLoop, AttackState
 from uap_lightning.rundir import STATE_FILE
 from uap_lightning.tasks import run_task
 from uap_lightning.tasks.attack import attack_fabric_settings
@@ -193,16 +193,16 @@ def test_the_attack_on_two_processes_writes_what_one_writes(make_cfg, tmp_path, 
     v1, v2 = (torch.load(tmp_path / folder / "perturbation.pt", weights_only=True) for folder in ("one", "two"))
     assert torch.equal(v1, v2) and float(v2.abs().max()) > 0
     assert attack_files(tmp_path / "two") == attack_files(tmp_path / "one")  # one events file: one writer
-    state = torch.load(tmp_path / "two" / STATE_FILE, weights_only=True)
-    assert state["finished"] and state["passes"] == two["passes"]
-    assert torch.equal(state["kept_perturbation"], v2)
+    state = AttackState.load(tmp_path / "two" / STATE_FILE)
+    assert state.finished and state.passes == two["passes"]
+    assert torch.equal(state.kept.perturbation, v2)
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["fooling_rate"] == two["fooling_rate"]
 
     with monkeypatch.context() as patch:
         interrupt_after_first_pass(patch)
         with pytest.raises(KeyboardInterrupt):
             attack("resumed", 1)
-    first_pass = torch.load(tmp_path / "resumed" / STATE_FILE, weights_only=True)["history"][0]
+    first_pass = AttackState.load(tmp_path / "resumed" / STATE_FILE).history[0]
     resumed = attack("resumed", 2)
     assert [h["pass"] for h in resumed["history"]] == [1, 2]
     assert resumed["history"][0]["seconds"] == first_pass["seconds"]  # pass 1 came from the saved state

@@ -27,13 +27,18 @@ ENGINES: Dict[str, Type["UniversalAttack"]] = {}
 
 @dataclass
 class PassStats:
-    """What one pass did: ``updates`` (DeepFool steps added to v, or gradient steps), the mean
-    DeepFool iterations of those steps (0 for gradient engines) and ``converged``, the engine's own
-    judgement that more passes would not change v much (the stop of an attack without X)."""
+    """What one pass did: ``updates`` (inner-attack steps added to v, or gradient steps), the mean
+    inner-attack iterations of those steps (0 for gradient engines) and ``converged``, the engine's
+    own judgement that more passes would not change v much (the stop of an attack without X)."""
 
     updates: int
     mean_iterations: float
     converged: bool = False
+
+    @classmethod
+    def of_steps(cls, updates: int, iterations: int) -> "PassStats":
+        """The stats of ``updates`` steps that took ``iterations`` inner iterations in all."""
+        return cls(updates=updates, mean_iterations=iterations / updates if updates else 0.0)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ class AlgorithmOne(UniversalAttack):
                 iterations += int(tally[1])
             position += index.numel() if update_at is None else update_at + 1
             size = self.window_after(size, update_at, position, updates)
-        return v, PassStats(updates=updates, mean_iterations=iterations / updates if updates else 0.0)
+        return v, PassStats.of_steps(updates, iterations)
 
     def _attack_window(
         self,
@@ -248,7 +248,7 @@ class DeepFoolUAP(AlgorithmOne):
                 v = self.project(v + step)
                 updates += 1
                 iterations += steps
-        return v, PassStats(updates=updates, mean_iterations=iterations / updates if updates else 0.0)
+        return v, PassStats.of_steps(updates, iterations)
 
 
 def next_window(size: int, update_at: Optional[int], checked: int, updates: int) -> int:

@@ -250,6 +250,17 @@ def test_transfer_figure_frames_each_perturbation_on_its_own_victim():
     assert framed == [(0.0, 0.0), (1.0, 1.0)]
 
 
+@pytest.mark.parametrize("sizes, expected", [
+    ((224, 240), ["cnn\n224 px", "lenet\n240 px"]),  # victims at their own sizes: each column says which
+    ((224, 224), ["cnn", "lenet"]),  # one size for all: the names alone
+    ((), ["cnn", "lenet"]),
+])
+def test_transfer_figure_names_each_victims_input_size_when_they_differ(sizes, expected):
+    fig = transfer_figure([[0.4, 0.2], [0.1, 0.1]], ["perturbation from cnn", "random"], ["cnn", "lenet"], "t",
+                          ["cnn", None], sizes)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == expected
+
+
 def _visible_xticks(ax) -> list[float]:
     """The x ticks inside the axis limits, after drawing (the locator runs at draw time)."""
     FigureCanvasAgg(ax.figure).draw()

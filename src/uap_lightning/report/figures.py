@@ -123,10 +123,13 @@ def transfer_figure(
     victims: Sequence[str],
     title: str,
     computed_on: Sequence[Optional[str]] = (),
+    input_sizes: Sequence[int] = (),
 ) -> Figure:
     """A heatmap of fooling rates: row i is the perturbation ``sources[i]``, column j the victim
     ``victims[j]`` it is scored on; each cell annotated (the paper's Table 2). ``computed_on[i]``
-    names the victim row i was computed on (None: unknown); that cell is framed in red."""
+    names the victim row i was computed on (None: unknown); that cell is framed in red.
+    ``input_sizes[j]`` (pixels), when the victims are scored at different sizes, goes under
+    column j's name."""
     values = np.asarray(matrix, dtype=float)
     label_inches = 0.075 * max(map(len, map(str, sources)), default=4)  # 8-pt characters of the row labels
     width = max(5.5, 2.6 + label_inches + 1.2 * len(victims))
@@ -139,7 +142,10 @@ def transfer_figure(
                 color="white" if value < 0.6 else "black")
         if own:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_xticks(range(len(victims)), [str(v) for v in victims], rotation=30 if len(victims) > 4 else 0, fontsize=8)
+    column_labels = [str(v) for v in victims]
+    if len(set(input_sizes)) > 1:
+        column_labels = [f"{label}\n{size} px" for label, size in zip(column_labels, input_sizes)]
+    ax.set_xticks(range(len(victims)), column_labels, rotation=30 if len(victims) > 4 else 0, fontsize=8)
     ax.set_yticks(range(len(sources)), [str(v) for v in sources], fontsize=8)
     ax.set_xlabel("victim it is scored on")
     ax.set_ylabel("perturbation")

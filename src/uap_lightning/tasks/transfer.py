@@ -153,7 +153,8 @@ def run(setup: Setup) -> Dict[str, Any]:
     table.index.name = "fooling rate"
 
     atomic_write_text(setup.output_dir / TRANSFER_CSV, table.to_csv())
-    figure = transfer_figure(table.values, list(table.index), victim_labels, title, computed_on)
+    figure = transfer_figure(table.values, list(table.index), victim_labels, title, computed_on,
+                             [own.image_size for own in inputs])
     results = {
         "fooling_rate": {row: dict(table.loc[row]) for row in table.index[:-1]},
         "random_fooling_rate": random_rates,

@@ -16,7 +16,7 @@ from conftest import compose_config
 from uap_lightning import metrics
 from uap_lightning.attacks import ENGINES, AttackSettings, ThreatModel, frozen_eval, run_passes
 from uap_lightning.tasks import bench as bench_task
-from uap_lightning.bench.naive import naive_deepfool, naive_uap
+from uap_lightning.benchmarking.naive import naive_deepfool, naive_uap
 from uap_lightning.attacks import deepfool_single
 from uap_lightning.validation import ConfigError, validate
 

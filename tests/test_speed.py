@@ -7,7 +7,7 @@ import torch
 from attack_helpers import digits_victim, single_thread
 from uap_lightning import metrics
 from uap_lightning.attacks import AttackSettings, CompiledPredictions, ThreatModel, build_engine, frozen_eval, run_passes
-from uap_lightning.bench.profile import forward_backward_rate, profile_pass
+from uap_lightning.benchmarking.profile import forward_backward_rate, profile_pass
 
 
 def test_compiled_predictions_equal_the_eager_ones_on_the_digits_cnn():

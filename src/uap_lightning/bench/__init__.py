@@ -1,4 +1,4 @@
-"""The benchmark's parts: a naive reference, the ART peer, rows, the profile and the efficiency
-measure. The benchmark itself is the task ``task=bench`` (``uap_lightning.tasks.bench``), run by
-``python -m uap_lightning.bench`` and the ``uap-bench`` console script (``run.bench_main``).
+"""``python -m uap_lightning.bench``: the run's entry point with the ``bench`` primary config
+(``task=bench``), like the ``uap-bench`` console script (``run.bench_main``). The benchmark's
+parts are in ``uap_lightning.benchmarking``.
 """

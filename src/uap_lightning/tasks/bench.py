@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from uap_lightning.attacks import ENGINES, AttackSettings, BatchedDeepFoolUAP, engine_class, folded_copy
 from uap_lightning.attacks.deepfool import DeepFoolOptions
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
-from uap_lightning.bench.art_peer import require_art
-from uap_lightning.bench.efficiency import batched_efficiency
-from uap_lightning.bench.profile import PassProfile, forward_backward_rate, profile_pass
-from uap_lightning.bench.rows import (
+from uap_lightning.benchmarking.art_peer import require_art
+from uap_lightning.benchmarking.efficiency import batched_efficiency
+from uap_lightning.benchmarking.profile import PassProfile, forward_backward_rate, profile_pass
+from uap_lightning.benchmarking.rows import (
     PEERS,
     REACH_TOLERANCE,
     REFERENCE_METHOD,

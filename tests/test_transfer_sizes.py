@@ -64,3 +64,32 @@ def test_each_victim_is_scored_at_its_own_input_size(tmp_path):
 
     same = run_task(compose_config([*overrides, "task.native_sizes=false"], tmp_path / "same"))
     assert list(same["input_size"].values()) == [224, 224]  # every victim at data.image_size (the run's victim's)
+
+
+
+def test_a_published_file_is_resized_to_each_victims_own_size(tmp_path):
+    """A perturbation file written the way the authors' code writes one (NumPy, 1×H×W×C, 0–255
+    units, at the data's 224 px) is scored on a 160 px and a 224 px victim. A constant shift stays
+    the same constant once resized, so on the 160 px victim it fools exactly what a 160 px file of
+    that constant fools in ``task=evaluate`` with that victim alone."""
+    import numpy as np
+
+    weights = tmp_path / "weights.safetensors"
+    save_file(source_model().state_dict(), str(weights))
+    photos = make_photos(tmp_path / "photos")
+    np.save(tmp_path / "universal.npy", np.full((1, 224, 224, 3), 10.0, dtype=np.float32))
+    np.save(tmp_path / "small.npy", np.full((1, 160, 160, 3), 10.0, dtype=np.float32))
+    data = ["data=imagenet_samples", f"data.root={photos}", "data.class_names_file=null", "data.attack_images=4",
+            "data.eval_images=6", "logger=none"]
+    small = f"{{preset: timm, arch: {ARCH}, pretrained: true, weights: '{weights}'}}"
+    transfer = run_task(compose_config([*data, "model=efficientnet_lite0", "task=transfer",
+                                        f"task.victims=[{small},efficientnet_lite0]",
+                                        f"task.perturbations=[{tmp_path / 'universal.npy'}]"], tmp_path / "transfer"))
+    assert list(transfer["input_size"].values()) == [160, 224]
+    small_label = transfer["victims"][0]
+    rate = transfer["fooling_rate"]["perturbation from universal"][small_label]
+
+    alone = run_task(compose_config([*data, "model=timm", f"model.arch={ARCH}", "model.pretrained=true",
+                                     f"model.weights={weights}", "task=evaluate",
+                                     f"perturbation.path={tmp_path / 'small.npy'}"], tmp_path / "alone"))
+    assert alone["fooling_rate"] == pytest.approx(rate, abs=1e-6)

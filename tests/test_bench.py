@@ -92,6 +92,7 @@ def test_cifar_preset_shares_the_experiment_victim(tmp_path):
     assert (bench.attack.max_passes, bench.attack.delta, bench.attack.p) == (5, 0.2, "inf")
 
 
+@pytest.mark.slow
 def test_smoke_benchmark_writes_bench_json(tmp_path):
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("UAP_DATA_DIR", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -54,6 +55,7 @@ def test_miss_then_hit(tmp_path):
     assert counter.read_text().count("trained") == 1
 
 
+@pytest.mark.slow
 def test_concurrent_runs_train_once(tmp_path):
     counter = tmp_path / "count.txt"
     ctx = mp.get_context("spawn")

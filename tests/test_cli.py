@@ -27,9 +27,9 @@ def cli(tmp_path: Path, *overrides: str, module: str = "uap_lightning.run", env_
     [
         ("attack.delta=1.5", "attack.delta"),  # found by the checks
         ("+attack.epss=3", "attack.epss"),  # a key Hydra lets through with +
-        ("attack.beta=5", "beta"),  # a key of another engine, refused by Hydra
-        ("attack.epz=3", "epz"),  # a typo, refused by Hydra
-        ("data=nosuchdata", "nosuchdata"),
+        pytest.param("attack.beta=5", "beta", marks=pytest.mark.slow),  # a key of another engine, refused by Hydra
+        pytest.param("attack.epz=3", "epz", marks=pytest.mark.slow),  # a typo, refused by Hydra
+        pytest.param("data=nosuchdata", "nosuchdata", marks=pytest.mark.slow),
         ("model.checkpoint=/no/such/file.pt", "model.checkpoint"),
     ],
 )
@@ -47,7 +47,7 @@ def test_bad_settings_end_with_one_message_and_exit_code_2(tmp_path, override, f
     [
         ("attack.eps=8/255", "attack.eps is in 0–255 pixel units: use attack.eps=8 (not 8/255)"),
         ("attack.epss=10", "did you mean attack.eps=10?"),
-        ("atack.eps=10", "did you mean attack.eps=10?"),
+        pytest.param("atack.eps=10", "did you mean attack.eps=10?", marks=pytest.mark.slow),
     ],
 )
 def test_settings_hydra_cannot_compose_get_our_message(tmp_path, override, expected):
@@ -60,6 +60,7 @@ def test_settings_hydra_cannot_compose_get_our_message(tmp_path, override, expec
     assert "Traceback" not in output and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_full_error_still_shows_the_traceback(tmp_path):
     done = cli(tmp_path, "attack.delta=1.5", env_extra={"HYDRA_FULL_ERROR": "1"})
     assert done.returncode != 0 and "Traceback" in done.stderr
@@ -120,7 +121,7 @@ def installed(tmp_path_factory):
     return target
 
 
-@pytest.mark.parametrize("script", ["uap-lightning", "uap-bench"])
+@pytest.mark.parametrize("script", ["uap-lightning", pytest.param("uap-bench", marks=pytest.mark.slow)])
 def test_console_scripts_work_from_any_folder_after_a_wheel_install(installed, tmp_path, script):
     env = {**os.environ, "PYTHONPATH": str(installed)}
     where = subprocess.run(

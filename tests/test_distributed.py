@@ -213,6 +213,7 @@ def test_the_attack_on_two_processes_writes_what_one_writes(make_cfg, tmp_path, 
 # -- victim training ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_victim_trains_once_on_two_spawned_processes(make_cfg, monkeypatch):
     """trainer.strategy=ddp_spawn trainer.devices=2, inside a one-task SLURM job: the weights come
     back to this process, the test accuracy is theirs on the whole test split, and the cache
@@ -266,6 +267,7 @@ def test_spawning_strategies_pass_the_checks(make_cfg):
     validate(make_cfg("trainer.strategy=single_device", "attack.strategy=ddp_spawn"))
 
 
+@pytest.mark.slow
 def test_two_processes_return_an_outcome_larger_than_a_pipe_holds(tmp_path):
     """The outcome of 12,000 eval images (two label vectors, about 190 KB) comes back from the workers:
     returned through Fabric's launcher it would block the worker on a full pipe forever."""

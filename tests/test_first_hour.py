@@ -60,6 +60,7 @@ def test_threads_are_set_and_recorded(make_cfg):
 
 
 
+@pytest.mark.slow
 def test_the_attack_on_one_victim_holds_across_thread_counts(make_cfg, tmp_path):
     """The default config at 1 and 2 threads. Training the victim depends on the thread count
     (weight gradients are summed over the batch in another order), a little; the attack on the one

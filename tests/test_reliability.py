@@ -299,6 +299,7 @@ def test_no_message_advises_loading_with_weights_only_false(tmp_path):
         assert "weights_only=False" not in str(info.value) and "weights_only" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_tensorboard_ends_in_one_message_and_leaves_no_outputs(tmp_path):
     """TensorBoard's writer thread meeting a full disk during the attack: one message, exit status 2,
     no thread traceback; the run's incomplete outputs are removed, the attack state after pass 1 is
@@ -329,7 +330,7 @@ def test_a_full_disk_under_tensorboard_ends_in_one_message_and_leaves_no_outputs
     assert "attack_state.ckpt" in left
 
 
-@pytest.mark.parametrize("where", ["file", "proc"])
+@pytest.mark.parametrize("where", [pytest.param("file", marks=pytest.mark.slow), "proc"])
 def test_a_run_dir_that_cannot_be_made_ends_in_one_message(tmp_path, where):
     """hydra.run.dir under a regular file, or under /proc, is refused before any work with one message
     naming hydra.run.dir; no traceback."""
@@ -342,6 +343,7 @@ def test_a_run_dir_that_cannot_be_made_ends_in_one_message(tmp_path, where):
     assert not (tmp_path / "cache" / "victims").exists()  # refused before the victim was trained
 
 
+@pytest.mark.slow
 def test_a_sweep_dir_that_cannot_be_made_ends_in_one_message(tmp_path):
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     done = cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path / 'notes.txt' / 'sweep'}", "attack.eps=32,64", *SMALL)

@@ -45,7 +45,9 @@ def read(run_dir: Path):
     return metrics, torch.load(run_dir / "perturbation.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("method", ["deepfool_uap", "sgd_uap", "gd_uap"])
+@pytest.mark.parametrize(
+    "method", ["deepfool_uap", pytest.param("sgd_uap", marks=pytest.mark.slow), "gd_uap"]
+)
 def test_interrupted_attack_resumes_to_the_uninterrupted_perturbation(tmp_path, monkeypatch, method):
     """Interrupt after pass 2, rerun the same settings in the same folder: bit-identical v."""
     from conftest import compose_config
@@ -98,6 +100,7 @@ def test_other_settings_start_afresh_and_move_the_old_outputs_aside(tmp_path, mo
     assert {"perturbation.pt", "attack_state.ckpt"} <= {p.name for p in stale[0].iterdir()}
 
 
+@pytest.mark.slow
 def test_resume_false_starts_afresh(tmp_path, monkeypatch):
     from conftest import compose_config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attack_helpers import digits_victim, single_thread
@@ -10,6 +11,7 @@ from uap_lightning.attacks import AttackSettings, CompiledPredictions, ThreatMod
 from uap_lightning.benchmarking.profile import forward_backward_rate, profile_pass
 
 
+@pytest.mark.slow
 def test_compiled_predictions_equal_the_eager_ones_on_the_digits_cnn():
     """torch.compile (inductor) for predictions: same labels as eager, same v, eager gradients."""
     model, attack_images, eval_images = digits_victim()

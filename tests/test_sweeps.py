@@ -86,6 +86,7 @@ def test_optuna_search_runs_and_names_the_best_eps(tmp_path):
     assert len(pd.read_csv(sweep / "summary.csv")) == 2
 
 
+@pytest.mark.slow
 def test_the_default_run_is_quiet_off_a_terminal_and_logs_its_summary(tmp_path):
     """What `make run` prints when its output is not a terminal: a few lines, the summary also in run.log."""
     run_dir = tmp_path / "run"
@@ -102,6 +103,7 @@ def test_the_default_run_is_quiet_off_a_terminal_and_logs_its_summary(tmp_path):
     assert "final/fooling_rate" in pd.read_csv(run_dir / "csv" / "attack" / "metrics.csv").columns
 
 
+@pytest.mark.slow
 def test_cfg_job_resolve_and_the_debug_preset(tmp_path):
     shown = cli(tmp_path, "--cfg", "job", "--resolve")
     assert shown.returncode == 0, shown.stderr[-2000:]

@@ -88,6 +88,7 @@ def test_attack_run_writes_its_figures(make_cfg):
     assert m["dominant_label_name"] == str(m["dominant_label"])
 
 
+@pytest.mark.slow
 def test_a_sweep_with_one_failing_job_leaves_a_complete_summary(tmp_path):
     """Four jobs, one with a bad ε and one whose ε is no number (it cannot even be composed): each
     failure is a row with its error, the others are complete, and the sweep exits with status 3."""

@@ -59,7 +59,6 @@ def test_threads_are_set_and_recorded(make_cfg):
         torch.set_num_threads(before)
 
 
-
 @pytest.mark.slow
 def test_the_attack_on_one_victim_holds_across_thread_counts(make_cfg, tmp_path):
     """The default config at 1 and 2 threads. Training the victim depends on the thread count

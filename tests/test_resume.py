@@ -45,9 +45,7 @@ def read(run_dir: Path):
     return metrics, torch.load(run_dir / "perturbation.pt", weights_only=True)
 
 
-@pytest.mark.parametrize(
-    "method", ["deepfool_uap", pytest.param("sgd_uap", marks=pytest.mark.slow), "gd_uap"]
-)
+@pytest.mark.parametrize("method", ["deepfool_uap", pytest.param("sgd_uap", marks=pytest.mark.slow), "gd_uap"])
 def test_interrupted_attack_resumes_to_the_uninterrupted_perturbation(tmp_path, monkeypatch, method):
     """Interrupt after pass 2, rerun the same settings in the same folder: bit-identical v."""
     from conftest import compose_config

@@ -25,6 +25,7 @@ from uap_lightning.attacks.projections import dual_norm, dual_step, lp_norm, pro
 from uap_lightning.attacks.settings import KEEP_CHOICES, AttackSettings
 from uap_lightning.attacks.sgd_uap import SGDUAP
 from uap_lightning.attacks.gd_uap import GDUAP  # after SGD-UAP: ENGINES keeps the engines in import order
+from uap_lightning.attacks.sga import SGA
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 
 import_engine_modules()  # an engine module added to this package registers itself
@@ -48,6 +49,7 @@ __all__ = [
     "PassStats",
     "Reducer",
     "SINGLE_PROCESS",
+    "SGA",
     "SGDUAP",
     "SingleProcess",
     "ThreatModel",

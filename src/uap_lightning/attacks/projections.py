@@ -82,3 +82,11 @@ def dual_step(w: Tensor, f_abs: Tensor, p: float) -> Tensor:
         step[rows, index] = f_abs / peak.clamp_min(tiny) * flat[rows, index].sign()
         return step.view_as(w)
     raise ValueError(f"p must be one of 1, 2, inf; got {p!r}")
+
+
+def unit_direction(grad: Tensor, p: float) -> Tensor:
+    """The steepest-ascent direction of unit ℓp norm (one vector, any shape): sign(grad) for
+    p=inf, grad/‖grad‖_p otherwise; a zero gradient gives a zero direction."""
+    if p == math.inf:
+        return grad.sign()
+    return grad / lp_norm(grad.unsqueeze(0), p).clamp_min(torch.finfo(grad.dtype).tiny)

@@ -1,10 +1,11 @@
 """SGD-UAP (Shafahi et al., "Universal Adversarial Training", AAAI 2020).
 
-Per mini-batch, v follows the gradient of a clipped cross-entropy on clip(x + v):
-untargeted, it raises mean(min(CE(logits, clean label), beta)), so images already far past
-the boundary stop pulling; targeted, it lowers mean(max(CE(logits, target), TARGET_CE_FLOOR)),
-so images already confidently at the target (probability ≥ e^-0.1 ≈ 0.9) stop pulling.
-Step sizes are in 0–255 units; v is projected onto the ℓp ball after every step.
+Per mini-batch, v follows the gradient of an objective on clip(x + v) (``attack.loss``, see
+:mod:`uap_lightning.attacks.losses`): by default the paper's clipped cross-entropy: untargeted,
+it raises mean(min(CE(logits, clean label), beta)), so images already far past the boundary stop
+pulling; targeted, it lowers mean(max(CE(logits, target), floor)), so images already confidently
+at the target stop pulling. Step sizes are in 0–255 units; v is projected onto the ℓp ball after
+every step.
 
 On several processes each rank takes its shard of every global batch of ``batch_size`` images
 and the gradients of v are summed over the ranks: the loss is a sum over the rank's images
@@ -19,33 +20,31 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, shard
-from uap_lightning.attacks.projections import lp_norm
+from uap_lightning.attacks.losses import LossOptions, check_targeted, perturbed_loss
+from uap_lightning.attacks.projections import unit_direction
 from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.units import to_image_scale
-from uap_lightning.metrics import perturb
 
 OPTIMIZERS = ("sign", "adam")
 SCHEDULES = ("cosine", "constant")
-TARGET_CE_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
-class SGDOptions:
+class SGDOptions(LossOptions):
     """SGD-UAP's settings (the ``attack`` keys of ``attack=sgd_uap``), see :class:`SGDUAP`."""
 
     batch_size: int = 32
     optimizer: str = "sign"
     step_size: Optional[float] = None  # 0–255 units; None: ε / 10
     lr_schedule: str = "cosine"
-    beta: float = 9.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"attack.batch_size must be at least 1; got {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:
@@ -54,14 +53,12 @@ class SGDOptions:
             raise ValueError(f"attack.lr_schedule must be one of {', '.join(SCHEDULES)}; got {self.lr_schedule!r}")
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
             raise ValueError(f"attack.step_size must be a positive number in 0-255 units or null; got {self.step_size!r}")
-        if not self.beta > 0:
-            raise ValueError(f"attack.beta must be > 0; got {self.beta}")
 
 
 @register_engine
 class SGDUAP(UniversalAttack):
-    """SGD-UAP: per mini-batch of X, a step on v along the gradient of a clipped cross-entropy,
-    then v projected onto the ℓp ball of radius ε.
+    """SGD-UAP: per mini-batch of X, a step on v along the gradient of a clipped cross-entropy
+    (or another ``loss``), then v projected onto the ℓp ball of radius ε.
 
     Arguments:
         threat: the ℓp ball, ``ThreatModel.parse(eps, p)`` with ε in 0–255 pixel units.
@@ -76,7 +73,10 @@ class SGDUAP(UniversalAttack):
         step_size (float or None, None): the first step in 0–255 units; None: ε/10.
         lr_schedule (str, "cosine"): "cosine" decays the step to 0 over ``max_passes`` passes,
         "constant" keeps it.
+        loss (str, "ce"): the objective, ce (the paper's), cosine (Cos-UAP) or logit_margin (DF-UAP);
+        see :mod:`uap_lightning.attacks.losses`. cosine is untargeted only.
         beta (float, 9.0): the cross-entropy clip; images past it stop pulling.
+        kappa (float, 10.0): logit_margin's bound κ; images whose margin passes it stop pulling.
 
     Shape:
         ``run_pass(model, v, images, clean_labels, generator, pass_index)``: v C×H×W and images
@@ -94,6 +94,7 @@ class SGDUAP(UniversalAttack):
 
     def __init__(self, threat: ThreatModel, *, max_passes: int = AttackSettings.max_passes, **options) -> None:
         super().__init__(threat, **options)
+        check_targeted(self.options.loss, self.target_class)
         if max_passes < 1:
             raise ValueError(f"attack.max_passes must be at least 1; got {max_passes}")
         step = self.options.step_size
@@ -116,16 +117,14 @@ class SGDUAP(UniversalAttack):
             return base
         return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
-    def loss(self, logits: Tensor, clean_labels: Tensor, batch_size: Optional[int] = None) -> Tensor:
-        """The scalar to minimise: −Σ min(CE, beta), or (targeted) Σ max(CE to target, floor), over
-        the images of ``logits`` (B×classes), divided by ``batch_size`` (None: B): the batch mean
-        when these are all its images."""
-        if self.target_class is None:
-            terms = -F.cross_entropy(logits, clean_labels, reduction="none").clamp(max=self.options.beta)
-        else:
-            target = torch.full_like(clean_labels, self.target_class)
-            terms = F.cross_entropy(logits, target, reduction="none").clamp(min=TARGET_CE_FLOOR)
-        return terms.sum() / (logits.shape[0] if batch_size is None else batch_size)
+    def loss(
+        self, model: nn.Module, images: Tensor, v: Tensor, clean_labels: Tensor, batch_size: Optional[int] = None
+    ) -> Tensor:
+        """The scalar to minimise on clip(images + v) (see :func:`~uap_lightning.attacks.losses.perturbed_loss`)."""
+        return perturbed_loss(
+            model, images, v, clean_labels, self.options, target_class=self.target_class, clip=self.clip,
+            batch_size=batch_size,
+        )
 
     def run_pass(
         self,
@@ -157,14 +156,14 @@ class SGDUAP(UniversalAttack):
                 y = clean_labels[local].to(v.device)
                 with torch.enable_grad():
                     u = v.detach().requires_grad_(True)
-                    loss = self.loss(model(perturb(x, u, self.clip)), y, batch_size=batch.numel())
+                    loss = self.loss(model, x, u, y, batch_size=batch.numel())
                     grad = torch.autograd.grad(loss, u)[0]
             else:  # a last batch smaller than the world: this rank has no image of it
                 grad = torch.zeros_like(v)
             grad = reducer.all_reduce_sum(grad)
             with torch.no_grad():
                 if adam is None:
-                    v = self.project(v - lr * _unit_direction(grad, self.threat.p))
+                    v = self.project(v - lr * unit_direction(grad, self.threat.p))
                 else:
                     v.grad = grad
                     for group in adam.param_groups:
@@ -173,9 +172,3 @@ class SGDUAP(UniversalAttack):
                     v.copy_(self.project(v))
         return v.detach(), PassStats(updates=batches, mean_iterations=0.0)
 
-
-def _unit_direction(grad: Tensor, p: float) -> Tensor:
-    """The steepest-ascent direction of unit ℓp norm: sign(grad) for p=inf, grad/‖grad‖_p else."""
-    if p == math.inf:
-        return grad.sign()
-    return grad / lp_norm(grad.unsqueeze(0), p).clamp_min(torch.finfo(grad.dtype).tiny)

@@ -26,6 +26,7 @@ from uap_lightning.attacks.settings import KEEP_CHOICES, AttackSettings
 from uap_lightning.attacks.sgd_uap import SGDUAP
 from uap_lightning.attacks.gd_uap import GDUAP  # after SGD-UAP: ENGINES keeps the engines in import order
 from uap_lightning.attacks.sga import SGA
+from uap_lightning.attacks.trm_uap import TRMUAP
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 
 import_engine_modules()  # an engine module added to this package registers itself
@@ -51,6 +52,7 @@ __all__ = [
     "SINGLE_PROCESS",
     "SGA",
     "SGDUAP",
+    "TRMUAP",
     "SingleProcess",
     "ThreatModel",
     "TorchDistributed",

@@ -18,6 +18,11 @@ and each pass's record and v to a file (tensors-only; Fabric's launcher would se
 value through a pipe it reads only after the workers exit, which a large value blocks), and the
 main process reads and logs them once the workers are done, so every log file has one writer. An interrupt stops all processes; the state saved after the last
 finished pass lets the same command continue.
+
+A generative engine (``attack=gap``) trains a network rather than v: :meth:`AttackLoop.train_generator`
+trains it with a Lightning Trainer (one epoch per pass, :class:`~uap_lightning.models.gap_module.GAPModule`),
+whose checkpoint in the run folder takes the place of the attack state, and evaluates, logs and
+reports each pass as :meth:`AttackLoop.run` does.
 """
 
 from __future__ import annotations
@@ -29,15 +34,19 @@ import io
 import logging
 import math
 import os
+import signal
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import lightning as L
 import torch
 from lightning.fabric import Fabric
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -54,8 +63,12 @@ from uap_lightning.attacks import (
     frozen_eval,
     run_passes,
 )
+from uap_lightning.atomic import atomic_write
+from uap_lightning.attacks.gap import GAP
 from uap_lightning.errors import DamagedFileError
+from uap_lightning.models.gap_module import GAPModule
 from uap_lightning.report.figures import perturbation_image
+from uap_lightning.rundir import GENERATOR_CHECKPOINT, GENERATOR_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -251,20 +264,9 @@ class AttackLoop:
                 nonlocal elapsed, pass_started, latest
                 pass_seconds = time.perf_counter() - pass_started
                 elapsed += pass_seconds
-                record = self._evaluate(
-                    model, report.perturbation, eval_images, eval_labels, clean_eval_labels, reducer
-                )
-                record.update(
-                    {
-                        "pass": report.pass_index,
-                        self.settings.rate_on_x_key: report.fooling_rate,
-                        "clean_accuracy": clean_accuracy,
-                        "updates": report.stats.updates,
-                        "mean_inner_iterations": report.stats.mean_iterations,
-                        "seconds": pass_seconds,
-                        "attack_seconds": elapsed,
-                        "kept_pass": report.kept.pass_index,
-                    }
+                record = self._pass_record(
+                    model, report, eval_images, eval_labels, clean_eval_labels, clean_accuracy, pass_seconds, elapsed,
+                    reducer,
                 )
                 history.append(record)
                 latest = AttackState(
@@ -323,6 +325,89 @@ class AttackLoop:
             clean_eval_labels.cpu(),
             perturbed_eval_labels.cpu(),
             interrupted=interrupted,
+        )
+
+    def train_generator(
+        self,
+        engine: GAP,
+        model: nn.Module,
+        attack_images: Tensor,
+        eval_images: Tensor,
+        eval_labels: Tensor,
+        *,
+        trainer_settings: Mapping[str, Any],
+        run_dir: Path,
+        resume_passes: Optional[int] = None,
+    ) -> AttackOutcome:
+        """Train the generator of ``engine`` (``attack=gap``) with a Lightning Trainer, one epoch per
+        pass, and evaluate its perturbation as :meth:`run` does (the same records, logs, progress
+        and outcome); ``trainer_settings`` (accelerator, precision, deterministic) go to the Trainer,
+        on one device, with the loop's loggers.
+
+        The Trainer saves ``last.ckpt`` in ``run_dir`` after every epoch; ``resume_passes`` (the
+        passes that checkpoint holds, None: start afresh) continues from it. The weights of the
+        kept pass are written to ``generator.pt`` in ``run_dir`` (a state dict of tensors). Ctrl-C
+        ends the training after the last finished epoch, as in :meth:`run`.
+        """
+        model = model.to(self.fabric.device)
+        with frozen_eval(model):
+            clean_attack_labels = self.predict(model, attack_images)
+            clean_eval_labels = self.predict(model, eval_images)
+            clean_accuracy = metrics.accuracy(clean_eval_labels, eval_labels)
+
+            def record_pass(report: PassReport, seconds: float, elapsed: float) -> Dict[str, Any]:
+                record = self._pass_record(
+                    model, report, eval_images, eval_labels, clean_eval_labels, clean_accuracy, seconds, elapsed,
+                    SINGLE_PROCESS,
+                )
+                self._log_pass(record, report.perturbation)
+                self.fabric.call("on_attack_pass_end", loop=self, record=record, perturbation=report.perturbation)
+                return record
+
+            module = GAPModule(engine, model, attack_images, clean_attack_labels, self.settings,
+                               fingerprint=self.fingerprint, record_pass=record_pass)
+            trainer = L.Trainer(
+                **trainer_settings,
+                devices=1,
+                max_epochs=self.settings.max_passes,
+                logger=list(self.fabric.loggers) or False,
+                callbacks=[ModelCheckpoint(dirpath=run_dir, filename=Path(GENERATOR_CHECKPOINT).stem, save_top_k=1,
+                                           save_on_train_epoch_end=True, enable_version_counter=False)],
+                log_every_n_steps=1,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=run_dir,
+            )
+            self.fabric.call("on_attack_start", loop=self, max_passes=self.settings.max_passes, done=resume_passes or 0)
+            start = time.perf_counter()
+            interrupted = False
+            sigint = signal.getsignal(signal.SIGINT)
+            try:
+                checkpoint = None if resume_passes is None else run_dir / GENERATOR_CHECKPOINT
+                with warnings.catch_warnings():  # the run folder is meant to hold more than the checkpoint
+                    warnings.filterwarnings("ignore", message=".*exists and is not empty")
+                    trainer.fit(module, ckpt_path=checkpoint, weights_only=True)
+            except (KeyboardInterrupt, SystemExit):  # Lightning ends an interrupted fit with SystemExit
+                if not trainer.interrupted:
+                    raise
+                interrupted = True
+                signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl-C from then on
+            finally:
+                self.fabric.call("on_passes_done", loop=self)
+            wall = time.perf_counter() - start
+            result = module.result() or self._result_of(None, attack_images.shape[1:], attack_images.dtype)
+            perturbed_eval_labels = self.predict(model, eval_images, result.perturbation)
+        if module.kept_weights is not None:
+            atomic_write(run_dir / GENERATOR_WEIGHTS, lambda f: torch.save(module.kept_weights, f))
+        history = module.history
+        final = self._final_record(
+            model, result.perturbation, result, history, eval_images, eval_labels, clean_eval_labels, SINGLE_PROCESS
+        )
+        elapsed = history[-1]["attack_seconds"] if history else 0.0
+        final.update(loop_seconds=wall, clean_accuracy=clean_accuracy, attack_seconds=elapsed)
+        self.fabric.call("on_attack_end", loop=self, result=result, final=final)
+        return AttackOutcome(
+            result, history, final, clean_eval_labels.cpu(), perturbed_eval_labels.cpu(), interrupted=interrupted
         )
 
     def predict(
@@ -414,6 +499,35 @@ class AttackLoop:
         target = self.settings.target_class
         if target is not None:
             record["targeted_success_rate"] = metrics.targeted_success_rate(clean_labels, perturbed, target)
+        return record
+
+    def _pass_record(
+        self,
+        model: nn.Module,
+        report: PassReport,
+        eval_images: Tensor,
+        eval_labels: Tensor,
+        clean_eval_labels: Tensor,
+        clean_accuracy: float,
+        seconds: float,
+        elapsed: float,
+        reducer: Reducer,
+    ) -> Dict[str, Any]:
+        """The record of a pass: the evaluation of its v on the eval set, its rate on X, its
+        statistics, its ``seconds`` and the attack's ``elapsed`` seconds so far, and the kept pass."""
+        record = self._evaluate(model, report.perturbation, eval_images, eval_labels, clean_eval_labels, reducer)
+        record.update(
+            {
+                "pass": report.pass_index,
+                self.settings.rate_on_x_key: report.fooling_rate,
+                "clean_accuracy": clean_accuracy,
+                "updates": report.stats.updates,
+                "mean_inner_iterations": report.stats.mean_iterations,
+                "seconds": seconds,
+                "attack_seconds": elapsed,
+                "kept_pass": report.kept.pass_index,
+            }
+        )
         return record
 
     def _log_pass(self, record: Dict[str, Any], v: Tensor) -> None:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 STALE_DIR = "stale"
 STATE_FILE = "attack_state.ckpt"
+GENERATOR_CHECKPOINT = "last.ckpt"  # attack=gap: the Trainer's checkpoint, the generator's training to resume
+GENERATOR_WEIGHTS = "generator.pt"  # attack=gap: the kept pass's generator weights (a state dict of tensors)
 FAILURE_FILE = "failure.json"
 METRICS_FILE = "metrics.json"
 # Everything a task may write in its run folder.
@@ -32,6 +34,8 @@ RUN_OUTPUTS = (
     METRICS_FILE,
     FAILURE_FILE,
     STATE_FILE,
+    GENERATOR_CHECKPOINT,
+    GENERATOR_WEIGHTS,
     "perturbation.pt",
     "perturbation.npy",
     "perturbation.png",

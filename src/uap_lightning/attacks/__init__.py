@@ -27,6 +27,7 @@ from uap_lightning.attacks.sgd_uap import SGDUAP
 from uap_lightning.attacks.gd_uap import GDUAP  # after SGD-UAP: ENGINES keeps the engines in import order
 from uap_lightning.attacks.sga import SGA
 from uap_lightning.attacks.trm_uap import TRMUAP
+from uap_lightning.attacks.gap import GAP
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 
 import_engine_modules()  # an engine module added to this package registers itself
@@ -42,6 +43,7 @@ __all__ = [
     "DeepFoolResult",
     "DeepFoolUAP",
     "ENGINES",
+    "GAP",
     "GDUAP",
     "INNER_ATTACKS",
     "InnerAttack",

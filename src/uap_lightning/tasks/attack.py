@@ -3,7 +3,9 @@
 Writes in the run folder: ``perturbation.pt``, ``perturbation.png``, ``curve.png``,
 ``examples.png``, ``labels.png``, TensorBoard events and, last, ``metrics.json``; the attack
 state after each pass (``attack_state.ckpt``) lets the same command continue an interrupted
-attack in the same folder.
+attack in the same folder. A generative engine (``attack=gap``) is trained by a Lightning Trainer
+instead: its checkpoint (``last.ckpt``) plays the attack state's part, also when
+``attack.max_passes`` is raised, and ``generator.pt`` holds the generator of the kept pass.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from uap_lightning.attacks import (
     AttackSettings,
     PassReport,
     UAPResult,
+    engine_class,
     folded_copy,
     frozen_eval,
     run_passes,
 )
 from uap_lightning.attacks.driver import PassCallback
+from uap_lightning.attacks.gap import GAP
 from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.config import TaskConfig
-from uap_lightning.errors import ConfigError, DamagedFileError
+from uap_lightning.errors import ConfigError, DamagedFileError, UserError
 from uap_lightning.keys import keyed_hash
 from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
 from uap_lightning.loop import (
@@ -48,10 +52,11 @@ from uap_lightning.loop import (
     AttackState,
     EvaluationSettings,
 )
+from uap_lightning.models.gap_module import read_training_state
 from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_run_outputs
 from uap_lightning.report.summary import attack_summary, result_warnings, victim_name
-from uap_lightning.rundir import METRICS_FILE, STATE_FILE, move_aside
+from uap_lightning.rundir import GENERATOR_CHECKPOINT, METRICS_FILE, STATE_FILE, move_aside
 from uap_lightning.tasks.setup import Setup, Task, progress_bars
 from uap_lightning.training import Victim
 
@@ -106,11 +111,12 @@ _HISTORY_KEYS = (
 )
 
 
-def settings_fingerprint(cfg: DictConfig, data_fingerprint: str) -> str:
-    """Hash of everything that determines the attack's result (not paths, loggers, resume)."""
+def settings_fingerprint(cfg: DictConfig, data_fingerprint: str, ignored: Tuple[str, ...] = ()) -> str:
+    """Hash of everything that determines the attack's result (not paths, loggers, resume), but
+    the ``ignored`` attack keys."""
     settings = {key: OmegaConf.to_container(cfg[key], resolve=True) if key != "seed" else cfg.seed
                 for key in _FINGERPRINT_KEYS}
-    for key in _NOT_IN_FINGERPRINT:
+    for key in (*_NOT_IN_FINGERPRINT, *ignored):
         settings["attack"].pop(key, None)
     settings["data_fingerprint"] = data_fingerprint
     return keyed_hash(settings)
@@ -204,6 +210,29 @@ def _resumable(state_path: Path, fingerprint: str, resume: bool) -> Optional[Att
     return state
 
 
+def _resumable_generator(path: Path, fingerprint: str, resume: bool, max_passes: int) -> Optional[int]:
+    """The passes of the generator checkpoint at ``path`` (``attack=gap``) to continue from, when
+    resuming is on, the checkpoint was saved with these settings (``fingerprint``, which leaves out
+    ``attack.max_passes``) and holds at most ``max_passes`` passes."""
+    try:
+        state = read_training_state(path)
+    except DamagedFileError as err:
+        log.warning("%s; starting afresh", err)
+        return None
+    if state is None or not resume:
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("the run folder holds a generator trained with other settings; starting afresh")
+        return None
+    passes = len(state["history"])
+    if passes > max_passes:
+        log.warning("the run folder holds a generator trained for %d passes, more than attack.max_passes=%d; "
+                    "starting afresh", passes, max_passes)
+        return None
+    log.info("continuing the generator saved after pass %d in %s", passes, path)
+    return passes
+
+
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Inside, SIGTERM raises KeyboardInterrupt like Ctrl-C (main thread only; restored after)."""
@@ -228,9 +257,17 @@ def run(setup: Setup) -> Dict[str, Any]:
     """
     cfg = setup.cfg
     setup, holdout = split_holdout(setup)
-    fingerprint = settings_fingerprint(cfg, setup.datamodule.fingerprint())
-    state = _resumable(setup.output_dir / STATE_FILE, fingerprint, cfg.attack.resume)
-    if state is None:
+    generative = issubclass(engine_class(setup.attack.method), GAP)
+    if generative:  # more passes continue the same training: max_passes stays out of the fingerprint
+        fingerprint = settings_fingerprint(cfg, setup.datamodule.fingerprint(), ignored=("max_passes",))
+        state = None
+        resume_passes = _resumable_generator(setup.output_dir / GENERATOR_CHECKPOINT, fingerprint, cfg.attack.resume,
+                                             setup.attack.max_passes)
+    else:
+        fingerprint = settings_fingerprint(cfg, setup.datamodule.fingerprint())
+        state = _resumable(setup.output_dir / STATE_FILE, fingerprint, cfg.attack.resume)
+        resume_passes = None
+    if state is None and resume_passes is None:
         move_aside(setup.output_dir)  # before any logger writes into the run folder
     else:
         (setup.output_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -240,7 +277,14 @@ def run(setup: Setup) -> Dict[str, Any]:
     net = folded_copy(victim.net)  # the same function with batch norm folded: faster to run and differentiate
     eval_labels = setup.eval_labels_for(victim)
     with sigterm_interrupts():
-        outcome = loop.run(net, setup.attack_images, setup.eval_images, eval_labels, resume=state)
+        if generative:
+            outcome = loop.train_generator(
+                setup.attack.engine(), net, setup.attack_images, setup.eval_images, eval_labels,
+                trainer_settings=generator_trainer_settings(cfg.trainer), run_dir=setup.output_dir,
+                resume_passes=resume_passes,
+            )
+        else:
+            outcome = loop.run(net, setup.attack_images, setup.eval_images, eval_labels, resume=state)
     baselines = random_baselines(
         lambda noise: loop.predict(net, setup.eval_images, noise),
         outcome.clean_eval_labels,
@@ -364,9 +408,33 @@ def objective(fooling_rate: float, eps: float, target: Optional[float]) -> float
     return eps + 255.0 * max(0.0, target - fooling_rate) / target
 
 
+def generator_trainer_settings(trainer_cfg: Any) -> Dict[str, Any]:
+    """The run's ``trainer`` settings the Trainer of a generative engine takes: device kind,
+    precision and determinism (its epochs are the attack's passes, its devices the attack's one)."""
+    return {"accelerator": trainer_cfg.accelerator, "precision": trainer_cfg.precision,
+            "deterministic": trainer_cfg.deterministic}
+
+
+def check_generator(cfg: DictConfig, attack: AttackSettings) -> None:
+    """ConfigError for settings a generative engine (``attack=gap``) trained by a Lightning Trainer
+    cannot take (several devices, augmentation, compiled predictions), images too small for its
+    generator, and ``attack.generator_weights`` of another shape than that generator."""
+    for key, refused in (("devices", cfg.attack.devices != 1), ("augment", attack.augment),
+                         ("compile", attack.compile)):
+        if refused:
+            raise ConfigError(f"attack={attack.method} trains its generator with a Lightning Trainer on one device, "
+                              f"on X as it is; attack.{key}={cfg.attack[key]} is not supported with it")
+    try:
+        attack.engine().build((cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size))
+    except UserError:
+        raise
+    except ValueError as err:  # images too small for the generator
+        raise ConfigError(str(err)) from None
+
+
 def check(cfg: DictConfig, attack: AttackSettings) -> None:
     """A target fooling rate, when given, lies in (0, 1]; the selection is known and leaves X and
-    the holdout at least one image each."""
+    the holdout at least one image each; a generative engine's settings fit it (:func:`check_generator`)."""
     if cfg.task.selection not in SELECTIONS:
         raise ConfigError(f"task.selection must be one of {', '.join(SELECTIONS)}; got {cfg.task.selection!r}")
     if cfg.task.selection == "holdout" and not 0.0 < cfg.task.holdout_fraction < 1.0:
@@ -374,6 +442,8 @@ def check(cfg: DictConfig, attack: AttackSettings) -> None:
     target = cfg.task.target_fooling_rate
     if target is not None and not 0.0 < target <= 1.0:
         raise ConfigError(f"task.target_fooling_rate must lie in (0, 1] or be null; got {target}")
+    if issubclass(engine_class(attack.method), GAP):
+        check_generator(cfg, attack)
 
 
 def attack_figures(

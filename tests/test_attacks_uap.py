@@ -22,8 +22,8 @@ from uap_lightning.attacks import (
     frozen_eval,
     run_passes,
 )
-from uap_lightning.attacks import deepfool_uap as deepfool_uap_module
-from uap_lightning.attacks.deepfool_uap import MAX_WINDOW, next_window
+from uap_lightning.attacks.engines import deepfool_uap as deepfool_uap_module
+from uap_lightning.attacks.engines.deepfool_uap import MAX_WINDOW, next_window
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

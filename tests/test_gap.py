@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from attack_helpers import digits_victim, one_thread  # noqa: F401
 from uap_lightning import compute_uap, fooling_rate
 from uap_lightning.attacks import AttackSettings, ThreatModel, folded_copy, run_passes
-from uap_lightning.attacks.gap import GAP, default_blocks, default_ngf, generator_state, reflect_pad
+from uap_lightning.attacks.engines.gap import GAP, default_blocks, default_ngf, generator_state, reflect_pad
 from uap_lightning.errors import ConfigError, DamagedFileError
 from uap_lightning.tasks import prepare, run_task
 from uap_lightning.tasks.attack import universal_perturbation

@@ -11,7 +11,8 @@ from torch import nn
 from attack_helpers import digits_victim, one_thread, random_conv_net  # noqa: F401
 from uap_lightning import compute_uap, fooling_rate
 from uap_lightning.attacks import AttackSettings, ThreatModel, run_passes
-from uap_lightning.attacks.gd_uap import GDUAP, activations
+from uap_lightning.attacks.activations import activations
+from uap_lightning.attacks.engines.gd_uap import GDUAP
 from uap_lightning.errors import ConfigError
 from uap_lightning.tasks import run_task
 

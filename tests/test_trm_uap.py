@@ -13,8 +13,8 @@ from torch import nn
 from attack_helpers import digits_victim, one_thread, random_conv_net  # noqa: F401
 from uap_lightning import compute_uap, fooling_rate
 from uap_lightning.attacks import ThreatModel
-from uap_lightning.attacks import trm_uap
-from uap_lightning.attacks.trm_uap import (
+from uap_lightning.attacks.engines import trm_uap
+from uap_lightning.attacks.engines.trm_uap import (
     TRMUAP,
     Stage,
     conv_outputs,

@@ -64,7 +64,7 @@ from uap_lightning.attacks import (
     run_passes,
 )
 from uap_lightning.atomic import atomic_write
-from uap_lightning.attacks.gap import GAP
+from uap_lightning.attacks.engines.gap import GAP
 from uap_lightning.errors import DamagedFileError
 from uap_lightning.models.gap_module import GAPModule
 from uap_lightning.report.figures import perturbation_image

@@ -7,7 +7,7 @@ import difflib
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf

@@ -2,7 +2,9 @@
 
 from uap_lightning.attacks.base import PassStats, UniversalAttack, checked_target_class
 from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
-from uap_lightning.attacks.deepfool_uap import AlgorithmOne, BatchedDeepFoolUAP, DeepFoolUAP
+from uap_lightning.attacks.algorithm_one import AlgorithmOne
+from uap_lightning.attacks.engines.deepfool_uap import DeepFoolUAP
+from uap_lightning.attacks.engines.deepfool_uap_batched import BatchedDeepFoolUAP
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, SingleProcess, TorchDistributed
 from uap_lightning.attacks.driver import (
     KeptPerturbation,
@@ -23,11 +25,12 @@ from uap_lightning.attacks.inner import (
 from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
 from uap_lightning.attacks.projections import dual_norm, dual_step, lp_norm, project_lp
 from uap_lightning.attacks.settings import KEEP_CHOICES, AttackSettings
-from uap_lightning.attacks.sgd_uap import SGDUAP
-from uap_lightning.attacks.gd_uap import GDUAP  # after SGD-UAP: ENGINES keeps the engines in import order
-from uap_lightning.attacks.sga import SGA
-from uap_lightning.attacks.trm_uap import TRMUAP
-from uap_lightning.attacks.gap import GAP
+from uap_lightning.attacks.engines.sgd_uap import SGDUAP
+from uap_lightning.attacks.engines.gd_uap import GDUAP  # after SGD-UAP: ENGINES keeps the engines in import order
+from uap_lightning.attacks.engines.sga import SGA
+from uap_lightning.attacks.engines.trm_uap import TRMUAP
+from uap_lightning.attacks.engines.gap import GAP
+from uap_lightning.attacks.engines.sv_uap import SVUAP
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 
 import_engine_modules()  # an engine module added to this package registers itself
@@ -54,6 +57,7 @@ __all__ = [
     "SINGLE_PROCESS",
     "SGA",
     "SGDUAP",
+    "SVUAP",
     "TRMUAP",
     "SingleProcess",
     "ThreatModel",

@@ -78,6 +78,8 @@ class UniversalAttack(abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    # True for an engine whose first pass computes v once and for all (SV-UAP): the driver runs no more
+    one_pass: ClassVar[bool] = False
 
     def __init__(
         self, threat: ThreatModel, *, clip: bool = True, target_class: Optional[int] = None, **options: Any

@@ -128,7 +128,8 @@ def run_passes(
     Without X (``images`` and ``clean_labels`` None, for an engine that reads no images, such as
     ``gd_uap`` with a data-free prior) v is C×H×W = ``image_shape``, there is no rate on X (NaN in
     the history), the last pass is kept, and the attack stops when a pass reports
-    ``PassStats.converged`` or after ``settings.max_passes`` passes.
+    ``PassStats.converged`` or after ``settings.max_passes`` passes. An engine that computes v in
+    one pass (``one_pass``, such as ``sv_uap``) stops after it.
     """
     engine = settings.engine()
     data_free = images is None
@@ -157,6 +158,8 @@ def run_passes(
             return math.nan if data_free else attack_set_rate(model, images, clean_labels, v, settings, reducer)
 
         def done(rate: float, stats: Optional[PassStats]) -> bool:
+            if engine.one_pass and stats is not None:
+                return True
             if data_free:
                 return stats is not None and stats.converged
             return rate >= 1.0 - settings.delta

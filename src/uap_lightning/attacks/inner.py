@@ -1,6 +1,6 @@
 """The inner attacks of Algorithm 1: what finds Δv for an image v does not fool yet.
 
-Algorithm 1 (:mod:`uap_lightning.attacks.deepfool_uap`) asks its inner attack, for a batch of
+Algorithm 1 (:mod:`uap_lightning.attacks.algorithm_one`) asks its inner attack, for a batch of
 images x + v that v does not fool, for a small perturbation Δv per image that fools it, and adds
 the successful ones to v before projecting. An inner attack is one :class:`InnerAttack` subclass
 decorated with :func:`register_inner`; ``attack.inner=NAME`` selects it. Its settings are the

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
-import torch
 from torch import Tensor, nn
 
 from uap_lightning import metrics

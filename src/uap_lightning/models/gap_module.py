@@ -1,6 +1,6 @@
 """GAP's generator as a LightningModule, so that a Lightning Trainer trains it (``attack=gap``).
 
-The module wraps the engine (:class:`~uap_lightning.attacks.gap.GAP`): the engine's generator is
+The module wraps the engine (:class:`~uap_lightning.attacks.engines.gap.GAP`): the engine's generator is
 its one submodule (trained and checkpointed), the engine's ``fooling_loss`` its training loss and
 the engine's ``make_optimizer`` its optimizer, so the Trainer trains what ``GAP.run_pass`` trains.
 An epoch is one pass over X in the order the engine's passes take (the k-th ``torch.randperm`` of a
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from uap_lightning.attacks import AttackSettings, KeptPerturbation, PassReport, PassStats, UAPResult, attack_set_rate
-from uap_lightning.attacks.gap import GAP, generator_state
+from uap_lightning.attacks.engines.gap import GAP, generator_state
 from uap_lightning.errors import DamagedFileError
 
 STATE_KEY = "uap_gap"  # the checkpoint entry holding the attack's state

@@ -35,11 +35,10 @@ from uap_lightning.attacks import (
     UAPResult,
     engine_class,
     folded_copy,
-    frozen_eval,
     run_passes,
 )
 from uap_lightning.attacks.driver import PassCallback
-from uap_lightning.attacks.gap import GAP
+from uap_lightning.attacks.engines.gap import GAP
 from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError, DamagedFileError, UserError

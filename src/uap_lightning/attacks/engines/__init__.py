@@ -1,6 +1,8 @@
-"""The engines, found by name: every module of this package is imported, and each engine class
-registers itself (:func:`~uap_lightning.attacks.base.register_engine`), so adding an engine is
-adding its module (and its ``conf/attack/<name>.yaml``)."""
+"""The engines, one module each, found by name: every module of this package is imported, and each
+engine class registers itself (:func:`~uap_lightning.attacks.base.register_engine`), so adding an
+engine is adding its module here (and its ``conf/attack/<name>.yaml``). The machinery they share
+(threat model, projections, losses, DeepFool, Algorithm 1's outer loop, hooks, the pass driver,
+distributed reductions) lives beside this package in :mod:`uap_lightning.attacks`."""
 
 from __future__ import annotations
 
@@ -13,10 +15,9 @@ from uap_lightning.attacks.threat import ThreatModel
 
 
 def import_engine_modules() -> None:
-    """Import every module of ``uap_lightning.attacks``, registering the engines they define."""
-    package = importlib.import_module("uap_lightning.attacks")
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+    """Import every module of this package, registering the engines they define."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 def build_engine(method: str, threat: ThreatModel, **options: Any) -> UniversalAttack:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
 from uap_lightning.attacks.distributed import Reducer
-from uap_lightning.attacks.gd_uap import GREY, activations
+from uap_lightning.attacks.activations import GREY, activations
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.errors import ConfigError
 from uap_lightning.metrics import perturb

@@ -17,22 +17,20 @@ or a list of module names), removed after every pass.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from uap_lightning.attacks.activations import GREY, activations
 from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
 from uap_lightning.attacks.distributed import Reducer
-from uap_lightning.errors import ConfigError
 from uap_lightning.metrics import perturb
 from uap_lightning.units import to_image_scale
 
 PRIORS = ("none", "range", "data")
-GREY = 0.5  # the blank image δ is added to with prior=none, [0,1] scale
 NORM_FLOOR = 1e-12  # keeps log ‖f‖ finite for a layer whose output is all zeros
 
 
@@ -155,31 +153,3 @@ class GDUAP(UniversalAttack):
         if math.isinf(self.threat.p):
             return float((v.abs() >= self.threat.radius * (1 - 1e-3)).float().mean())
         return float(torch.linalg.vector_norm(v.flatten(), ord=self.threat.p)) / self.threat.radius
-
-
-@contextlib.contextmanager
-def activations(model: nn.Module, layers: Any) -> Iterator[List[Tensor]]:
-    """Inside, the outputs of ``layers`` ("conv": every ``nn.Conv2d``; else module names) are
-    appended to the yielded list at every forward pass; the hooks are removed on exit.
-    ConfigError naming ``attack.layers`` when no such layer exists."""
-    modules = dict(model.named_modules())
-    if layers == "conv":
-        chosen = [module for module in modules.values() if isinstance(module, nn.Conv2d)]
-        if not chosen:
-            raise ConfigError(
-                "attack.layers=conv: the model has no Conv2d layer; name the layers whose activations to "
-                "maximise, attack.layers=[NAME, ...] (names as in model.named_modules())"
-            )
-    else:
-        missing = [name for name in layers if name not in modules]
-        if missing:
-            raise ConfigError(f"attack.layers names no module of the model: {', '.join(missing)}")
-        chosen = [modules[name] for name in layers]
-    outputs: List[Tensor] = []
-    handles = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for module in chosen]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-

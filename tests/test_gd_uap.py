@@ -12,6 +12,7 @@ from attack_helpers import digits_victim, one_thread, random_conv_net  # noqa: F
 from uap_lightning import compute_uap, fooling_rate
 from uap_lightning.attacks import AttackSettings, ThreatModel, run_passes
 from uap_lightning.attacks.activations import activations
+from uap_lightning.attacks.data_free import uniform_start
 from uap_lightning.attacks.engines.gd_uap import GDUAP
 from uap_lightning.errors import ConfigError
 from uap_lightning.tasks import run_task
@@ -38,7 +39,7 @@ def test_the_objective_increases_over_the_passes():
         values.append(objective(model, v))
         assert stats.updates == 20
     assert values[0] < values[1] < values[2]
-    start = engine._uniform_start(torch.zeros(3, 8, 8), torch.Generator().manual_seed(0))
+    start = uniform_start(torch.zeros(3, 8, 8), engine.threat, torch.Generator().manual_seed(0))
     assert objective(model, start) < values[0]
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from attack_helpers import digits_victim, one_thread, random_conv_net  # noqa: F401
 from uap_lightning import compute_uap, fooling_rate
 from uap_lightning.attacks import ThreatModel
+from uap_lightning.attacks.data_free import uniform_start
 from uap_lightning.attacks.engines import trm_uap
 from uap_lightning.attacks.engines.trm_uap import (
     TRMUAP,
@@ -22,7 +23,6 @@ from uap_lightning.attacks.engines.trm_uap import (
     curriculum_stage,
     pseudo_images,
     truncated_ratio,
-    uniform_start,
 )
 from uap_lightning.errors import ConfigError
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from uap_lightning.attacks.distributed import Reducer, shard
 from uap_lightning.metrics import perturb
 
 LOSSES = ("ce", "cosine", "logit_margin")
@@ -131,3 +132,32 @@ def perturbed_loss(
         beta=options.beta, kappa=options.kappa, target_class=target_class,
     )
     return terms.sum() / (images.shape[0] if batch_size is None else batch_size)
+
+
+def sharded_gradient(
+    model: nn.Module,
+    v: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    chosen: Tensor,
+    options: LossOptions,
+    reducer: Reducer,
+    *,
+    target_class: Optional[int],
+    clip: bool,
+) -> Tensor:
+    """∇_v (C×H×W) of the mean loss over the images ``chosen`` (indices into ``images``, N×C×H×W,
+    with clean predictions ``labels``), each rank taking its shard and the gradients summed over
+    the ranks, so that every rank gets the one-process gradient of the mean."""
+    local = shard(reducer, chosen)
+    if local.numel() > 0:
+        x = images[local].to(v.device)
+        y = labels[local].to(v.device)
+        with torch.enable_grad():
+            u = v.detach().requires_grad_(True)
+            loss = perturbed_loss(model, x, u, y, options, target_class=target_class, clip=clip,
+                                  batch_size=chosen.numel())
+            grad = torch.autograd.grad(loss, u)[0]
+    else:  # fewer images than ranks: this rank has none of them
+        grad = torch.zeros_like(v)
+    return reducer.all_reduce_sum(grad)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from uap_lightning.attacks.activations import GREY, activations
 from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
+from uap_lightning.attacks.data_free import saturation_of, uniform_start
 from uap_lightning.attacks.distributed import Reducer
 from uap_lightning.metrics import perturb
 from uap_lightning.units import to_image_scale
@@ -115,8 +116,8 @@ class GDUAP(UniversalAttack):
             raise ValueError("attack.prior=data needs the attack set X; use prior none or range without images")
         v = v.detach().clone()
         if pass_index == 0 and not bool(v.any()):
-            v = self.project(self._uniform_start(v, generator))
-        before = self._saturation(v)
+            v = self.project(uniform_start(v, self.threat, generator))
+        before = saturation_of(v, self.threat)
         v.requires_grad_(True)
         adam = torch.optim.Adam([v], lr=to_image_scale(self.options.step_size))
         with activations(model, self.options.layers) as outputs, torch.enable_grad():
@@ -130,13 +131,8 @@ class GDUAP(UniversalAttack):
                 with torch.no_grad():
                     v.copy_(self.project(v))
         v = v.detach()
-        moved = abs(self._saturation(v) - before)
+        moved = abs(saturation_of(v, self.threat) - before)
         return v, PassStats(updates=self.options.steps, mean_iterations=0.0, converged=moved < self.options.saturation)
-
-    def _uniform_start(self, v: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        """δ uniform in [−ε, ε] per entry ([0,1] scale), drawn from ``generator`` (CPU)."""
-        draw = torch.rand(v.shape, generator=generator, dtype=v.dtype)
-        return ((draw * 2 - 1) * self.threat.radius).to(v.device)
 
     def _inputs(self, v: Tensor, images: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
         """The images δ is added to in one step (B×C×H×W in [0,1])."""
@@ -148,8 +144,3 @@ class GDUAP(UniversalAttack):
         chosen = torch.randint(images.shape[0], (batch,), generator=generator)
         return images[chosen].to(device=v.device, dtype=v.dtype)
 
-    def _saturation(self, v: Tensor) -> float:
-        """How far δ has grown: for ℓ∞ the share of entries at the bound, else ‖δ‖_p / radius."""
-        if math.isinf(self.threat.p):
-            return float((v.abs() >= self.threat.radius * (1 - 1e-3)).float().mean())
-        return float(torch.linalg.vector_norm(v.flatten(), ord=self.threat.p)) / self.threat.radius

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
-from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, shard
-from uap_lightning.attacks.losses import LossOptions, check_targeted, perturbed_loss
+from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
+from uap_lightning.attacks.losses import LossOptions, check_targeted, sharded_gradient
 from uap_lightning.attacks.projections import lp_norm, unit_direction
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.units import to_image_scale
@@ -146,26 +146,10 @@ class SGA(UniversalAttack):
         total = torch.zeros_like(v)
         for _ in range(steps):
             chosen = batch if size == batch.numel() else batch[torch.randperm(batch.numel(), generator=generator)[:size]]
-            grad = self._gradient(model, inner_v, images, clean_labels, chosen, reducer)
+            grad = sharded_gradient(
+                model, inner_v, images, clean_labels, chosen, self.options, reducer, target_class=self.target_class,
+                clip=self.clip,
+            )
             total += grad
             inner_v = self.project(inner_v - self.step * unit_direction(grad, self.threat.p))
         return total / steps, steps
-
-    def _gradient(
-        self, model: nn.Module, v: Tensor, images: Tensor, clean_labels: Tensor, chosen: Tensor, reducer: Reducer
-    ) -> Tensor:
-        """∇_v of the mean loss over the images ``chosen``, summed over the ranks (each its shard)."""
-        local = shard(reducer, chosen)
-        if local.numel() > 0:
-            x = images[local].to(v.device)
-            y = clean_labels[local].to(v.device)
-            with torch.enable_grad():
-                u = v.detach().requires_grad_(True)
-                loss = perturbed_loss(
-                    model, x, u, y, self.options, target_class=self.target_class, clip=self.clip,
-                    batch_size=chosen.numel(),
-                )
-                grad = torch.autograd.grad(loss, u)[0]
-        else:  # fewer images than ranks: this rank has none of them
-            grad = torch.zeros_like(v)
-        return reducer.all_reduce_sum(grad)

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
-from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, shard
-from uap_lightning.attacks.losses import LossOptions, check_targeted, perturbed_loss
+from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
+from uap_lightning.attacks.losses import LossOptions, check_targeted, sharded_gradient
 from uap_lightning.attacks.projections import unit_direction
 from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.threat import ThreatModel
@@ -117,15 +117,6 @@ class SGDUAP(UniversalAttack):
             return base
         return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
-    def loss(
-        self, model: nn.Module, images: Tensor, v: Tensor, clean_labels: Tensor, batch_size: Optional[int] = None
-    ) -> Tensor:
-        """The scalar to minimise on clip(images + v) (see :func:`~uap_lightning.attacks.losses.perturbed_loss`)."""
-        return perturbed_loss(
-            model, images, v, clean_labels, self.options, target_class=self.target_class, clip=self.clip,
-            batch_size=batch_size,
-        )
-
     def run_pass(
         self,
         model: nn.Module,
@@ -149,18 +140,11 @@ class SGDUAP(UniversalAttack):
             adam = torch.optim.Adam([v], lr=self.step_at(index * batches, total))
         for b in range(batches):
             batch = order[b * self.options.batch_size : (b + 1) * self.options.batch_size]
-            local = shard(reducer, batch)
             lr = self.step_at(index * batches + b, total)
-            if local.numel() > 0:
-                x = images[local].to(v.device)
-                y = clean_labels[local].to(v.device)
-                with torch.enable_grad():
-                    u = v.detach().requires_grad_(True)
-                    loss = self.loss(model, x, u, y, batch_size=batch.numel())
-                    grad = torch.autograd.grad(loss, u)[0]
-            else:  # a last batch smaller than the world: this rank has no image of it
-                grad = torch.zeros_like(v)
-            grad = reducer.all_reduce_sum(grad)
+            grad = sharded_gradient(
+                model, v, images, clean_labels, batch, self.options, reducer, target_class=self.target_class,
+                clip=self.clip,
+            )
             with torch.no_grad():
                 if adam is None:
                     v = self.project(v - lr * unit_direction(grad, self.threat.p))

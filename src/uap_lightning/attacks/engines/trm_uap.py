@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
 from uap_lightning.attacks.distributed import Reducer
 from uap_lightning.attacks.activations import GREY, activations
-from uap_lightning.attacks.threat import ThreatModel
+from uap_lightning.attacks.data_free import saturation_of, uniform_start
 from uap_lightning.errors import ConfigError
 from uap_lightning.metrics import perturb
 from uap_lightning.units import to_image_scale
@@ -274,16 +274,3 @@ class TRMUAP(UniversalAttack):
         moved = abs(saturation_of(v, self.threat) - before)
         converged = settled and moved < options.saturation
         return v, PassStats(updates=options.steps, mean_iterations=0.0, converged=converged)
-
-
-def uniform_start(v: Tensor, threat: ThreatModel, generator: Optional[torch.Generator]) -> Tensor:
-    """δ of v's shape, uniform in [−ε, ε] per entry ([0,1] scale), drawn from ``generator`` (CPU)."""
-    draw = torch.rand(v.shape, generator=generator, dtype=v.dtype)
-    return ((draw * 2 - 1) * threat.radius).to(v.device)
-
-
-def saturation_of(v: Tensor, threat: ThreatModel) -> float:
-    """How far δ has grown: for ℓ∞ the share of entries at the bound, else ‖δ‖_p / radius."""
-    if math.isinf(threat.p):
-        return float((v.abs() >= threat.radius * (1 - 1e-3)).float().mean())
-    return float(torch.linalg.vector_norm(v.flatten(), ord=threat.p)) / threat.radius

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from uap_lightning import metrics
-from uap_lightning.attacks.driver import PassCallback, PassReport, UAPResult, run_passes
+from uap_lightning.attacks.driver import PassCallback, PassReport, UAPResult, check_takes, run_passes
+from uap_lightning.attacks.ensemble import Ensemble, resized
 from uap_lightning.attacks.base import checked_target_class
 from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.model_state import frozen_eval, model_device
@@ -31,7 +32,7 @@ RANGE_TOLERANCE = 1e-4
 
 
 def compute_uap(
-    model: nn.Module,
+    model: Union[nn.Module, Sequence[nn.Module]],
     images: Optional[Images],
     *,
     eps: float,
@@ -46,6 +47,8 @@ def compute_uap(
     augment: bool = AttackSettings.augment,
     eval_batch_size: int = AttackSettings.eval_batch_size,
     compile: bool = AttackSettings.compile,
+    input_diversity: float = AttackSettings.input_diversity,
+    resolution: Optional[int] = AttackSettings.resolution,
     image_shape: Optional[Tuple[int, int, int]] = None,
     eps_scale: int = 255,
     verbose: bool = False,
@@ -53,12 +56,18 @@ def compute_uap(
 ) -> UAPResult:
     """A universal perturbation of ``model`` (images in [0,1] → logits) on the attack set ``images``.
 
+    ``model`` may be a list of victims (or an :class:`~uap_lightning.attacks.Ensemble`, which also
+    gives each member its own input size): one v against all of them, the loss averaged over them,
+    for the engines that take an ensemble (``uap_lightning.attacks.ensemble_engines()``).
+
     ``eps`` is in 0–255 pixel units for every ``p`` (``eps_scale=1``: in [0,1] image scale, the habit
     of other toolkits; an ε below one 8-bit level in 0–255 units warns). Stops when the fooling rate on ``images``
     (targeted: the targeted success rate) reaches 1 − ``delta`` or after ``max_passes`` passes
     and returns the pass with the highest rate on ``images`` (``keep="last"``: the last pass);
     ``augment`` shows each pass a new random crop and flip of every image; ``compile`` runs the
-    attack's predictions through ``torch.compile``; ``verbose`` draws a progress bar over passes
+    attack's predictions through ``torch.compile``; ``input_diversity`` (probability, e.g. 0.5) shows
+    the gradient steps randomly resized and padded batches and ``resolution`` keeps v a
+    resolution×resolution image upsampled (both for transfer; gradient engines only); ``verbose`` draws a progress bar over passes
     (on stderr) with the rate on ``images``. ``method`` names an engine
     (``uap_lightning.attacks.ENGINES``: deepfool_uap, deepfool_uap_batched, sgd_uap, ...);
     ``options`` are its own settings (e.g. overshoot, batch_size, step_size). Runs on the model's
@@ -82,7 +91,12 @@ def compute_uap(
         augment=bool(augment),
         eval_batch_size=eval_batch_size,
         compile=bool(compile),
+        input_diversity=input_diversity,
+        resolution=resolution,
     )
+    if isinstance(model, (list, tuple)):
+        model = Ensemble(model)
+    check_takes(settings.engine(), model)
     if images is None:
         settings.threat.check_fits(image_shape or (), eps_key="eps")
         with pass_bar(settings, verbose) as on_pass_end:
@@ -197,7 +211,13 @@ def _float_dtype(model: Optional[nn.Module]) -> torch.dtype:
 
 def check_logits(model: nn.Module, images: Tensor) -> int:
     """The number of classes of ``model``, after checking that it maps a batch of ``images`` to an
-    N×K logits tensor with K ≥ 2; ValueError saying what it returned otherwise."""
+    N×K logits tensor with K ≥ 2; ValueError saying what it returned otherwise. Each member of an
+    :class:`Ensemble` is checked on the images at its own input size."""
+    if isinstance(model, Ensemble):
+        classes = {check_logits(member, resized(images[:2], size)) for member, size in zip(model.members, model.sizes)}
+        if len(classes) != 1:
+            raise ValueError(f"the victims of an ensemble must share their classes; they have {sorted(classes)}")
+        return classes.pop()
     with torch.no_grad():
         out = model(images[:2].to(model_device(model)))
     if not isinstance(out, Tensor):

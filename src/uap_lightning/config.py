@@ -134,6 +134,12 @@ class AttackConfig:
     resume: bool = True  # continue an interrupted attack found in the run folder
     progress: bool = True  # a progress bar on a terminal, else a line per pass (and per minute of a long pass)
     augment: bool = AttackSettings.augment  # each pass on a new random crop (50–100% of the area) and flip of X
+    # victims attacked together (model presets, or {preset: NAME, <model key>: value}); []: the run's model
+    ensemble: List[Any] = field(default_factory=list)
+    # transfer options of the gradient engines: the probability a step sees its batch randomly resized
+    # and padded (0: off; the paper's 0.5), and v kept at resolution×resolution pixels (null: full)
+    input_diversity: float = AttackSettings.input_diversity
+    resolution: Optional[int] = AttackSettings.resolution
     # evaluation and devices
     eval_batch_size: int = AttackSettings.eval_batch_size
     amp: bool = False  # autocast the victim during evaluation (GPU)

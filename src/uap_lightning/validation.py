@@ -13,9 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class
+from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class, ensemble_engines
+from uap_lightning.attacks.projections import check_resolution
 from uap_lightning.attacks.threat import p_name
-from uap_lightning.config import attack_schemas
+from uap_lightning.config import attack_schemas, model_preset
 from uap_lightning.data import dataset_class
 from uap_lightning.data.sample_folder import no_training_split_message
 from uap_lightning.errors import ConfigError
@@ -153,6 +154,8 @@ def attack_settings(cfg: DictConfig) -> AttackSettings:
             augment=attack.augment,
             eval_batch_size=attack.eval_batch_size,
             compile=attack.compile,
+            input_diversity=attack.input_diversity,
+            resolution=attack.resolution,
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"attack settings: {err}") from None
@@ -226,4 +229,35 @@ def validate(cfg: DictConfig) -> AttackSettings:
     check_training_processes(cfg.trainer)
     check_attack_devices(cfg.attack, cfg.trainer.accelerator)
     fit_data_to_victim(cfg, command_line_keys())
+    check_ensemble(cfg, attack)
+    if cfg.data.get("image_size") is not None:
+        try:
+            check_resolution(attack.resolution, (cfg.data.image_size, cfg.data.image_size))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return attack
+
+
+ENSEMBLE_TASKS = ("attack", "compare")
+
+
+def check_ensemble(cfg: DictConfig, attack: AttackSettings) -> None:
+    """ConfigError naming ``attack.ensemble`` unless it is empty or lists at least two victims that
+    can be obtained on the run's data, for an engine that takes an ensemble, in a task that attacks one."""
+    entries = list(cfg.attack.get("ensemble") or [])
+    if not entries:
+        return
+    if cfg.task.name not in ENSEMBLE_TASKS:
+        raise ConfigError(f"attack.ensemble is for task={' or task='.join(ENSEMBLE_TASKS)}; task={cfg.task.name} "
+                          "attacks one victim at a time (leave attack.ensemble=[])")
+    if len(entries) < 2:
+        raise ConfigError(f"attack.ensemble lists {len(entries)} victim; an ensemble needs at least two "
+                          "(for one victim use model=NAME and attack.ensemble=[])")
+    if not engine_class(attack.method).averages_loss:
+        raise ConfigError(f"attack.ensemble: attack={attack.method} cannot attack an ensemble (its step follows one "
+                          f"network); use attack={' or attack='.join(ensemble_engines())}")
+    for entry in entries:
+        try:
+            check_victim_source(model_preset(entry), cfg.data)
+        except ValueError as err:
+            raise ConfigError(f"attack.ensemble: {err}") from None

@@ -1,10 +1,11 @@
 """Universal adversarial perturbation engines, pure torch (no Lightning, no Hydra)."""
 
-from uap_lightning.attacks.base import PassStats, UniversalAttack, checked_target_class
+from uap_lightning.attacks.base import PassStats, UniversalAttack, checked_target_class, ensemble_engines
 from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
 from uap_lightning.attacks.algorithm_one import AlgorithmOne
 from uap_lightning.attacks.engines.deepfool_uap import DeepFoolUAP
 from uap_lightning.attacks.engines.deepfool_uap_batched import BatchedDeepFoolUAP
+from uap_lightning.attacks.ensemble import Ensemble
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, SingleProcess, TorchDistributed
 from uap_lightning.attacks.driver import (
     KeptPerturbation,
@@ -46,6 +47,7 @@ __all__ = [
     "DeepFoolResult",
     "DeepFoolUAP",
     "ENGINES",
+    "Ensemble",
     "GAP",
     "GDUAP",
     "INNER_ATTACKS",
@@ -72,6 +74,7 @@ __all__ = [
     "dual_norm",
     "dual_step",
     "engine_class",
+    "ensemble_engines",
     "folded_copy",
     "frozen_eval",
     "inner_class",

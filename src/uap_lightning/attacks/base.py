@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from uap_lightning.attacks.distributed import Reducer
-from uap_lightning.attacks.projections import project_lp
+from uap_lightning.attacks.projections import block_average, project_lp
 from uap_lightning.attacks.threat import ThreatModel
 
 # Every registered engine class, by name, in the order their modules were imported.
@@ -80,6 +80,8 @@ class UniversalAttack(abc.ABC):
     Options: ClassVar[type] = NoOptions
     # True for an engine whose first pass computes v once and for all (SV-UAP): the driver runs no more
     one_pass: ClassVar[bool] = False
+    # True for an engine whose objective averages over the members of an Ensemble (attack.ensemble)
+    averages_loss: ClassVar[bool] = False
 
     def __init__(
         self, threat: ThreatModel, *, clip: bool = True, target_class: Optional[int] = None, **options: Any
@@ -94,6 +96,7 @@ class UniversalAttack(abc.ABC):
                 f"its options: {', '.join(self.option_names()) or 'none'}"
             )
         self.threat = threat
+        self.resolution: Optional[int] = None  # see :meth:`at_resolution`
         self.clip = bool(clip)
         self.target_class = target_class
         self.options = self.Options(**options)
@@ -113,9 +116,24 @@ class UniversalAttack(abc.ABC):
         """Whether a pass reads the attack set X (data-free engines: False, and X may be None)."""
         return True
 
+    def at_resolution(self, resolution: Optional[int]) -> "UniversalAttack":
+        """This engine with v kept a ``resolution``×``resolution`` image upsampled by pixel repetition
+        (None: full resolution): every projection first averages v over its blocks and every step
+        follows the block-averaged gradient (``attack.resolution``). Only for engines that follow
+        the gradient of a mean loss (``averages_loss``); ValueError otherwise."""
+        if resolution is not None and not self.averages_loss:
+            raise ValueError(f"attack.resolution is for the engines that follow a loss's gradient "
+                             f"({', '.join(ensemble_engines())}); attack.method={self.name} takes none")
+        self.resolution = resolution
+        return self
+
     def project(self, v: Tensor) -> Tensor:
-        """v projected onto the threat model's ℓp ball (radius eps/255)."""
-        return project_lp(v, self.threat.radius, self.threat.p)
+        """v projected onto the threat model's ℓp ball (radius eps/255), at the engine's resolution."""
+        return project_lp(block_average(v, self.resolution), self.threat.radius, self.threat.p)
+
+    def low_pass(self, grad: Tensor) -> Tensor:
+        """A gradient of v (C×H×W) averaged over the blocks of the engine's resolution (unchanged at full)."""
+        return block_average(grad, self.resolution)
 
     def still_to_fool(self, predicted: Tensor, clean_labels: Tensor) -> Tensor:
         """Bool mask of images v has yet to work on: label unchanged, or (targeted) not at the
@@ -158,3 +176,8 @@ def engine_class(method: str) -> Type[UniversalAttack]:
         return ENGINES[method]
     except KeyError:
         raise ValueError(f"attack.method must be one of {', '.join(ENGINES)}; got {method!r}") from None
+
+
+def ensemble_engines() -> Tuple[str, ...]:
+    """The registered engines that take an ensemble of victims (``averages_loss``)."""
+    return tuple(name for name, cls in ENGINES.items() if cls.averages_loss)

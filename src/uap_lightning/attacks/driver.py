@@ -18,9 +18,12 @@ from torch import Tensor, nn
 from uap_lightning import metrics
 from uap_lightning.attacks import distributed
 from uap_lightning.attacks.augment import crop_flip
-from uap_lightning.attacks.base import PassStats
+from uap_lightning.attacks.base import PassStats, UniversalAttack, ensemble_engines
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
-from uap_lightning.attacks.model_state import CompiledPredictions, folded_copy, frozen_eval, model_device
+from uap_lightning.attacks.ensemble import Ensemble
+from uap_lightning.attacks.input_diversity import DiverseInputs
+from uap_lightning.attacks.projections import check_resolution
+from uap_lightning.attacks.model_state import compiled_predictions, folded_copy, frozen_eval, model_device
 from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.errors import NonFiniteError
 
@@ -89,6 +92,25 @@ def attack_set_rate(
     return metrics.targeted_success_rate(clean, perturbed, settings.target_class)
 
 
+def check_takes(engine: UniversalAttack, model: nn.Module) -> None:
+    """ValueError when ``model`` is an :class:`Ensemble` and ``engine`` cannot attack one."""
+    if isinstance(model, Ensemble) and not engine.averages_loss:
+        raise ValueError(
+            f"attack.method={engine.name} cannot attack an ensemble of victims (its step follows one network); "
+            f"use one of {', '.join(ensemble_engines())}, or a single victim"
+        )
+
+
+def with_input_diversity(model: nn.Module, probability: float, generator: torch.Generator) -> nn.Module:
+    """``model`` whose gradient passes see diverse inputs (:class:`DiverseInputs`) drawn from
+    ``generator``, each member's for an :class:`Ensemble`; ``model`` itself when ``probability`` is 0."""
+    if probability <= 0:
+        return model
+    if isinstance(model, Ensemble):
+        return model.map_members(lambda member: DiverseInputs(member, probability, generator))
+    return DiverseInputs(model, probability, generator)
+
+
 def run_passes(
     model: nn.Module,
     settings: AttackSettings,
@@ -118,7 +140,10 @@ def run_passes(
     ``settings.compile`` (:class:`CompiledPredictions`; compiling counts in the passes' seconds).
     With ``settings.augment`` each pass works on a new random crop and flip of every image of X
     (:func:`~uap_lightning.attacks.augment.crop_flip`, drawn from the generator) with the model's
-    clean predictions on them; the rate on X, the stop and the kept pass stay on X itself.
+    clean predictions on them; the rate on X, the stop and the kept pass stay on X itself. With
+    ``settings.input_diversity`` the engine's gradient passes see randomly resized and padded
+    batches (:mod:`~uap_lightning.attacks.input_diversity`, drawn from the generator); ``model`` may be an
+    :class:`Ensemble` for the engines that take one (ValueError for the others).
 
     With a ``reducer`` of world size > 1 every rank calls this with the same arguments: the engine
     shares its passes (it gets the reducer; engines whose ``run_pass`` takes none run in one
@@ -132,10 +157,12 @@ def run_passes(
     one pass (``one_pass``, such as ``sv_uap``) stops after it.
     """
     engine = settings.engine()
+    check_takes(engine, model)
     data_free = images is None
     if data_free and engine.reads_images:
         raise ValueError(f"attack.method={settings.method} reads the attack set X with these options; give images")
     shape = tuple(image_shape) if data_free else tuple(images.shape[1:])
+    check_resolution(settings.resolution, shape)
     generator = settings.generator() if generator is None else generator
     reducer = reducer or SINGLE_PROCESS
     shared = {} if reducer.world_size == 1 else {"reducer": reducer}
@@ -152,7 +179,9 @@ def run_passes(
     with frozen_eval(model):
         model = folded_copy(model)
         if settings.compile:
-            model = CompiledPredictions(model)
+            model = compiled_predictions(model)
+
+        attacked = with_input_diversity(model, settings.input_diversity, generator)
 
         def rate_on_x(v: Tensor) -> float:
             return math.nan if data_free else attack_set_rate(model, images, clean_labels, v, settings, reducer)
@@ -173,7 +202,7 @@ def run_passes(
             if settings.augment and not data_free:
                 seen = crop_flip(images, generator)
                 seen_labels = distributed.predict(model, seen, reducer=reducer, batch_size=settings.eval_batch_size)
-            v, stats = engine.run_pass(model, v, seen, seen_labels, generator, pass_index=passes, **shared)
+            v, stats = engine.run_pass(attacked, v, seen, seen_labels, generator, pass_index=passes, **shared)
             v = reducer.broadcast(v)
             if not bool(torch.isfinite(v).all()):
                 raise NonFiniteError(

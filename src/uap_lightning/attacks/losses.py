@@ -18,13 +18,14 @@ Logits are B×K; labels (B,) int64. Every function returns the B per-image terms
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uap_lightning.attacks.distributed import Reducer, shard
+from uap_lightning.attacks.ensemble import member_outputs
 from uap_lightning.metrics import perturb
 
 LOSSES = ("ce", "cosine", "logit_margin")
@@ -121,16 +122,19 @@ def perturbed_loss(
     batch_size: Optional[int] = None,
 ) -> Tensor:
     """The scalar to minimise on clip(images + v): the per-image terms of ``options.loss`` summed
-    and divided by ``batch_size`` (None: B), i.e. the batch mean when these are all its images.
+    and divided by ``batch_size`` (None: B), i.e. the batch mean when these are all its images;
+    for an :class:`~uap_lightning.attacks.ensemble.Ensemble` the terms are averaged over its members.
     ``images`` B×C×H×W and v C×H×W in [0,1] scale; ``labels`` the clean predictions (B,)."""
-    clean_logits = None
+    clean_logits: List[Optional[Tensor]] = []
     if options.loss == "cosine":
         with torch.no_grad():
-            clean_logits = model(images)
-    terms = loss_terms(
-        options.loss, model(perturb(images, v, clip)), labels, clean_logits=clean_logits,
-        beta=options.beta, kappa=options.kappa, target_class=target_class,
-    )
+            clean_logits = member_outputs(model, images)
+    perturbed = member_outputs(model, perturb(images, v, clip))
+    terms = sum(
+        loss_terms(options.loss, logits, labels, clean_logits=clean_logits[m] if clean_logits else None,
+                   beta=options.beta, kappa=options.kappa, target_class=target_class)
+        for m, logits in enumerate(perturbed)
+    ) / len(perturbed)
     return terms.sum() / (images.shape[0] if batch_size is None else batch_size)
 
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from uap_lightning.attacks.ensemble import Ensemble
+
 
 @contextlib.contextmanager
 def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
@@ -42,8 +44,10 @@ def folded_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with each BatchNorm folded into the convolution or linear
     layer before it (torch.fx), parameters frozen: the same function up to float rounding,
     with fewer layers to run forward and backward. ``model`` itself when fx cannot trace it
-    or it has no batch norm to fold.
+    or it has no batch norm to fold; an :class:`Ensemble` of each member's folded copy.
     """
+    if isinstance(model, Ensemble):
+        return model.map_members(folded_copy)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
     training = model.training
@@ -72,3 +76,11 @@ class CompiledPredictions(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.compiled(x) if not torch.is_grad_enabled() else self.model(x)
+
+
+def compiled_predictions(model: nn.Module) -> nn.Module:
+    """``model`` with its predictions compiled (:class:`CompiledPredictions`); for an
+    :class:`Ensemble`, each member's, so that the ensemble's losses still see its members."""
+    if isinstance(model, Ensemble):
+        return model.map_members(CompiledPredictions)
+    return CompiledPredictions(model)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -90,3 +91,28 @@ def unit_direction(grad: Tensor, p: float) -> Tensor:
     if p == math.inf:
         return grad.sign()
     return grad / lp_norm(grad.unsqueeze(0), p).clamp_min(torch.finfo(grad.dtype).tiny)
+
+
+def check_resolution(resolution: Optional[int], image_shape: Sequence[int], key: str = "attack.resolution") -> None:
+    """ValueError naming ``key`` unless ``resolution`` is None or a side that divides both sides of
+    ``image_shape`` (C×H×W), so that v is made of whole blocks of pixels."""
+    if resolution is None:
+        return
+    height, width = int(image_shape[-2]), int(image_shape[-1])
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"{key} must be a positive integer (pixels on a side) or null; got {resolution!r}")
+    if height % resolution or width % resolution:
+        sides = [s for s in range(1, min(height, width) + 1) if height % s == 0 and width % s == 0]
+        raise ValueError(f"{key}={resolution} must divide the image side ({height}×{width}) so that v is made of "
+                         f"whole blocks; e.g. one of {', '.join(map(str, sides[-6:]))}")
+
+
+def block_average(v: Tensor, resolution: Optional[int]) -> Tensor:
+    """``v`` (…×H×W) with each of the resolution×resolution blocks of H/resolution × W/resolution
+    pixels replaced by its mean: the orthogonal projection onto perturbations that are a
+    resolution×resolution image upsampled by pixel repetition. ``v`` itself when ``resolution`` is None."""
+    if resolution is None or tuple(v.shape[-2:]) == (resolution, resolution):
+        return v
+    fy, fx = v.shape[-2] // resolution, v.shape[-1] // resolution
+    blocks = v.reshape(*v.shape[:-2], resolution, fy, resolution, fx).mean(dim=(-3, -1), keepdim=True)
+    return blocks.expand(*v.shape[:-2], resolution, fy, resolution, fx).reshape(v.shape)

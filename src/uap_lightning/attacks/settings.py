@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from uap_lightning.attacks.base import UniversalAttack, checked_target_class, engine_class
+from uap_lightning.attacks.base import UniversalAttack, checked_target_class, engine_class, ensemble_engines
 from uap_lightning.attacks.threat import ThreatModel
 
 KEEP_CHOICES = ("best", "last")
@@ -36,7 +36,11 @@ class AttackSettings:
     highest rate on X, "last" the last one; ``clip``: x + v clipped to [0,1]; ``target_class``:
     targeted mode; ``seed``: the order of X and the attack's randomness; ``augment``: every pass
     on new random crops and flips of X; ``eval_batch_size``: images per prediction batch;
-    ``compile``: predictions through ``torch.compile``.
+    ``compile``: predictions through ``torch.compile``; ``input_diversity``: the probability that a
+    gradient step sees its batch randomly resized and padded (0: never; see
+    :mod:`~uap_lightning.attacks.input_diversity`); ``resolution``: v kept a
+    resolution×resolution image upsampled by pixel repetition (None: full resolution). The last two
+    are for the engines that follow a loss's gradient (``ensemble_engines()``).
 
     Raises ValueError naming the ``attack.`` key of a value out of range, TypeError for an
     option the engine does not take.
@@ -54,6 +58,8 @@ class AttackSettings:
     augment: bool = False
     eval_batch_size: int = 512
     compile: bool = False
+    input_diversity: float = 0.0
+    resolution: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.threat, ThreatModel):
@@ -69,8 +75,18 @@ class AttackSettings:
             raise ValueError(f"attack.seed must be an integer; got {self.seed!r}")
         if not _is_int(self.eval_batch_size) or self.eval_batch_size < 1:
             raise ValueError(f"attack.eval_batch_size must be an integer >= 1; got {self.eval_batch_size!r}")
+        if (not isinstance(self.input_diversity, numbers.Real) or isinstance(self.input_diversity, bool)
+                or not 0.0 <= self.input_diversity <= 1.0):
+            raise ValueError(f"attack.input_diversity must lie in [0, 1], e.g. 0.5 (the paper's; 0: off); "
+                             f"got {self.input_diversity!r}")
+        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 1):
+            raise ValueError(f"attack.resolution must be a positive integer (pixels on a side) or null; "
+                             f"got {self.resolution!r}")
         object.__setattr__(self, "options", dict(self.options))  # a copy the caller cannot change
-        self.engine()  # the method exists and takes these options
+        engine = self.engine()  # the method exists and takes these options
+        if self.input_diversity > 0 and not engine.averages_loss:
+            raise ValueError(f"attack.input_diversity is for the engines that follow a loss's gradient "
+                             f"({', '.join(ensemble_engines())}); attack.method={self.method} takes none")
 
     @property
     def rate_on_x_key(self) -> str:
@@ -80,7 +96,7 @@ class AttackSettings:
 
     def engine(self) -> UniversalAttack:
         """A new engine of ``method`` with these settings."""
-        return engine_class(self.method).from_settings(self)
+        return engine_class(self.method).from_settings(self).at_resolution(self.resolution)
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded with ``seed``: the attack's order and randomness."""

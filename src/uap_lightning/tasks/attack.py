@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from uap_lightning import metrics
 from uap_lightning.attacks import (
     AttackSettings,
+    Ensemble,
     PassReport,
     UAPResult,
     engine_class,
-    folded_copy,
     run_passes,
 )
 from uap_lightning.attacks.driver import PassCallback
@@ -272,8 +272,8 @@ def run(setup: Setup) -> Dict[str, Any]:
         (setup.output_dir / METRICS_FILE).unlink(missing_ok=True)
     fabric = make_fabric(cfg, setup)
     loop = attack_loop(setup, fabric, fingerprint)
-    victim = setup.victim()
-    net = folded_copy(victim.net)  # the same function with batch norm folded: faster to run and differentiate
+    net, members = setup.attacked()  # batch norm folded: the same function, faster to run and differentiate
+    victim = members[0]
     eval_labels = setup.eval_labels_for(victim)
     with sigterm_interrupts():
         if generative:
@@ -299,6 +299,9 @@ def run(setup: Setup) -> Dict[str, Any]:
         kept_x = setup.predict(net, setup.attack_images, outcome.result.perturbation)
         fooling_on_x = metrics.fooling_rate(setup.predict(net, setup.attack_images), kept_x)
     results = attack_metrics(setup, victim, outcome, fooling_on_x, baselines, dominant, label_names)
+    if isinstance(net, Ensemble):
+        results.update(ensemble_metrics(setup, net, outcome.result.perturbation))
+        results["victim_accuracy"] = results["clean_accuracy"]  # the ensemble's own
     selected = fooling_on_x
     if holdout is not None:
         selected = metrics.fooling_rate(setup.predict(net, holdout), setup.predict(net, holdout, outcome.result.perturbation))
@@ -382,6 +385,20 @@ def attack_metrics(
         results["targeted_success_rate"] = final["targeted_success_rate"]
         results["targeted_success_rate_attack_set"] = result.fooling_rate
     return results
+
+
+def ensemble_metrics(setup: Setup, net: Ensemble, perturbation: Tensor) -> Dict[str, Any]:
+    """What metrics.json adds for an attack on an ensemble: the members' names as the model, and each
+    member's fooling rate on the eval set (fed the images at its input size) and input size."""
+    members = {}
+    for index, name in enumerate(net.names):
+        member = net.member(index)
+        clean = setup.predict(member, setup.eval_images)
+        members[name] = {
+            "fooling_rate": metrics.fooling_rate(clean, setup.predict(member, setup.eval_images, perturbation)),
+            "input_size": net.sizes[index] or setup.image_size,
+        }
+    return {"model": "+".join(net.names), "ensemble": members}
 
 
 def split_holdout(setup: Setup) -> Tuple[Setup, Optional[Tensor]]:

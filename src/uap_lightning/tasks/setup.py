@@ -23,10 +23,13 @@ from torch import Tensor, nn
 
 from uap_lightning import metrics
 from uap_lightning.api import check_logits
-from uap_lightning.attacks import AttackSettings, ThreatModel, checked_target_class, frozen_eval
-from uap_lightning.data import build_datamodule
+from uap_lightning.attacks import AttackSettings, Ensemble, ThreatModel, checked_target_class, folded_copy, frozen_eval
+from uap_lightning.attacks.projections import check_resolution
+from uap_lightning.config import model_preset
+from uap_lightning.data import ImageFolderDataModule, build_datamodule, dataset_class
 from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
+from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
 from uap_lightning.report.outputs import write_figures, write_metrics
 from uap_lightning.training import TrainingLogs, Victim, obtain_victim
@@ -197,6 +200,26 @@ class Setup:
             self._victims[key] = victim
         return self._victims[key]
 
+    def attacked(self) -> Tuple[nn.Module, List[Victim]]:
+        """The net the attack runs on and the victims in it: the run's victim with batch norm folded,
+        or with ``attack.ensemble`` an :class:`Ensemble` of each listed victim (folded), each fed the
+        images at the input size its pretrained weights declare on image-file data (else the data's)."""
+        entries = list(self.cfg.attack.get("ensemble") or [])
+        if not entries:
+            victim = self.victim()
+            return folded_copy(victim.net), [victim]
+        configs = [model_preset(entry) for entry in entries]
+        victims = [self.victim(config, log_training=False) for config in configs]
+        files = issubclass(dataset_class(self.cfg.data.name), ImageFolderDataModule)
+        sizes = []
+        for config in configs:
+            declared = model_preprocessing(config) if files else None
+            sizes.append(None if declared is None or declared.image_size == self.image_size else declared.image_size)
+        names = ensemble_labels(configs)
+        for name, size in zip(names, sizes):
+            log.info("ensemble member %s sees the images at %s px", name, size or self.image_size)
+        return Ensemble([folded_copy(v.net) for v in victims], sizes, names), victims
+
     def at_input(self, image_size: int, resize: Optional[int]) -> "Setup":
         """This setup with its images decoded again at ``image_size`` pixels (after resizing the
         shorter side to ``resize``; None: the preset's resizing), for a victim that expects that
@@ -229,6 +252,16 @@ class Setup:
         return self.labels_for(victim, self.eval_labels)
 
 
+def ensemble_labels(configs: List[Any]) -> List[str]:
+    """A label per model config: its preset name, numbered when repeated (lenet, lenet-2)."""
+    seen: Dict[str, int] = {}
+    labels = []
+    for config in configs:
+        seen[config.name] = seen.get(config.name, 0) + 1
+        labels.append(config.name if seen[config.name] == 1 else f"{config.name}-{seen[config.name]}")
+    return labels
+
+
 def prepare(cfg: DictConfig, attack: AttackSettings) -> Setup:
     """Seed, load the data and draw X and the eval set (no victim yet); ``cfg`` was checked and
     ``attack`` built from it."""
@@ -239,6 +272,7 @@ def prepare(cfg: DictConfig, attack: AttackSettings) -> Setup:
     try:
         checked_target_class(attack.target_class, datamodule.num_classes)
         attack.threat.check_fits(datamodule.image_shape)
+        check_resolution(attack.resolution, datamodule.image_shape)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     attack_images, attack_labels = datamodule.attack_set(seed=attack.seed)

@@ -28,6 +28,7 @@ from uap_lightning.attacks.activations import GREY, activations
 from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
 from uap_lightning.attacks.data_free import saturation_of, uniform_start
 from uap_lightning.attacks.distributed import Reducer
+from uap_lightning.attacks.ensemble import Ensemble
 from uap_lightning.metrics import perturb
 from uap_lightning.units import to_image_scale
 
@@ -97,6 +98,7 @@ class GDUAP(UniversalAttack):
 
     name = "gd_uap"
     Options = GDUAPOptions
+    averages_loss = True
 
     @property
     def reads_images(self) -> bool:
@@ -120,11 +122,12 @@ class GDUAP(UniversalAttack):
         before = saturation_of(v, self.threat)
         v.requires_grad_(True)
         adam = torch.optim.Adam([v], lr=to_image_scale(self.options.step_size))
+        members = len(model.members) if isinstance(model, Ensemble) else 1  # the loss is averaged over them
         with activations(model, self.options.layers) as outputs, torch.enable_grad():
             for _ in range(self.options.steps):
                 outputs.clear()
                 model(perturb(self._inputs(v, images, generator), v, self.clip))
-                loss = -sum(torch.log(output.flatten(1).norm(dim=1) + NORM_FLOOR).mean() for output in outputs)
+                loss = -sum(torch.log(output.flatten(1).norm(dim=1) + NORM_FLOOR).mean() for output in outputs) / members
                 adam.zero_grad()
                 loss.backward()
                 adam.step()

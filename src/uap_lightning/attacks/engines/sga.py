@@ -94,6 +94,7 @@ class SGA(UniversalAttack):
 
     name = "sga"
     Options = SGAOptions
+    averages_loss = True
 
     def __init__(self, threat: ThreatModel, **options) -> None:
         super().__init__(threat, **options)
@@ -123,7 +124,7 @@ class SGA(UniversalAttack):
                     torch.finfo(aggregated.dtype).tiny
                 )
                 aggregated = velocity
-            v = self.project(v - self.step * unit_direction(aggregated, self.threat.p))
+            v = self.project(v - self.step * unit_direction(self.low_pass(aggregated), self.threat.p))
             outer_steps += 1
             inner_total += inner
         return v, PassStats.of_steps(outer_steps, inner_total)
@@ -151,5 +152,5 @@ class SGA(UniversalAttack):
                 clip=self.clip,
             )
             total += grad
-            inner_v = self.project(inner_v - self.step * unit_direction(grad, self.threat.p))
+            inner_v = self.project(inner_v - self.step * unit_direction(self.low_pass(grad), self.threat.p))
         return total / steps, steps

@@ -91,6 +91,7 @@ class SGDUAP(UniversalAttack):
 
     name = "sgd_uap"
     Options = SGDOptions
+    averages_loss = True
 
     def __init__(self, threat: ThreatModel, *, max_passes: int = AttackSettings.max_passes, **options) -> None:
         super().__init__(threat, **options)
@@ -147,9 +148,9 @@ class SGDUAP(UniversalAttack):
             )
             with torch.no_grad():
                 if adam is None:
-                    v = self.project(v - lr * unit_direction(grad, self.threat.p))
+                    v = self.project(v - lr * unit_direction(self.low_pass(grad), self.threat.p))
                 else:
-                    v.grad = grad
+                    v.grad = self.low_pass(grad)
                     for group in adam.param_groups:
                         group["lr"] = lr
                     adam.step()

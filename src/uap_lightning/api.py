@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import re
 import warnings
 from collections.abc import Iterable
 from typing import Any, Iterator, Optional, Sequence, Tuple, Union
@@ -25,7 +26,10 @@ from uap_lightning.attacks.base import checked_target_class
 from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.model_state import frozen_eval, model_device
 from uap_lightning.attacks.threat import ThreatModel
+from uap_lightning.attacks.projections import check_resolution
+from uap_lightning.baselines import MARGIN, random_baselines
 from uap_lightning.errors import NonFiniteError
+from uap_lightning.report.summary import BUDGET_FULL
 
 Images = Union[Tensor, Iterable]
 RANGE_TOLERANCE = 1e-4
@@ -52,6 +56,7 @@ def compute_uap(
     image_shape: Optional[Tuple[int, int, int]] = None,
     eps_scale: int = 255,
     verbose: bool = False,
+    baselines: bool = True,
     **options,
 ) -> UAPResult:
     """A universal perturbation of ``model`` (images in [0,1] → logits) on the attack set ``images``.
@@ -74,41 +79,112 @@ def compute_uap(
     device (images stay where they are and move batch by batch); the model's mode and parameter
     flags are restored afterwards; the result depends only on the inputs and ``seed``.
 
+    With images, the result also carries the random baselines measured on them
+    (``random_fooling_rate``: random noise of norm ε; ``random_same_l2_fooling_rate``: a random
+    direction with v's ℓ2 norm; means of 5 seeded draws), v's own ``fooling_rate_attack_set`` and
+    ``beats_random`` (v beats the stronger by 0.05), and a UserWarning says when it does not, or
+    when the model predicts one class for every image (``baselines=False`` skips the 10 extra
+    predictions of the images).
+
     ``images=None`` runs a data-free engine (``method="gd_uap"`` with ``prior`` none or range) on
     the model alone: give ``image_shape`` (C, H, W); it stops when the engine reports that v has
     settled or after ``max_passes`` passes, and returns the last pass.
     """
-    settings = AttackSettings(
-        threat_of(eps, p, eps_scale),
-        method=method,
-        options=options,
-        delta=delta,
-        max_passes=max_passes,
-        keep=keep,
-        clip=clip,
-        target_class=target_class,
-        seed=seed,
-        augment=bool(augment),
-        eval_batch_size=eval_batch_size,
-        compile=bool(compile),
-        input_diversity=input_diversity,
-        resolution=resolution,
-    )
-    if isinstance(model, (list, tuple)):
-        model = Ensemble(model)
-    check_takes(settings.engine(), model)
+    with api_names():
+        settings = AttackSettings(
+            threat_of(eps, p, eps_scale),
+            method=method,
+            options=options,
+            delta=delta,
+            max_passes=max_passes,
+            keep=keep,
+            clip=clip,
+            target_class=target_class,
+            seed=seed,
+            augment=bool(augment),
+            eval_batch_size=eval_batch_size,
+            compile=bool(compile),
+            input_diversity=input_diversity,
+            resolution=resolution,
+        )
+        if isinstance(model, (list, tuple)):
+            model = Ensemble(model)
+        check_takes(settings.engine(), model)
     if images is None:
         settings.threat.check_fits(image_shape or (), eps_key="eps")
         with pass_bar(settings, verbose) as on_pass_end:
             return _data_free(model, settings, image_shape, on_pass_end)
     x = as_images(images, model)
     settings.threat.check_fits(x.shape[1:], eps_key="eps")
+    with api_names():
+        check_resolution(settings.resolution, x.shape[1:])
     with frozen_eval(model):
         classes = check_logits(model, x)
         checked_target_class(target_class, classes, key="target_class")
         clean = metrics.predict(model, x, batch_size=settings.eval_batch_size, clip=settings.clip)
+        warn_constant_victim(clean, classes)
         with pass_bar(settings, verbose) as on_pass_end:
-            return run_passes(model, settings, x, clean, on_pass_end=on_pass_end)
+            result = run_passes(model, settings, x, clean, on_pass_end=on_pass_end)
+        if baselines:
+            judge_against_random(result, model, x, clean, settings)
+    return result
+
+
+@contextlib.contextmanager
+def api_names() -> Iterator[None]:
+    """Inside, a ValueError or TypeError about a setting names it as compute_uap's keyword
+    (``step_size``), not as the command line's key (``attack.step_size``)."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        message = re.sub(r"\battack\.", "", str(err))
+        raise type(err)(message.replace("does not take option(s)", "does not take the keyword(s)")) from None
+
+
+def warn_constant_victim(clean: Tensor, classes: int) -> None:
+    """A UserWarning when ``model`` gives every image of X (``clean``, N predictions) one class:
+    an untrained or broken victim, whose fooling rates mean nothing."""
+    if clean.numel() >= 10 and bool((clean == clean[0]).all()):
+        warnings.warn(
+            f"the model predicts class {int(clean[0])} of {classes} for all {clean.numel()} images: an untrained or "
+            "broken victim (or images it was not made for), so any fooling rate measured on it means nothing; "
+            "attack a trained classifier that takes these [0,1] images (normalisation inside it, e.g. "
+            "torch.nn.Sequential(uap_lightning.Normalize(mean, std), net))",
+            UserWarning, stacklevel=3,
+        )
+
+
+def judge_against_random(result: UAPResult, model: nn.Module, x: Tensor, clean: Tensor, settings: AttackSettings) -> None:
+    """Measure the random baselines on X into ``result`` (``random_fooling_rate``,
+    ``random_same_l2_fooling_rate``, ``fooling_rate_attack_set``, ``beats_random``) and warn
+    (UserWarning) when the perturbation does not beat them, saying what to try with compute_uap's keywords."""
+    def predict(noise: Tensor) -> Tensor:
+        return metrics.predict(model, x, noise, batch_size=settings.eval_batch_size, clip=settings.clip)
+
+    fooling = metrics.fooling_rate(clean, predict(result.perturbation.to(x.dtype)))
+    found = random_baselines(predict, clean, x.shape[1:], settings.threat, result.perturbation, seed=settings.seed + 1)
+    result.fooling_rate_attack_set = fooling
+    result.random_fooling_rate = found.same_norm
+    result.random_same_l2_fooling_rate = found.same_l2
+    result.beats_random = found.beaten_by(fooling)
+    if result.beats_random:
+        return
+    threat = settings.threat
+    used = float(torch.linalg.vector_norm(result.perturbation.flatten().double(), ord=threat.p)) / threat.radius
+    fixes = []
+    if not result.converged:
+        fixes.append(f"more passes (max_passes={max(10, 2 * result.passes)})")
+    fixes.append(f"more images (it saw {x.shape[0]})")
+    if settings.method != "sgd_uap":
+        fixes.append('method="sgd_uap" (the strongest from data here)')
+    if used >= BUDGET_FULL:
+        fixes.append(f"a larger eps if the threat model allows (eps={threat.eps * 1.5:g})")
+    warnings.warn(
+        f"the perturbation fools {fooling:.3f} of the images, which does not beat random noise by {MARGIN} (random "
+        f"{threat.symbol} noise of norm eps={threat.eps:g}: {found.same_norm:.3f}; a random direction with v's ℓ2 "
+        f"norm: {found.same_l2:.3f}); v used {used:.0%} of eps; try: " + "; ".join(fixes),
+        UserWarning, stacklevel=3,
+    )
 
 
 def threat_of(eps: Any, p: Union[str, float], eps_scale: int) -> ThreatModel:

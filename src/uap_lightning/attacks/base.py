@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import difflib
 import numbers
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Dict, Iterable, Optional, Tuple, Type, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -92,8 +93,8 @@ class UniversalAttack(abc.ABC):
         unknown = sorted(set(options) - set(self.option_names()))
         if unknown:
             raise TypeError(
-                f"attack.method={self.name} does not take option(s) {', '.join(unknown)}; "
-                f"its options: {', '.join(self.option_names()) or 'none'}"
+                f"attack.method={self.name} does not take option(s) {', '.join(unknown)}"
+                f"{did_you_mean(unknown[0], self.option_names())}; its options: {', '.join(self.option_names()) or 'none'}"
             )
         self.threat = threat
         self.resolution: Optional[int] = None  # see :meth:`at_resolution`
@@ -175,7 +176,14 @@ def engine_class(method: str) -> Type[UniversalAttack]:
     try:
         return ENGINES[method]
     except KeyError:
-        raise ValueError(f"attack.method must be one of {', '.join(ENGINES)}; got {method!r}") from None
+        raise ValueError(f"attack.method must be one of {', '.join(ENGINES)}; got {method!r}"
+                         f"{did_you_mean(str(method), ENGINES)}") from None
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'step_size'?)`` for the known name closest to ``name``, or "" when none is close."""
+    close = difflib.get_close_matches(name.replace("-", "_").lower(), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def ensemble_engines() -> Tuple[str, ...]:

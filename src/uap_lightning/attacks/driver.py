@@ -61,7 +61,8 @@ class UAPResult:
     the earliest on ties; ``"last"``: the last pass), ``fooling_rate`` its rate on X
     (targeted: targeted success rate) and ``best_pass`` its pass; ``last_perturbation`` is
     v after the last pass. ``history`` has one dict per pass run by this call;
-    ``converged`` means the rate reached 1 − delta.
+    ``converged`` means the rate reached 1 − delta. ``compute_uap`` adds, measured on its images: v's
+    fooling rate (also in targeted mode), the random baselines' and ``beats_random``.
     """
 
     perturbation: Tensor
@@ -71,6 +72,11 @@ class UAPResult:
     converged: bool = False
     best_pass: int = 0
     last_perturbation: Optional[Tensor] = None
+    # measured by compute_uap on its images (None where it had none, or was asked not to)
+    fooling_rate_attack_set: Optional[float] = None
+    random_fooling_rate: Optional[float] = None
+    random_same_l2_fooling_rate: Optional[float] = None
+    beats_random: Optional[bool] = None
 
 
 def attack_set_rate(

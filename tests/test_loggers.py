@@ -4,6 +4,7 @@ loggers, `make tensorboard`, and the config tree printed at start."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import shutil
@@ -217,3 +218,46 @@ def test_make_tensorboard_serves_the_run_folders_on_localhost():
     assert default.host == "localhost" and not default.bind_all and default.logdir == ""
     assert sorted(default.logdir_spec.split(",")) == ["multirun:multirun", "outputs:outputs"]
     assert flags("TB_HOST=0.0.0.0").host == "0.0.0.0"
+
+
+def _hparams_api(logdir: Path, route: str, request: dict) -> dict:
+    """TensorBoard's HParams plugin answering ``route`` for ``logdir``, as the TensorBoard page asks it."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import hparams_plugin
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Response
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    plugin = hparams_plugin.HParamsPlugin(base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer,
+                                                                 data_provider=provider))
+    client = Client(plugin.get_plugin_apps()[route], Response)
+    answer = client.post(route, data=json.dumps(request), content_type="application/json",
+                         environ_overrides=context.set_in_environ({}, context.RequestContext()))
+    assert answer.status_code == 200, answer.get_data()
+    return json.loads(answer.get_data())
+
+
+def test_hparams_view_lists_every_tasks_metrics_under_one_logdir(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from uap_lightning.loggers import log_outcome
+
+    attack = TensorBoardLogger(str(tmp_path), name="attack_run")
+    log_outcome(attack, {"attack/method": "sgd_uap", "attack/eps": 10.0}, {"final/fooling_rate": 0.75}, step=3)
+    geometry = TensorBoardLogger(str(tmp_path), name="geometry_run")
+    log_outcome(geometry, {"attack/method": "deepfool_uap"}, {"geometry/ratio": 2.0})
+    experiment = _hparams_api(tmp_path, "/experiment", {"experimentName": ""})
+    tags = {info["name"]["tag"] for info in experiment["metricInfos"]}
+    assert {"final/fooling_rate", "geometry/ratio"} <= tags
+    groups = _hparams_api(tmp_path, "/session_groups", {
+        "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [{"metric": {"tag": "final/fooling_rate"}}], "startIndex": 0, "sliceSize": 10,
+    })
+    values = [value["value"] for group in groups["sessionGroups"] for value in group.get("metricValues", [])
+              if value["name"]["tag"] == "final/fooling_rate"]
+    assert values == [pytest.approx(0.75)]

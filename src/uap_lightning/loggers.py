@@ -32,6 +32,7 @@ from hydra.utils import get_class, instantiate
 from lightning.fabric.loggers import Logger
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from uap_lightning.attacks import AttackSettings
 from uap_lightning.config import safe_folder_name
@@ -164,6 +165,10 @@ def _key_settings(cfg: DictConfig, attack: AttackSettings) -> Dict[str, Any]:
         "target_class": attack.target_class,
         "seed": attack.seed,
         "augment": attack.augment,
+        "input_diversity": attack.input_diversity or None,
+        "resolution": attack.resolution,
+        "ensemble": "+".join(str(OmegaConf.select(OmegaConf.create({"e": e}), "e.preset") or e)
+                             for e in cfg.attack.get("ensemble") or []) or None,
         **attack.options,
     }
     return {
@@ -208,11 +213,26 @@ def log_outcome(logger: Logger, hparams: Mapping[str, HParam], metrics: Mapping[
     HPARAMS entry (the metrics as scalars at step 0); the others get the hparams as parameters and
     the metrics at ``step``."""
     if isinstance(logger, TensorBoardLogger):
-        logger.log_hyperparams(dict(hparams), metrics=dict(metrics))
+        log_session(logger, hparams, metrics)
         return
     logger.log_hyperparams(dict(hparams))
     if metrics:
         logger.log_metrics(dict(metrics), step=step)
+
+
+def log_session(logger: TensorBoardLogger, hparams: Mapping[str, HParam], metrics: Mapping[str, float]) -> None:
+    """The run as one session of TensorBoard's HParams view: its ``hparams`` and its ``metrics``
+    (scalars at step 0). Only the session's own records are written, no experiment record: a
+    logdir holding one would make TensorBoard show that run's metrics alone for every session
+    (attack, sweep, transfer and geometry runs each log other metrics); without one it lists the
+    metrics of all the sessions under the logdir."""
+    if metrics:
+        logger.log_metrics(dict(metrics), step=0)
+    _, session_start, session_end = hparams_summary(dict(hparams), dict(metrics))
+    writer = logger.experiment._get_file_writer()
+    writer.add_summary(session_start)
+    writer.add_summary(session_end)
+    logger.experiment.flush()
 
 
 def instantiate_callbacks(configs: Mapping[str, Any]) -> Dict[str, List[Any]]:

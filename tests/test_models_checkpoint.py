@@ -70,7 +70,7 @@ def test_lightning_checkpoint_loads_into_any_level(lightning_ckpt, target):
     assert _same_weights(fresh, trained)
 
 
-@pytest.mark.parametrize("layout", ["backbone", "net", "data_parallel", "nested", "with_config"])
+@pytest.mark.parametrize("layout", ["backbone", "net", "data_parallel", "nested", "with_config", "own_key"])
 def test_plain_state_dict_round_trip(tmp_path, layout):
     source = _victim()
     state = {
@@ -79,11 +79,19 @@ def test_plain_state_dict_round_trip(tmp_path, layout):
         "data_parallel": {f"module.{k}": v for k, v in source.backbone.state_dict().items()},
         "nested": {"model_state_dict": source.backbone.state_dict(), "epoch": 3},
         "with_config": {"state_dict": source.net.state_dict(), "cfg": OmegaConf.create({"a": 1})},
+        "own_key": {"weights": source.backbone.state_dict(), "best_prec1": 91.7, "epoch": 200},
     }[layout]
     torch.save(state, tmp_path / "w.pt")
     fresh = _victim()
     load_weights(fresh.backbone, tmp_path / "w.pt")
     assert _same_weights(fresh, source)
+
+
+def test_tensors_nested_under_several_keys_are_named(tmp_path):
+    state = _backbone().state_dict()
+    torch.save({"weights": state, "ema_weights": state, "epoch": 3}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"nests tensors under several keys \('weights', 'ema_weights'\)"):
+        load_weights(_backbone(), tmp_path / "w.pt")
 
 
 def test_mismatching_shapes_are_listed(tmp_path):

@@ -160,7 +160,7 @@ def _reason(err: BaseException) -> str:
 
 def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:
     """The tensors of a loaded checkpoint: a module, a state dict, or a dict nesting either
-    under one of :data:`_NESTING_KEYS`."""
+    under one of :data:`_NESTING_KEYS` or, beside scalars, under one key of another name (logged)."""
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if not isinstance(obj, Mapping):
@@ -170,7 +170,21 @@ def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:
     for key in _NESTING_KEYS:
         if isinstance(obj.get(key), (Mapping, nn.Module)):
             return _state_dict_of(obj[key], path)
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        return tensors
+    nests = [k for k, v in obj.items() if isinstance(v, nn.Module)
+             or (isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values()))]
+    if len(nests) == 1:
+        log.info("model.checkpoint=%s nests its tensors under %r; reading them from there", path, nests[0])
+        return _state_dict_of(obj[nests[0]], path)
+    if nests:
+        raise CheckpointMismatchError(
+            f"model.checkpoint={path} nests tensors under several keys ({', '.join(map(repr, nests))}); save the "
+            "network's own as a file of its own: torch.save(checkpoint[KEY], 'weights.pt'), then "
+            "model.checkpoint=weights.pt"
+        )
+    return tensors
 
 
 def _filled_on_load(module: nn.Module, key: str) -> bool:

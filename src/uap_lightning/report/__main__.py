@@ -16,7 +16,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="python -m uap_lightning.report",
         description="Write summary.csv, summary.md and fooling-rate plots (fooling_vs_<key>.png) "
         "into each folder, from the run folders under it: a Hydra sweep folder or any folder "
-        "of runs, finished or partial.",
+        "of runs, finished or partial; for the cells of a task=compare also compare.csv, "
+        "compare.md, compare.png and tensorboard/compare.",
     )
     parser.add_argument(
         "dirs", nargs="+", type=Path, metavar="DIR", help="folder to summarize (searched recursively for runs)"

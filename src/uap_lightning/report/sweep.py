@@ -10,7 +10,8 @@ A run folder is a directory holding ``.hydra/overrides.yaml`` (a Hydra job) or
 - neither: ``incomplete`` (still running, or killed).
 
 ``summarize(folder)`` writes ``summary.csv``, ``summary.md`` and one
-``fooling_vs_<key>.png`` (and ``.pdf``) per swept numeric override into the folder;
+``fooling_vs_<key>.png`` (and ``.pdf``) per swept numeric override into the folder (and, for a
+``task=compare``, ``compare.csv``, ``compare.md``, ``compare.png`` and ``tensorboard/compare``);
 ``SweepSummaryCallback`` does so at the end of a Hydra multirun. Runs that differ only in their
 seeds (``seed``, ``attack.seed``) are also aggregated: mean, standard deviation and count per
 group in ``summary_seeds.csv`` and summary.md, and as error bars in the plots, whose x axes are
@@ -39,6 +40,7 @@ from omegaconf import DictConfig
 
 from uap_lightning.atomic import atomic_write_text
 from uap_lightning.console import quiet_sweep_plugins
+from uap_lightning.report.compare import write_compare
 from uap_lightning.report.figures import save_figure
 from uap_lightning.rundir import FAILURE_FILE, METRICS_FILE, STALE_DIR
 
@@ -119,8 +121,9 @@ def swept_keys(df: pd.DataFrame) -> List[str]:
 
 
 def write_summary(root: str | os.PathLike, df: Optional[pd.DataFrame] = None) -> Dict[str, Path]:
-    """Write ``summary.csv``, ``summary.md``, ``summary_seeds.csv`` (when a seed is swept) and the
-    ``fooling_vs_<key>.png``/``.pdf`` plots into ``root``.
+    """Write ``summary.csv``, ``summary.md``, ``summary_seeds.csv`` (when a seed is swept), the
+    ``fooling_vs_<key>.png``/``.pdf`` plots and, for the cells of a ``task=compare``, its table
+    (:func:`~uap_lightning.report.compare.write_compare`) into ``root``.
 
     ``df`` defaults to ``collect_runs(root)``. Returns the written paths by file name (PNG names
     for the plots).
@@ -136,6 +139,7 @@ def write_summary(root: str | os.PathLike, df: Optional[pd.DataFrame] = None) ->
     if seeds is not None:
         paths[SEEDS_CSV] = root / SEEDS_CSV
         atomic_write_text(paths[SEEDS_CSV], seeds.to_csv(index=False))
+    paths.update(write_compare(root, df))
     plotted = df[df["status"].isin(PLOTTED_STATUSES)]
     if "fooling_rate" not in plotted or plotted["fooling_rate"].isna().all():
         return paths

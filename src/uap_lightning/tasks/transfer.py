@@ -108,7 +108,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     victim_labels = _labels([c.name for c in configs])
     victims: List[Victim] = [setup.victim(c, log_training=False) for c in configs]
     shape = tuple(setup.eval_images.shape[1:])
-    inputs = _victim_inputs(setup, configs)  # the setup each victim is scored on
+    inputs = victim_inputs(setup, configs)  # the setup each victim is scored on
 
     if cfg.task.perturbations:
         read = [_read_perturbation(Path(source), shape, cfg.perturbation) for source in cfg.task.perturbations]
@@ -170,7 +170,7 @@ def run(setup: Setup) -> Dict[str, Any]:
                         figures={TRANSFER_FIGURE: figure}, scalars=_scalars(table, results))
 
 
-def _victim_inputs(setup: Setup, configs: List[Any]) -> List[Setup]:
+def victim_inputs(setup: Setup, configs: List[Any]) -> List[Setup]:
     """The setup each victim of ``configs`` is scored on: the run's, or with ``task.native_sizes``
     on image-file data, the run's photographs decoded at the input size the victim's pretrained
     weights declare (one setup per size)."""

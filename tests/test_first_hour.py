@@ -44,9 +44,12 @@ def test_attack_progress_false_silences_the_lines(make_cfg, caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("pass ")]
 
 
-def test_threads_are_set_and_recorded(make_cfg):
-    """set_threads applies the setting (default: this process's cores shared by parallel jobs); metrics.json records it."""
+def test_threads_are_set_and_recorded(make_cfg, monkeypatch):
+    """set_threads applies the setting (default: this process's free cores, shared by parallel jobs);
+    metrics.json records it and why."""
     before = torch.get_num_threads()
+    monkeypatch.setattr("uap_lightning.threads.busy_cores", lambda: 0.0)  # a quiet machine
+    monkeypatch.setattr("uap_lightning.threads.cpu_quota", lambda: None)
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
         assert set_threads(None, parallel_jobs=available_cores() * 4) == 1
@@ -54,7 +57,8 @@ def test_threads_are_set_and_recorded(make_cfg):
         with pytest.raises(ConfigError, match="threads must be at least 1"):
             set_threads(0)
         set_threads(1)
-        assert run_task(make_cfg(*SMALL))["threads"] == 1
+        recorded = run_task(make_cfg(*SMALL))
+        assert recorded["threads"] == 1 and recorded["threads_reason"] == "threads=1"
     finally:
         torch.set_num_threads(before)
 
@@ -141,7 +145,8 @@ def test_an_eps_below_one_level_warns_in_the_api_and_the_cli(make_cfg, caplog):
         compute_uap(model, images, eps=64 / 255, max_passes=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        scaled = compute_uap(model, images, eps=64 / 255, eps_scale=1, max_passes=1, method="sgd_uap")
+        scaled = compute_uap(model, images, eps=64 / 255, eps_scale=1, max_passes=1, method="sgd_uap",
+                                 baselines=False)
     assert 1 < float(scaled.perturbation.abs().max()) * 255 <= 64 + 1e-3  # ε = 64 in 0–255 units, not 0.25
     with caplog.at_level(logging.WARNING):
         assert resolve_threat(make_cfg("attack.eps=0.5")).eps == 0.5

@@ -8,9 +8,10 @@ when its fooling rate exceeds the stronger baseline by at least ``MARGIN``.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +19,9 @@ from torch import Tensor
 from uap_lightning import metrics
 from uap_lightning.attacks.random_noise import random_perturbation
 from uap_lightning.attacks.threat import ThreatModel
+from uap_lightning.progress import Phase
+
+log = logging.getLogger(__name__)
 
 DRAWS = 5
 MARGIN = 0.05
@@ -48,18 +52,22 @@ def mean_fooling_rate(
     p: float,
     generator: torch.Generator,
     draws: int = DRAWS,
+    on_draw: Optional[Callable[[int], None]] = None,
 ) -> float:
     """Mean fooling rate of ``draws`` random perturbations of ℓp norm ``eps`` (0–255 units).
 
     ``perturbed_labels(noise)`` predicts the evaluation images with ``noise`` (C×H×W) added;
-    ``clean_labels`` (N,) are their clean predictions. 0 when ``eps`` is 0.
+    ``clean_labels`` (N,) are their clean predictions; ``on_draw(i)`` is called before draw i
+    (from 0). 0 when ``eps`` is 0.
     """
     if not eps > 0 or not math.isfinite(eps):
         return 0.0
-    rates = [
-        metrics.fooling_rate(clean_labels, perturbed_labels(random_perturbation(shape, eps, p, generator)).cpu())
-        for _ in range(draws)
-    ]
+    rates = []
+    for index in range(draws):
+        if on_draw is not None:
+            on_draw(index)
+        noise = random_perturbation(shape, eps, p, generator)
+        rates.append(metrics.fooling_rate(clean_labels, perturbed_labels(noise).cpu()))
     return sum(rates) / len(rates)
 
 
@@ -74,9 +82,17 @@ def random_baselines(
     draws: int = DRAWS,
 ) -> RandomBaselines:
     """Both baselines for ``perturbation`` (C×H×W, [0,1] scale) under ``threat``, drawn from one
-    generator seeded with ``seed`` (arguments as in :func:`mean_fooling_rate`)."""
+    generator seeded with ``seed`` (arguments as in :func:`mean_fooling_rate`). While they take
+    long, a log line every few seconds names the draw (:class:`~uap_lightning.progress.Phase`)."""
     generator = torch.Generator().manual_seed(int(seed))
-    same_norm = mean_fooling_rate(perturbed_labels, clean_labels, shape, threat.eps, threat.p, generator, draws)
     l2 = metrics.norm_255(perturbation, 2.0)
-    same_l2 = mean_fooling_rate(perturbed_labels, clean_labels, shape, l2, 2.0, generator, draws)
+    kinds = (f"random {threat.symbol} noise of norm ε={threat.eps:g}", f"a random direction of ℓ2 norm {l2:.1f}")
+    with Phase(log, f"random baselines ({2 * draws} draws on {len(clean_labels)} eval images)") as phase:
+
+        def on_draw(kind: int) -> Callable[[int], None]:
+            return lambda index: phase.part(f"draw {kind * draws + index + 1} of {2 * draws}, {kinds[kind]}")
+
+        same_norm = mean_fooling_rate(perturbed_labels, clean_labels, shape, threat.eps, threat.p, generator, draws,
+                                      on_draw(0))
+        same_l2 = mean_fooling_rate(perturbed_labels, clean_labels, shape, l2, 2.0, generator, draws, on_draw(1))
     return RandomBaselines(same_norm=same_norm, same_l2=same_l2, draws=draws)

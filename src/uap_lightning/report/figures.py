@@ -37,6 +37,7 @@ from torch import Tensor  # noqa: E402
 from uap_lightning.atomic import atomic_write  # noqa: E402
 from uap_lightning.attacks.threat import P_SYMBOLS, parse_p  # noqa: E402
 from uap_lightning.metrics import norm_255  # noqa: E402
+from uap_lightning.progress import phase  # noqa: E402
 from uap_lightning.units import to_image_scale, to_pixel_units  # noqa: E402
 
 DPI = 100  # of the figures as drawn (TensorBoard shows them at this resolution)
@@ -64,6 +65,7 @@ _RANDOM_STYLES = ("--", (0, (6, 2, 1, 2)), (0, (2, 2)), (0, (8, 3)))
 _RANDOM_GREYS = ("0.45", "0.6", "0.3", "0.7")
 
 
+@phase("drawing the curve figure")
 def curve_figure(
     history: Sequence[Mapping[str, Any]],
     best_pass: Optional[int],
@@ -154,6 +156,51 @@ def transfer_figure(
     return fig
 
 
+def compare_figure(
+    means: Sequence[Sequence[float]],
+    sds: Sequence[Sequence[float]],
+    white_box: Sequence[Sequence[bool]],
+    rows: Sequence[str],
+    victims: Sequence[str],
+    title: str,
+    baseline_rows: int = 1,
+) -> Figure:
+    """A heatmap of fooling rates (``task=compare``): row i is a perturbation ``rows[i]`` (its label
+    may hold a second line), column j the victim ``victims[j]``; each cell shows the mean and, when
+    defined, ± the sd (``means``, ``sds``: R×V, NaN for none). ``white_box[i][j]`` frames the cell in
+    red (the victim is in the source). The last ``baseline_rows`` rows are baselines, set apart by
+    a white gap and labelled in italics. Width 3 in + the labels + 1.3 in per victim, height 1.6 in
+    + 0.6 in per row."""
+    values = np.asarray(means, dtype=float)
+    spread = np.asarray(sds, dtype=float)
+    label_inches = 0.07 * max((len(line) for row in rows for line in str(row).splitlines()), default=4)
+    fig = _new_figure((max(6.0, 3.0 + label_inches + 1.3 * len(victims)), 1.6 + 0.6 * len(rows)))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        if np.isnan(value):
+            ax.text(j, i, "–", ha="center", va="center", fontsize=9, color="0.4")
+            continue
+        own = bool(white_box[i][j])
+        text = f"{value:.2f}" + ("" if np.isnan(spread[i, j]) else f"\n± {spread[i, j]:.2f}") + ("\nwhite-box" if own else "")
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, linespacing=1.1,
+                fontweight="bold" if own else "normal", color="white" if value < 0.6 else "black")
+        if own:
+            ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, edgecolor="red", linewidth=2))
+    if 0 < baseline_rows < len(rows):
+        ax.axhline(len(rows) - baseline_rows - 0.5, color="white", linewidth=4)
+    ax.set_xticks(range(len(victims)), [str(v) for v in victims], rotation=30 if len(victims) > 4 else 0, fontsize=8)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8)
+    for label in ax.get_yticklabels()[len(rows) - baseline_rows:]:
+        label.set_fontstyle("italic")
+    ax.set_xlabel("victim it is scored on")
+    ax.set_ylabel("perturbation: engine on source")
+    ax.set_title(textwrap.fill(title, 80) + "\n(red frame: white-box, the victim is the source or in it; "
+                 "other cells: transfer)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="fooling rate")
+    return fig
+
+
 def size_curve_figure(
     sizes: Sequence[int],
     fooling_rate: Sequence[float],
@@ -205,6 +252,7 @@ def perturbation_scale(eps: float, p: Union[str, float], shape: Sequence[int]) -
     return min(255.0, float(eps))
 
 
+@phase("drawing the perturbation figure")
 def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
     """Each channel of ``v`` (C×H×W, [0,1] scale) in 0–255 units on the fixed scale ±s of
     :func:`perturbation_scale` (ℓ2 and ℓ1: at least ‖v‖∞, so that no pixel saturates).
@@ -270,6 +318,7 @@ def pick_examples(true_labels: Tensor, count: int, seed: int = 0, first_class: O
     return torch.tensor(picked[:count], dtype=torch.int64)
 
 
+@phase("drawing the examples figure")
 def examples_figure(
     clean: Tensor,
     perturbed: Tensor,
@@ -370,6 +419,7 @@ def dominant_labels(clean_pred: Tensor, perturbed_pred: Tensor, num_classes: int
     return DominantLabels(counts=counts, fooled=fooled, label=label, share=counts[label] / fooled)
 
 
+@phase("drawing the labels figure")
 def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figure:
     """Bar chart of the share of fooled images sent to each class they were sent to, the dominant
     label in red (6.4×4.0 in).

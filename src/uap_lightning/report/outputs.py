@@ -7,6 +7,7 @@ atomically, so a run that dies midway never leaves a ``metrics.json`` that looks
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, Mapping
@@ -17,15 +18,25 @@ from torch import Tensor
 
 from uap_lightning.atomic import atomic_write, atomic_write_text
 from uap_lightning.perturbation_io import write_perturbation_npy
+from uap_lightning.progress import Phase
 from uap_lightning.report.figures import save_figure
 from uap_lightning.rundir import METRICS_FILE
+from uap_lightning.threads import thread_reason
 
 PERTURBATION_FILE = "perturbation.pt"
 PERTURBATION_NPY = "perturbation.npy"  # H×W×C in 0–255 units, the form others publish in
 
+log = logging.getLogger(__name__)
+
 
 def write_metrics(run_dir: str | Path, metrics: Dict[str, Any]) -> Path:
-    """Write ``metrics.json`` atomically (tensors to numbers, infinities to strings)."""
+    """Write ``metrics.json`` atomically (tensors to numbers, infinities to strings). Metrics that
+    record ``threads`` get ``threads_reason`` too (added to ``metrics``): why the run used that many
+    (``2 cores free``, ``1 of 2 cores busy``, ``threads=1``), when this process set them."""
+    if "threads" in metrics and "threads_reason" not in metrics:
+        reason = thread_reason(int(metrics["threads"]))
+        if reason is not None:
+            metrics["threads_reason"] = reason
     return write_json(Path(run_dir) / METRICS_FILE, metrics)
 
 
@@ -55,11 +66,13 @@ def write_run_outputs(
 
 def write_figures(run_dir: str | Path, figures: Mapping[str, Figure]) -> Dict[str, Path]:
     """Write each figure as ``<name>.png`` (200 dpi) and ``<name>.pdf`` in ``run_dir``; return the PNG
-    paths by file name."""
+    paths by file name. While that takes long, a log line every few seconds names the figure."""
     paths = {}
-    for name, figure in figures.items():
-        paths[f"{name}.png"] = Path(run_dir) / f"{name}.png"
-        save_figure(figure, paths[f"{name}.png"])
+    with Phase(log, f"writing {len(figures)} figure{'s' if len(figures) != 1 else ''}") as writing:
+        for number, (name, figure) in enumerate(figures.items(), 1):
+            writing.part(f"{name}.png and {name}.pdf, {number} of {len(figures)}")
+            paths[f"{name}.png"] = Path(run_dir) / f"{name}.png"
+            save_figure(figure, paths[f"{name}.png"])
     return paths
 
 

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.baselines import MARGIN
+from uap_lightning.threads import ThreadChoice, thread_reason
 
 # What to try instead of each engine: a faster one, never the slow DeepFool engines.
 _OTHER_ENGINES = {
@@ -99,6 +100,16 @@ def result_warnings(m: Dict[str, Any]) -> List[str]:
     return [text for text in found if text]
 
 
+def threads_text(m: Dict[str, Any]) -> str:
+    """`` on 2 threads (2 cores free)``: the threads a run's metrics ``m`` record and why (metrics.json's
+    ``threads_reason``, else the reason this process chose them for); empty where none are recorded."""
+    if m.get("threads") is None:
+        return ""
+    count = int(m["threads"])
+    reason = m.get("threads_reason") or thread_reason(count)
+    return f" on {ThreadChoice(count, reason).describe() if reason else f'{count} thread' + ('s' if count != 1 else '')}"
+
+
 def attack_summary(m: Dict[str, Any], output_dir: Path) -> List[str]:
     """The summary lines of an attack run's metrics ``m`` (metrics.json's keys); the warnings are
     :func:`result_warnings`."""
@@ -110,14 +121,18 @@ def attack_summary(m: Dict[str, Any], output_dir: Path) -> List[str]:
     ratio = f"{m['fooling_rate'] / strongest:.1f}× the stronger" if strongest > 0 else "random noise fools nothing"
     lines = [
         f"victim   {victim_name(m)} on {m['data']} ({m['victim_source']}): accuracy {m['victim_accuracy']:.4f}",
-        f"attack   {m['method']} {p} ε={m['eps']:g}: {m['passes']} pass{'es' if m['passes'] != 1 else ''} in "
-        f"{m['attack_seconds']:.1f} s, "
+        f"attack   {m.get('engine', m['method'])} {p} ε={m['eps']:g}: {m['passes']} pass{'es' if m['passes'] != 1 else ''} in "
+        f"{m['attack_seconds']:.1f} s{threads_text(m)}, "
         f"kept pass {m['best_pass']} ({stopped})",
         f"fooling  {m['fooling_rate']:.4f} on {m['eval_images']} eval images ({m['fooling_rate_attack_set']:.4f} on X)",
         f"random   {m['random_fooling_rate']:.4f} for random {p} noise of norm ε, {m['random_same_l2_fooling_rate']:.4f} "
         f"for a random direction with v's ℓ2 norm (means of {m['random_draws']} draws): {ratio}",
         f"accuracy {m['clean_accuracy']:.4f} clean -> {m['perturbed_accuracy']:.4f} perturbed",
     ]
+    if m.get("ensemble"):
+        lines.append("members  " + ", ".join(f"{name} {member['fooling_rate']:.4f} ({member['input_size']} px)"
+                                          for name, member in m["ensemble"].items())
+                     + " fooled on the eval images, each alone; the fooling above is the ensemble's")
     if "targeted_success_rate" in m:
         lines.append(
             f"target   {m['targeted_success_rate']:.4f} of eval images sent to class {m['target_class']} "

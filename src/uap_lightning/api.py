@@ -53,6 +53,7 @@ def compute_uap(
     compile: bool = AttackSettings.compile,
     input_diversity: float = AttackSettings.input_diversity,
     resolution: Optional[int] = AttackSettings.resolution,
+    precision: str = AttackSettings.precision,
     image_shape: Optional[Tuple[int, int, int]] = None,
     eps_scale: int = 255,
     verbose: bool = False,
@@ -72,7 +73,8 @@ def compute_uap(
     ``augment`` shows each pass a new random crop and flip of every image; ``compile`` runs the
     attack's predictions through ``torch.compile``; ``input_diversity`` (probability, e.g. 0.5) shows
     the gradient steps randomly resized and padded batches and ``resolution`` keeps v a
-    resolution×resolution image upsampled (both for transfer; gradient engines only); ``verbose`` draws a progress bar over passes
+    resolution×resolution image upsampled (both for transfer; gradient engines only); ``precision``
+    ("32", "bf16" or "16") runs the model under autocast (v stays float32); ``verbose`` draws a progress bar over passes
     (on stderr) with the rate on ``images``. ``method`` names an engine
     (``uap_lightning.attacks.ENGINES``: deepfool_uap, deepfool_uap_batched, sgd_uap, ...);
     ``options`` are its own settings (e.g. overshoot, batch_size, step_size). Runs on the model's
@@ -106,6 +108,7 @@ def compute_uap(
             compile=bool(compile),
             input_diversity=input_diversity,
             resolution=resolution,
+            precision=str(precision),
         )
         if isinstance(model, (list, tuple)):
             model = Ensemble(model)

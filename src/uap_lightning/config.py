@@ -142,8 +142,9 @@ class AttackConfig:
     resolution: Optional[int] = AttackSettings.resolution
     # evaluation and devices
     eval_batch_size: int = AttackSettings.eval_batch_size
-    amp: bool = False  # autocast the victim during evaluation (GPU)
-    channels_last: bool = False
+    # the victim's passes, in the attack and its evaluation: 32 (float32) | bf16 | 16 (autocast; v stays float32)
+    precision: str = AttackSettings.precision
+    channels_last: bool = False  # convolutional victims in channels-last memory format
     compile: bool = AttackSettings.compile  # the attack's predictions through torch.compile
     devices: int = 1  # processes (CPU) or GPUs the attack runs on
     strategy: str = "auto"  # Fabric strategy for devices > 1 (ddp_spawn on one machine)

@@ -27,6 +27,7 @@ reports each pass as :meth:`AttackLoop.run` does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -50,7 +51,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from uap_lightning import metrics
+from uap_lightning import metrics, progress
 from uap_lightning.attacks import (
     SINGLE_PROCESS,
     AttackSettings,
@@ -80,10 +81,9 @@ PassLogger = Callable[[Dict[str, Any], Tensor], None]  # (a pass's record, v aft
 
 @dataclass
 class EvaluationSettings:
-    """The optional speed-ups of predictions on a GPU (``attack.amp``, ``attack.channels_last``);
-    the batch size and compilation are the attack's settings."""
+    """The memory format of convolutional victims (``attack.channels_last``); the batch size,
+    precision and compilation are the attack's settings."""
 
-    amp: bool = False
     channels_last: bool = False
 
 
@@ -253,8 +253,9 @@ class AttackLoop:
             latest = resume
 
         with frozen_eval(model):
-            clean_attack_labels = self.predict(model, attack_images, reducer=reducer)
-            clean_eval_labels = self.predict(model, eval_images, reducer=reducer)
+            with self._phase(f"the victim's predictions on X and the {len(eval_images)} eval images"):
+                clean_attack_labels = self.predict(model, attack_images, reducer=reducer)
+                clean_eval_labels = self.predict(model, eval_images, reducer=reducer)
             clean_accuracy = metrics.accuracy(clean_eval_labels, eval_labels)
             self.fabric.call("on_attack_start", loop=self, max_passes=self.settings.max_passes, done=len(history))
             elapsed = resume.attack_seconds if resume is not None else 0.0
@@ -311,7 +312,8 @@ class AttackLoop:
                 self.fabric.call("on_passes_done", loop=self)
             wall = time.perf_counter() - start
             kept_v = result.perturbation
-            perturbed_eval_labels = self.predict(model, eval_images, kept_v, reducer=reducer)
+            with self._phase(f"scoring the kept perturbation on the {len(eval_images)} eval images"):
+                perturbed_eval_labels = self.predict(model, eval_images, kept_v, reducer=reducer)
 
         final = self._final_record(
             model, kept_v, result, history, eval_images, eval_labels, clean_eval_labels, reducer
@@ -351,8 +353,9 @@ class AttackLoop:
         """
         model = model.to(self.fabric.device)
         with frozen_eval(model):
-            clean_attack_labels = self.predict(model, attack_images)
-            clean_eval_labels = self.predict(model, eval_images)
+            with self._phase(f"the victim's predictions on X and the {len(eval_images)} eval images"):
+                clean_attack_labels = self.predict(model, attack_images)
+                clean_eval_labels = self.predict(model, eval_images)
             clean_accuracy = metrics.accuracy(clean_eval_labels, eval_labels)
 
             def record_pass(report: PassReport, seconds: float, elapsed: float) -> Dict[str, Any]:
@@ -396,7 +399,8 @@ class AttackLoop:
                 self.fabric.call("on_passes_done", loop=self)
             wall = time.perf_counter() - start
             result = module.result() or self._result_of(None, attack_images.shape[1:], attack_images.dtype)
-            perturbed_eval_labels = self.predict(model, eval_images, result.perturbation)
+            with self._phase(f"scoring the kept perturbation on the {len(eval_images)} eval images"):
+                perturbed_eval_labels = self.predict(model, eval_images, result.perturbation)
         if module.kept_weights is not None:
             atomic_write(run_dir / GENERATOR_WEIGHTS, lambda f: torch.save(module.kept_weights, f))
         history = module.history
@@ -427,9 +431,14 @@ class AttackLoop:
                 reducer=reducer,
                 batch_size=self.settings.eval_batch_size,
                 clip=self.settings.clip,
-                amp=self.evaluation.amp,
+                precision=self.settings.precision,
                 channels_last=self.evaluation.channels_last,
             )
+
+    def _phase(self, name: str) -> Any:
+        """A :class:`~uap_lightning.progress.Phase` named ``name`` on rank 0 (lines while it runs
+        long), nothing on the other ranks."""
+        return progress.Phase(log, name) if self.fabric.is_global_zero else contextlib.nullcontext()
 
     def _final_record(
         self,
@@ -634,6 +643,7 @@ class AttackProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            progress.shown()  # the bar showed the attack to its end: the quiet after it starts now
 
 
 def progress_rates(settings: AttackSettings, record: Dict[str, Any]) -> Dict[str, str]:

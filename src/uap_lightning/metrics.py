@@ -22,6 +22,18 @@ def perturb(images: Tensor, perturbation: Optional[Tensor], clip: bool = True) -
     return out.clamp_(0.0, 1.0) if clip else out
 
 
+PRECISIONS = ("32", "bf16", "16")  # attack.precision: float32, or autocast to bfloat16 / float16
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Where the victim runs at ``precision`` (one of PRECISIONS) on ``device``: nothing for "32",
+    else ``torch.autocast`` to bfloat16 or float16 (convolutions and matrix products in the lower
+    precision; additions, projections and the perturbation stay float32)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -30,13 +42,13 @@ def predict(
     *,
     batch_size: int = 512,
     clip: bool = True,
-    amp: bool = False,
+    precision: str = "32",
     channels_last: bool = False,
 ) -> Tensor:
     """Predicted labels (N,) of ``model`` on ``images`` (+ ``perturbation``), in large no-grad batches.
 
     Batches are moved to the device of the model's parameters; labels come back on the
-    device of ``images``.
+    device of ``images``. ``precision``: see :func:`precision_context`.
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else images.device
@@ -47,12 +59,7 @@ def predict(
         batch = perturb(images[start : start + batch_size].to(device), perturbation, clip)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
-            if amp
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with precision_context(precision, device):
             logits = model(batch)
         labels.append(logits.argmax(dim=1).to(images.device))
     if not labels:

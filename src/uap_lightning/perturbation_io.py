@@ -16,9 +16,10 @@ import math
 import os
 import pickle
 import warnings
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import scipy.io
@@ -38,7 +39,7 @@ _PICKLE_START = b"\x80"  # first byte of every pickle of protocol 2 or later
 RUN_FOLDER_FILE = "perturbation.pt"  # what a run folder of this project holds: C×H×W, [0,1] scale
 
 
-def check_reading(path: str | os.PathLike, *, layout: Optional[str] = None, scale: Optional[float] = None) -> None:
+def check_reading(path: str | os.PathLike[str], *, layout: Optional[str] = None, scale: Optional[float] = None) -> None:
     """Refuse, before any heavy work, a path that is neither a supported file nor a run folder
     holding ``perturbation.pt``, and an unknown layout or scale."""
     path = Path(path)
@@ -52,7 +53,7 @@ def check_reading(path: str | os.PathLike, *, layout: Optional[str] = None, scal
 
 
 def read_perturbation_source(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     shape: Optional[Tuple[int, int, int]] = None,
     layout: Optional[str] = None,
@@ -70,7 +71,7 @@ def read_perturbation_source(
 
 
 def read_perturbation(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     shape: Optional[Tuple[int, int, int]] = None,
     layout: Optional[str] = None,
@@ -150,7 +151,7 @@ def _check_range(v: Tensor, source: str, scale: float, explicit: bool) -> None:
     )
 
 
-def write_perturbation_npy(path: str | os.PathLike, perturbation: Tensor) -> None:
+def write_perturbation_npy(path: str | os.PathLike[str], perturbation: Tensor) -> None:
     """Write a C×H×W [0,1]-scale perturbation to ``path`` as an H×W×C float32 ``.npy`` in
     0–255 pixel units (the form authors publish in), atomically."""
     if perturbation.dim() != 3:
@@ -193,14 +194,15 @@ def _load_numpy(path: Path, key: Optional[str]) -> Tuple[np.ndarray, str]:
         return loaded, str(path)
     with loaded:
         name, source = _pick({name: name for name in loaded.files}, key, path, "array")
-        member = f"{name}.npy" if f"{name}.npy" in loaded.zip.namelist() else name
+        archive = cast(zipfile.ZipFile, loaded.zip)  # None only once the archive is closed
+        member = f"{name}.npy" if f"{name}.npy" in archive.namelist() else name
         with _numpy_errors(path):
-            with loaded.zip.open(member) as handle:
-                _check_data_size(handle, loaded.zip.getinfo(member).file_size, source)
+            with archive.open(member) as handle:
+                _check_data_size(handle, archive.getinfo(member).file_size, source)
             return loaded[name], source
 
 
-def _check_data_size(handle: BinaryIO, size: int, source: str) -> None:
+def _check_data_size(handle: IO[bytes], size: int, source: str) -> None:
     """DamagedFileError when the ``.npy`` header at the start of ``handle`` (``size`` bytes in all)
     declares more data than follows it, so that a forged header allocates nothing; anything but a
     ``.npy`` is left to numpy."""
@@ -250,7 +252,7 @@ def _load_torch(path: Path, key: Optional[str]) -> Tuple[Tensor, str]:
     """The tensor of a ``.pt``/``.pth`` file: the object itself, or a dict's tensor. Read tensors-only
     with the checkpoint loader's allow-list; a file wanting other Python objects is refused, naming them."""
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+        with warnings.catch_warnings(), torch.serialization.safe_globals(cast(List[Any], SAFE_CHECKPOINT_GLOBALS)):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a raw pickle: read or refused anyway
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

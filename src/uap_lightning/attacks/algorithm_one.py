@@ -11,7 +11,7 @@ attack succeeded. The engines are ``deepfool_uap`` (one image per update) and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import Any, ClassVar, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from uap_lightning.attacks.base import PassStats, UniversalAttack
 from uap_lightning.attacks.deepfool import DeepFoolOptions, DeepFoolResult
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer, shard
-from uap_lightning.attacks.inner import DeepFoolInner, InnerOptions, Start, inner_class
+from uap_lightning.attacks.inner import DeepFoolInner, InnerAttack, InnerOptions, Start, inner_class
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 from uap_lightning.metrics import perturb
 
@@ -54,12 +54,12 @@ class AlgorithmOne(UniversalAttack):
     Options = AlgorithmOneOptions
     sequential: ClassVar[bool]
 
-    def __init__(self, threat: ThreatModel, **options) -> None:
+    def __init__(self, threat: ThreatModel, **options: Any) -> None:
         super().__init__(threat, **options)
         self.deepfool_norm = parse_p(self.options.deepfool_norm)
         self._deepfool = DeepFoolInner(threat, self.options, self.target_class)
         if self.options.inner == DeepFoolInner.name:
-            self.inner = self._deepfool
+            self.inner: InnerAttack = self._deepfool
         else:
             self.inner = inner_class(self.options.inner)(threat, self.options, self.target_class)
 
@@ -145,7 +145,7 @@ class AlgorithmOne(UniversalAttack):
         with torch.set_grad_enabled(single):  # a one-image check is the inner attack's first forward pass
             logits = model(x.requires_grad_(single))
         todo = self.still_to_fool(logits.detach().argmax(1), labels).nonzero().flatten()
-        groups = todo.split(1) if self.sequential else [todo]
+        groups = torch.split(todo, 1) if self.sequential else [todo]
         for group in groups:
             if group.numel() == 0:
                 continue

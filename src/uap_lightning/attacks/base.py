@@ -57,7 +57,7 @@ def checked_target_class(
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{key} must be a class index >= 0 or null; got {value!r}")
-    if num_classes is not None and value >= num_classes:
+    if num_classes is not None and int(value) >= num_classes:
         raise ValueError(f"{key}={value} is not one of the {num_classes} classes (0 to {num_classes - 1})")
     return int(value)
 

@@ -12,7 +12,7 @@ share within one image of the others' even when the last batch is short.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 import torch
 import torch.distributed as dist
@@ -97,7 +97,7 @@ def predict(
     perturbation: Optional[Tensor] = None,
     *,
     reducer: Optional[Reducer] = None,
-    **options,
+    **options: Any,
 ) -> Tensor:
     """Labels (N,) of ``model`` on ``images`` (N×C×H×W in [0,1], + ``perturbation``), each rank
     predicting its shard; ``options`` as for :func:`uap_lightning.metrics.predict`."""

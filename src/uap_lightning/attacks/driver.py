@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +67,7 @@ class UAPResult:
 
     perturbation: Tensor
     fooling_rate: float
-    history: List[dict] = field(default_factory=list)
+    history: List[Dict[str, Any]] = field(default_factory=list)
     passes: int = 0
     converged: bool = False
     best_pass: int = 0
@@ -90,7 +90,8 @@ def attack_set_rate(
     """Fooling rate of v on ``images`` (targeted: share of non-target images sent to the target);
     with a ``reducer`` each rank predicts its shard and every rank gets the rate on all images."""
     perturbed = distributed.predict(
-        model, images, v, reducer=reducer, batch_size=settings.eval_batch_size, clip=settings.clip
+        model, images, v, reducer=reducer, batch_size=settings.eval_batch_size, clip=settings.clip,
+        precision=settings.precision,
     )
     clean = clean_labels.to(perturbed.device)
     if settings.target_class is None:
@@ -149,7 +150,8 @@ def run_passes(
     clean predictions on them; the rate on X, the stop and the kept pass stay on X itself. With
     ``settings.input_diversity`` the engine's gradient passes see randomly resized and padded
     batches (:mod:`~uap_lightning.attacks.input_diversity`, drawn from the generator); ``model`` may be an
-    :class:`Ensemble` for the engines that take one (ValueError for the others).
+    :class:`Ensemble` for the engines that take one (ValueError for the others). ``settings.precision``
+    runs the victim under autocast in the passes and the rate on X (v stays float32).
 
     With a ``reducer`` of world size > 1 every rank calls this with the same arguments: the engine
     shares its passes (it gets the reducer; engines whose ``run_pass`` takes none run in one
@@ -167,20 +169,20 @@ def run_passes(
     data_free = images is None
     if data_free and engine.reads_images:
         raise ValueError(f"attack.method={settings.method} reads the attack set X with these options; give images")
-    shape = tuple(image_shape) if data_free else tuple(images.shape[1:])
+    shape = tuple(cast(Sequence[int], image_shape)) if images is None else tuple(images.shape[1:])
     check_resolution(settings.resolution, shape)
     generator = settings.generator() if generator is None else generator
     reducer = reducer or SINGLE_PROCESS
     shared = {} if reducer.world_size == 1 else {"reducer": reducer}
     device = model_device(model)
-    dtype = torch.float32 if data_free else images.dtype
+    dtype = torch.float32 if images is None else images.dtype
     if initial is None:
         v = torch.zeros(shape, dtype=dtype, device=device)
     else:
         if tuple(initial.shape) != shape:
             raise ValueError(f"initial perturbation has shape {tuple(initial.shape)}; expected {shape}")
         v = initial.detach().to(device=device, dtype=dtype).clone()
-    history: List[dict] = []
+    history: List[Dict[str, Any]] = []
     passes = start_pass
     with frozen_eval(model):
         model = folded_copy(model)
@@ -190,7 +192,9 @@ def run_passes(
         attacked = with_input_diversity(model, settings.input_diversity, generator)
 
         def rate_on_x(v: Tensor) -> float:
-            return math.nan if data_free else attack_set_rate(model, images, clean_labels, v, settings, reducer)
+            if images is None:
+                return math.nan
+            return attack_set_rate(model, images, cast(Tensor, clean_labels), v, settings, reducer)
 
         def done(rate: float, stats: Optional[PassStats]) -> bool:
             if engine.one_pass and stats is not None:
@@ -205,10 +209,14 @@ def run_passes(
         while not done(rate, stats) and passes < settings.max_passes:
             started = time.perf_counter()
             seen, seen_labels = images, clean_labels
-            if settings.augment and not data_free:
+            if settings.augment and images is not None:
                 seen = crop_flip(images, generator)
-                seen_labels = distributed.predict(model, seen, reducer=reducer, batch_size=settings.eval_batch_size)
-            v, stats = engine.run_pass(attacked, v, seen, seen_labels, generator, pass_index=passes, **shared)
+                seen_labels = distributed.predict(model, seen, reducer=reducer, batch_size=settings.eval_batch_size,
+                                                  precision=settings.precision)
+            with metrics.precision_context(settings.precision, device):
+                # without X both are None, given to an engine that reads no images
+                v, stats = engine.run_pass(attacked, v, cast(Tensor, seen), cast(Tensor, seen_labels), generator,
+                                           pass_index=passes, **shared)
             v = reducer.broadcast(v)
             if not bool(torch.isfinite(v).all()):
                 raise NonFiniteError(

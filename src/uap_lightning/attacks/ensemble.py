@@ -38,7 +38,8 @@ class Resized(nn.Module):
         self.size = size
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(resized(images, self.size))
+        logits: Tensor = self.model(resized(images, self.size))
+        return logits
 
 
 class Ensemble(nn.Module):

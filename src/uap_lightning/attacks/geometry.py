@@ -79,7 +79,8 @@ def boundary_normals(
 def singular_values(vectors: Tensor) -> Tensor:
     """The min(n, d) singular values, descending, of the matrix whose rows (or, the same values,
     columns) are ``vectors`` (n×d), computed in float64."""
-    return torch.linalg.svdvals(vectors.double())
+    values: Tensor = torch.linalg.svdvals(vectors.double())
+    return values
 
 
 def random_unit_vectors(count: int, dim: int, generator: torch.Generator) -> Tensor:
@@ -94,6 +95,7 @@ def principal_subspace(normals: Tensor, k: int) -> Tensor:
     n, d = normals.shape
     if not 1 <= k <= min(n, d):
         raise ValueError(f"k must lie in [1, min(n, d)] = [1, {min(n, d)}]; got {k}")
+    vh: Tensor
     _, _, vh = torch.linalg.svd(normals.double(), full_matrices=False)
     return vh[:k]
 
@@ -112,7 +114,7 @@ def random_direction(dim: int, generator: torch.Generator, basis: Optional[Tenso
 def scaled_to_norm(direction: Tensor, radius: float, p: float) -> Tensor:
     """``direction`` (any shape, nonzero) rescaled to ℓp norm ``radius`` (p = 1, 2 or inf): the same
     direction, so for p ≠ 2 a vector drawn on an ℓ2 sphere is then scaled to ‖·‖p = radius."""
-    norm = torch.linalg.vector_norm(direction.flatten(), ord=p)
+    norm: Tensor = torch.linalg.vector_norm(direction.flatten(), ord=p)
     if not norm > 0:
         raise ValueError("cannot scale a zero vector to a norm")
     return direction * (radius / norm)

@@ -21,7 +21,7 @@ import abc
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -157,11 +157,23 @@ class DeepFoolInner(InnerAttack):
         """Batched DeepFool with these options on ``x`` (N×C×H×W); ``start`` as in :func:`deepfool_batched`."""
         return deepfool_batched(model, x, start=start, **self.keywords)
 
-    def __call__(self, model, x, labels, *, clip, generator, start=None) -> InnerResult:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        labels: Tensor,
+        *,
+        clip: bool,
+        generator: Optional[torch.Generator],
+        start: Optional[Start] = None,
+    ) -> InnerResult:
         result = self.deepfool(model, x, start)
-        return InnerResult(result.perturbation, result.converged, result.iterations)
+        # deepfool_batched's converged and iterations are tensors (N,)
+        return InnerResult(result.perturbation, cast(Tensor, result.converged), cast(Tensor, result.iterations))
 
-    def attack_one(self, model, x, label, *, clip, generator) -> Tuple[Tensor, bool, int]:
+    def attack_one(
+        self, model: nn.Module, x: Tensor, label: Tensor, *, clip: bool, generator: Optional[torch.Generator]
+    ) -> Tuple[Tensor, bool, int]:
         """:func:`~uap_lightning.attacks.deepfool.deepfool_single`, the one-image DeepFool."""
         result = deepfool_single(model, x, **self.keywords)
         return result.perturbation, bool(result.converged), int(result.iterations)
@@ -213,7 +225,16 @@ class FGSMInner(GradientInner):
 
     name = "fgsm"
 
-    def __call__(self, model, x, labels, *, clip, generator, start=None) -> InnerResult:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        labels: Tensor,
+        *,
+        clip: bool,
+        generator: Optional[torch.Generator],
+        start: Optional[Start] = None,
+    ) -> InnerResult:
         with torch.enable_grad():
             xa, logits = self.forward(model, x, start)
             step = self.ascent(logits, labels, xa).detach()
@@ -231,7 +252,16 @@ class PGDInner(GradientInner):
 
     name = "pgd"
 
-    def __call__(self, model, x, labels, *, clip, generator, start=None) -> InnerResult:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        labels: Tensor,
+        *,
+        clip: bool,
+        generator: Optional[torch.Generator],
+        start: Optional[Start] = None,
+    ) -> InnerResult:
         x = x.detach()
         n = x.shape[0]
         delta = torch.zeros_like(x)

@@ -46,4 +46,5 @@ class DiverseInputs(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if torch.is_grad_enabled():
             images = diverse(images, self.probability, self.generator)
-        return self.model(images)
+        logits: Tensor = self.model(images)
+        return logits

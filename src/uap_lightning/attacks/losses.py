@@ -18,7 +18,7 @@ Logits are B×K; labels (B,) int64. Every function returns the B per-image terms
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -125,16 +125,16 @@ def perturbed_loss(
     and divided by ``batch_size`` (None: B), i.e. the batch mean when these are all its images;
     for an :class:`~uap_lightning.attacks.ensemble.Ensemble` the terms are averaged over its members.
     ``images`` B×C×H×W and v C×H×W in [0,1] scale; ``labels`` the clean predictions (B,)."""
-    clean_logits: List[Optional[Tensor]] = []
+    clean_logits: List[Tensor] = []
     if options.loss == "cosine":
         with torch.no_grad():
             clean_logits = member_outputs(model, images)
     perturbed = member_outputs(model, perturb(images, v, clip))
-    terms = sum(
+    terms = cast(Tensor, sum(
         loss_terms(options.loss, logits, labels, clean_logits=clean_logits[m] if clean_logits else None,
                    beta=options.beta, kappa=options.kappa, target_class=target_class)
         for m, logits in enumerate(perturbed)
-    ) / len(perturbed)
+    )) / len(perturbed)
     return terms.sum() / (images.shape[0] if batch_size is None else batch_size)
 
 

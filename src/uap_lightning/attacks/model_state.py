@@ -35,8 +35,8 @@ def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter or buffer (CPU for a model with neither)."""
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -75,7 +75,8 @@ class CompiledPredictions(nn.Module):
         self.compiled = torch.compile(model, dynamic=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compiled(x) if not torch.is_grad_enabled() else self.model(x)
+        out: torch.Tensor = self.compiled(x) if not torch.is_grad_enabled() else self.model(x)
+        return out
 
 
 def compiled_predictions(model: nn.Module) -> nn.Module:

@@ -24,7 +24,8 @@ def dual_exponent(p: float) -> float:
 
 def lp_norm(x: Tensor, p: float) -> Tensor:
     """Per-sample ℓp norm of an N×... tensor over all dims but the first: shape (N,)."""
-    return torch.linalg.vector_norm(x.flatten(1), ord=p, dim=1)
+    norms: Tensor = torch.linalg.vector_norm(x.flatten(1), ord=p, dim=1)
+    return norms
 
 
 def dual_norm(w: Tensor, p: float) -> Tensor:
@@ -38,7 +39,7 @@ def project_lp(v: Tensor, radius: float, p: float) -> Tensor:
     if p == math.inf:
         return v.clamp(-radius, radius)
     if p == 2.0:
-        norm = torch.linalg.vector_norm(v)
+        norm: Tensor = torch.linalg.vector_norm(v)
         scale = (radius / norm.clamp_min(torch.finfo(v.dtype).tiny)).clamp(max=1.0)
         return v * scale
     if p == 1.0:

@@ -22,4 +22,5 @@ def random_perturbation(shape: Sequence[int], eps: float, p: float, generator: t
         signs = torch.randint(0, 2, tuple(shape), generator=generator).float() * 2 - 1
         return signs * radius
     direction = torch.randn(tuple(shape), generator=generator)
-    return direction * (radius / torch.linalg.vector_norm(direction.flatten(), ord=p))
+    norm: Tensor = torch.linalg.vector_norm(direction.flatten(), ord=p)
+    return direction * (radius / norm)

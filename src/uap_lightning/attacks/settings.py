@@ -18,6 +18,7 @@ import torch
 
 from uap_lightning.attacks.base import UniversalAttack, checked_target_class, engine_class, ensemble_engines
 from uap_lightning.attacks.threat import ThreatModel
+from uap_lightning.metrics import PRECISIONS
 
 KEEP_CHOICES = ("best", "last")
 
@@ -40,7 +41,9 @@ class AttackSettings:
     gradient step sees its batch randomly resized and padded (0: never; see
     :mod:`~uap_lightning.attacks.input_diversity`); ``resolution``: v kept a
     resolution×resolution image upsampled by pixel repetition (None: full resolution). The last two
-    are for the engines that follow a loss's gradient (``ensemble_engines()``).
+    are for the engines that follow a loss's gradient (``ensemble_engines()``). ``precision``: the
+    victim's forward and backward passes in float32 ("32") or autocast to bfloat16 ("bf16") or
+    float16 ("16"); v, its steps and its projection stay float32.
 
     Raises ValueError naming the ``attack.`` key of a value out of range, TypeError for an
     option the engine does not take.
@@ -60,6 +63,7 @@ class AttackSettings:
     compile: bool = False
     input_diversity: float = 0.0
     resolution: Optional[int] = None
+    precision: str = "32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.threat, ThreatModel):
@@ -82,6 +86,8 @@ class AttackSettings:
         if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 1):
             raise ValueError(f"attack.resolution must be a positive integer (pixels on a side) or null; "
                              f"got {self.resolution!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"attack.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         object.__setattr__(self, "options", dict(self.options))  # a copy the caller cannot change
         engine = self.engine()  # the method exists and takes these options
         if self.input_diversity > 0 and not engine.averages_loss:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence, Union, cast
 
 from uap_lightning.units import EPS_SCALES, to_image_scale, to_pixel_units
 
@@ -68,7 +68,7 @@ class ThreatModel:
                 raise ValueError(f"{_EPS_HINT}; got {eps!r}") from None
         elif isinstance(eps, numbers.Real) and not isinstance(eps, bool):
             value = float(eps)
-        return cls(eps=value, p=norm)
+        return cls(eps=cast(float, value), p=norm)  # anything but a real number: refused by __post_init__
 
     @classmethod
     def in_units(

@@ -43,7 +43,7 @@ from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError, DamagedFileError, UserError
 from uap_lightning.keys import keyed_hash
-from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
+from uap_lightning.loggers import engine_label, instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
 from uap_lightning.loop import (
     AttackLoop,
     AttackOutcome,
@@ -78,7 +78,7 @@ class AttackTaskConfig(TaskConfig):
 
 # The settings whose change makes an earlier attack state of no use.
 _FINGERPRINT_KEYS = ("data", "model", "trainer", "attack", "task", "seed")
-_NOT_IN_FINGERPRINT = ("resume", "progress", "eval_batch_size", "amp", "channels_last", "compile", "devices", "strategy")
+_NOT_IN_FINGERPRINT = ("resume", "progress", "eval_batch_size", "channels_last", "compile", "devices", "strategy")
 _FINAL_KEYS = (
     "fooling_rate",
     "fooling_rate_attack_set",
@@ -150,7 +150,7 @@ def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLo
     return AttackLoop(
         fabric=fabric,
         settings=setup.attack,
-        evaluation=EvaluationSettings(setup.cfg.attack.amp, setup.cfg.attack.channels_last),
+        evaluation=EvaluationSettings(setup.cfg.attack.channels_last),
         state_path=setup.output_dir / STATE_FILE,
         fingerprint=fingerprint,
     )
@@ -354,6 +354,7 @@ def attack_metrics(
         "p": setup.threat.p_name,
         "delta": setup.attack.delta,
         "method": setup.attack.method,
+        "engine": engine_label(cfg.attack),
         "keep": setup.attack.keep,
         "best_pass": result.best_pass,
         "passes": result.passes,

@@ -5,13 +5,14 @@ Sequential by definition, it runs the same pass on every rank of several process
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from uap_lightning.attacks.algorithm_one import AlgorithmOne
 from uap_lightning.attacks.base import PassStats, register_engine
+from uap_lightning.attacks.distributed import Reducer
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.metrics import perturb
 
@@ -60,7 +61,7 @@ class DeepFoolUAP(AlgorithmOne):
     name = "deepfool_uap"
     sequential = True
 
-    def __init__(self, threat: ThreatModel, *, per_image_reference: bool = False, **options) -> None:
+    def __init__(self, threat: ThreatModel, *, per_image_reference: bool = False, **options: Any) -> None:
         super().__init__(threat, **options)
         self.per_image_reference = bool(per_image_reference)
 
@@ -70,7 +71,16 @@ class DeepFoolUAP(AlgorithmOne):
     def window_after(self, size: int, update_at: Optional[int], checked: int, updates: int) -> int:
         return next_window(size, update_at, checked, updates)
 
-    def outer_loop(self, model, v, images, clean, order, generator, reducer) -> Tuple[Tensor, PassStats]:
+    def outer_loop(
+        self,
+        model: nn.Module,
+        v: Tensor,
+        images: Tensor,
+        clean: Tensor,
+        order: Tensor,
+        generator: Optional[torch.Generator],
+        reducer: Optional[Reducer],
+    ) -> Tuple[Tensor, PassStats]:
         if self.per_image_reference:
             return self._reference_pass(model, v, images, clean, order, generator)
         return super().outer_loop(model, v, images, clean, order, generator, reducer)

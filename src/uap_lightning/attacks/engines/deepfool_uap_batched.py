@@ -63,6 +63,7 @@ class BatchedDeepFoolUAP(AlgorithmOne):
 
     name = "deepfool_uap_batched"
     Options = BatchedDeepFoolOptions
+    options: BatchedDeepFoolOptions
     sequential = False
 
     def first_window(self) -> int:

@@ -39,7 +39,7 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +120,7 @@ class ReflectPad(nn.Module):
         return reflect_pad(x, self.pad)
 
 
-def _conv_norm_relu(conv: nn.Module, width: int) -> list:
+def _conv_norm_relu(conv: nn.Module, width: int) -> List[nn.Module]:
     return [conv, nn.InstanceNorm2d(width, affine=True), nn.ReLU()]
 
 
@@ -135,7 +135,8 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
+        residual: Tensor = self.body(x)
+        return x + residual
 
 
 class ResnetGenerator(nn.Module):
@@ -146,6 +147,8 @@ class ResnetGenerator(nn.Module):
     stride-2 transposed convs back, a 7×7 conv to C channels and tanh; each hidden conv is
     followed by instance norm and ReLU. The output is cropped to H×W.
     """
+
+    noise: Tensor
 
     def __init__(self, noise: Tensor, ngf: int, blocks: int) -> None:
         super().__init__()
@@ -168,11 +171,12 @@ class ResnetGenerator(nn.Module):
     @property
     def image_shape(self) -> Tuple[int, int, int]:
         """(C, H, W) of the perturbation."""
-        return tuple(self.noise.shape[1:])
+        return cast(Tuple[int, int, int], tuple(self.noise.shape[1:]))
 
     def forward(self) -> Tensor:
         _, height, width = self.image_shape
-        return self.layers(self.noise)[0, :, :height, :width]
+        raw: Tensor = self.layers(self.noise)
+        return raw[0, :, :height, :width]
 
     def initialise(self, generator: torch.Generator) -> None:
         """The authors' initialisation, drawn from ``generator`` (CPU): conv weights N(0, 0.02), norm
@@ -183,8 +187,9 @@ class ResnetGenerator(nn.Module):
                     module.weight.normal_(0.0, INIT_STD, generator=generator)
                 elif isinstance(module, nn.InstanceNorm2d):
                     module.weight.normal_(1.0, INIT_STD, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    bias.zero_()
 
 
 @register_engine
@@ -227,7 +232,7 @@ class GAP(UniversalAttack):
     name = "gap"
     Options = GAPOptions
 
-    def __init__(self, threat: ThreatModel, *, seed: int = AttackSettings.seed, **options) -> None:
+    def __init__(self, threat: ThreatModel, *, seed: int = AttackSettings.seed, **options: Any) -> None:
         super().__init__(threat, **options)
         self.seed = int(seed)
         self.generator: Optional[ResnetGenerator] = None
@@ -266,7 +271,7 @@ class GAP(UniversalAttack):
 
     def scale(self, raw: Tensor) -> Tensor:
         """``raw`` (C×H×W) times ε/‖raw‖_p ([0,1] scale): on the ℓp sphere of radius ε/255."""
-        norm = torch.linalg.vector_norm(raw.flatten(), ord=self.threat.p)
+        norm: Tensor = torch.linalg.vector_norm(raw.flatten(), ord=self.threat.p)
         return raw * (self.threat.radius / norm.clamp_min(torch.finfo(raw.dtype).tiny))
 
     def perturbation(self) -> Tensor:
@@ -282,7 +287,7 @@ class GAP(UniversalAttack):
         device = model_device(model)
         with torch.no_grad():
             return torch.cat([model(chunk.to(device)).argmin(dim=1).cpu()
-                              for chunk in images.split(self.options.batch_size)])
+                              for chunk in torch.split(images, self.options.batch_size)])
 
     def fooling_loss(self, model: nn.Module, images: Tensor, aims: Tensor) -> Tensor:
         """log H(f(clip(x + δ)), 1_aim): the log of the batch's mean cross-entropy of ``model`` on
@@ -307,12 +312,12 @@ class GAP(UniversalAttack):
         if self.optimizer is None:
             self.optimizer = self.make_optimizer()
         aims = self.aims(model, images)
-        batches = torch.randperm(images.shape[0], generator=generator).split(self.options.batch_size)
+        batches = torch.split(torch.randperm(images.shape[0], generator=generator), self.options.batch_size)
         with torch.enable_grad():
             for batch in batches:
                 loss = self.fooling_loss(model, images[batch].to(v.device), aims[batch])
                 self.optimizer.zero_grad()
-                loss.backward()
+                torch.autograd.backward(loss)
                 self.optimizer.step()
         return self.perturbation().to(v.dtype), PassStats(updates=len(batches), mean_iterations=0.0)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +98,7 @@ class GDUAP(UniversalAttack):
 
     name = "gd_uap"
     Options = GDUAPOptions
+    options: GDUAPOptions
     averages_loss = True
 
     @property
@@ -127,9 +128,10 @@ class GDUAP(UniversalAttack):
             for _ in range(self.options.steps):
                 outputs.clear()
                 model(perturb(self._inputs(v, images, generator), v, self.clip))
-                loss = -sum(torch.log(output.flatten(1).norm(dim=1) + NORM_FLOOR).mean() for output in outputs) / members
+                loss = -cast(Tensor, sum(torch.log(output.flatten(1).norm(dim=1) + NORM_FLOOR).mean()
+                                         for output in outputs)) / members
                 adam.zero_grad()
-                loss.backward()
+                torch.autograd.backward(loss)
                 adam.step()
                 with torch.no_grad():
                     v.copy_(self.project(v))
@@ -144,6 +146,7 @@ class GDUAP(UniversalAttack):
             return torch.full((1, *v.shape), GREY, dtype=v.dtype, device=v.device)
         if prior == "range":
             return torch.rand((batch, *v.shape), generator=generator, dtype=v.dtype).to(v.device)
-        chosen = torch.randint(images.shape[0], (batch,), generator=generator)
-        return images[chosen].to(device=v.device, dtype=v.dtype)
+        data = cast(Tensor, images)  # prior "data": run_pass has refused a pass without images
+        chosen = torch.randint(data.shape[0], (batch,), generator=generator)
+        return data[chosen].to(device=v.device, dtype=v.dtype)
 

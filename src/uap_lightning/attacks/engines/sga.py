@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +96,7 @@ class SGA(UniversalAttack):
     Options = SGAOptions
     averages_loss = True
 
-    def __init__(self, threat: ThreatModel, **options) -> None:
+    def __init__(self, threat: ThreatModel, **options: Any) -> None:
         super().__init__(threat, **options)
         check_targeted(self.options.loss, self.target_class)
         step = self.options.step_size
@@ -117,7 +117,7 @@ class SGA(UniversalAttack):
         v = v.detach().clone()
         velocity = torch.zeros_like(v)
         outer_steps = inner_total = 0
-        for batch in order.split(self.options.batch_size):
+        for batch in torch.split(order, self.options.batch_size):
             aggregated, inner = self._aggregated_gradient(model, v, images, clean_labels, batch, generator, reducer)
             if self.options.momentum > 0:
                 velocity = self.options.momentum * velocity + aggregated / lp_norm(aggregated.unsqueeze(0), 1.0).clamp_min(

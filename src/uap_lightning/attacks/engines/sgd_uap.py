@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +93,7 @@ class SGDUAP(UniversalAttack):
     Options = SGDOptions
     averages_loss = True
 
-    def __init__(self, threat: ThreatModel, *, max_passes: int = AttackSettings.max_passes, **options) -> None:
+    def __init__(self, threat: ThreatModel, *, max_passes: int = AttackSettings.max_passes, **options: Any) -> None:
         super().__init__(threat, **options)
         check_targeted(self.options.loss, self.target_class)
         if max_passes < 1:

@@ -27,7 +27,7 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +111,7 @@ class SVUAP(UniversalAttack):
     Options = SVUAPOptions
 
     def __init__(
-        self, threat: ThreatModel, *, eval_batch_size: int = AttackSettings.eval_batch_size, **options
+        self, threat: ThreatModel, *, eval_batch_size: int = AttackSettings.eval_batch_size, **options: Any
     ) -> None:
         super().__init__(threat, **options)
         if threat.p == 1.0:
@@ -177,7 +177,8 @@ class SVUAP(UniversalAttack):
 
     def _normalised(self, v: Tensor) -> Tensor:
         """``v`` / ‖v‖_p (C×H×W)."""
-        return v / torch.linalg.vector_norm(v.flatten(), ord=self.threat.p)
+        norm: Tensor = torch.linalg.vector_norm(v.flatten(), ord=self.threat.p)
+        return v / norm
 
     def _rate(self, model: nn.Module, images: Tensor, clean_labels: Tensor, v: Tensor, reducer: Reducer) -> float:
         """The fooling rate of ``v`` on ``images`` (targeted: the targeted success rate)."""
@@ -206,7 +207,9 @@ class StackedJacobian:
 
     def __init__(self, features: Features, images: Tensor, batch_size: int, reducer: Reducer, like: Tensor) -> None:
         self.features = features
-        self.chunks = [batch.to(device=like.device, dtype=like.dtype) for batch in images.split(batch_size) if len(batch)]
+        self.chunks = [
+            batch.to(device=like.device, dtype=like.dtype) for batch in torch.split(images, batch_size) if len(batch)
+        ]
         self.reducer = reducer
         self.zero = torch.zeros_like(like)
         self.forward_mode = True  # J v by forward-mode AD until an operation lacks its formula
@@ -235,7 +238,9 @@ class StackedJacobian:
         if scale == 0:
             return 0.0
         local = sum(float((chunk / scale).abs().pow(q).sum()) for chunk in w)
-        return scale * float(self.reducer.all_reduce_sum(torch.tensor([local], dtype=torch.float64))) ** (1.0 / q)
+        total = float(self.reducer.all_reduce_sum(torch.tensor([local], dtype=torch.float64)))
+        norm: float = scale * total ** (1.0 / q)
+        return norm
 
     def _jvp(self, x: Tensor, v: Tensor) -> Tensor:
         """J(x) v for each image of ``x`` (B×C×H×W): forward-mode AD, else the double-backward trick
@@ -244,7 +249,10 @@ class StackedJacobian:
         if self.forward_mode:
             try:
                 with forward_ad.dual_level():
-                    return forward_ad.unpack_dual(self.features(forward_ad.make_dual(x, tangent))).tangent
+                    # torch.autograd.forward_ad's make_dual and unpack_dual carry no annotations
+                    dual = forward_ad.make_dual(x, tangent)  # type: ignore[no-untyped-call]
+                    jv: Tensor = forward_ad.unpack_dual(self.features(dual)).tangent  # type: ignore[no-untyped-call]
+                    return jv
             except NotImplementedError:  # an operation without a forward-mode formula
                 self.forward_mode = False
         x = x.detach().requires_grad_(True)
@@ -272,7 +280,7 @@ def layer_output(model: nn.Module, name: str) -> Iterator[Features]:
             f"attacked, whose batch norm layers are folded into the convolution before them); "
             f"close names: {', '.join(_close_names(model, name))}"
         )
-    reached: List[Tensor] = []
+    reached: List[object] = []
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:
         reached.append(output)
@@ -329,7 +337,7 @@ def default_layer(model: nn.Module) -> str:
     paper's res3 stage), and on EfficientNet-Lite and MobileNetV2 the convolution a quarter of the
     way in. In a run these names are prefixed by the victim's ``1.`` (its normalisation is ``0``).
     ConfigError naming ``attack.layer`` when the model has no ``nn.Conv2d``."""
-    modules = list(model.named_modules())
+    modules: List[Tuple[str, nn.Module]] = list(model.named_modules())
     convolutions = [index for index, (_, module) in enumerate(modules) if isinstance(module, nn.Conv2d)]
     if not convolutions:
         raise ConfigError(

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -173,8 +173,9 @@ def truncated_ratio(outputs: Sequence[Tensor], p_rate: float, n_rate: float, lam
             "attack.method=trm_uap: the model ran no Conv2d layer, so attack.p_rate and attack.n_rate select no "
             "activations; TRM-UAP needs a convolutional victim (attack=gd_uap takes attack.layers=[NAME, ...])"
         )
-    positive = sum(torch.log(out.clamp(min=0).square().sum() / 2 + LOG_FLOOR)
-                   for out in outputs[:_truncation(len(outputs), p_rate)])
+    # p_rate > 0 keeps a layer or more, so the positive sum is a tensor (n_rate = 0 leaves the negative one 0)
+    positive = cast(Tensor, sum(torch.log(out.clamp(min=0).square().sum() / 2 + LOG_FLOOR)
+                                for out in outputs[:_truncation(len(outputs), p_rate)]))
     negative = sum(torch.log(torch.linalg.vector_norm(out.clamp(max=0)) / 2 + LOG_FLOOR)
                    for out in outputs[:_truncation(len(outputs), n_rate)])
     return positive - lam * negative
@@ -265,7 +266,7 @@ class TRMUAP(UniversalAttack):
                 model(perturb(inputs, v, self.clip))
                 loss = -truncated_ratio(outputs, options.p_rate, options.n_rate, options.lam)
                 adam.zero_grad()
-                loss.backward()
+                torch.autograd.backward(loss)
                 adam.step()
                 with torch.no_grad():
                     v.copy_(self.project(v))

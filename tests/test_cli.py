@@ -56,6 +56,7 @@ def test_settings_hydra_cannot_compose_get_our_message(tmp_path, override, expec
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-2000:]
     assert expected in output
+    assert done.stderr.startswith("ERROR: ") and done.stderr.count("\n") == 1  # one line, however logging is set up
     assert "To append" not in output and "+attack" not in output and "+atack" not in output
     assert "Traceback" not in output and not (tmp_path / "run").exists()
 

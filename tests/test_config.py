@@ -157,3 +157,41 @@ def test_the_default_eps_is_one_lookup_for_any_spelling_of_p(make_cfg):
         assert cfg.attack.eps == cfg.data.default_eps["2"]
         assert resolve_threat(cfg).eps == cfg.data.default_eps["2"]
     assert make_cfg("attack.p=inf").attack.eps == make_cfg("attack.p=Infinity").attack.eps
+
+
+@pytest.mark.parametrize("overrides", [("model.width=0",), ("model.width=-5",),
+                                       ("task=transfer", "task.victims=[cnn,{preset:lenet,width:0}]")])
+def test_a_width_below_one_channel_is_refused_before_any_work(make_cfg, overrides):
+    from uap_lightning.tasks import TASKS
+
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError, match=r"model.width=-?\d+: the first convolution needs at least 1 channel"):
+        attack = validate(cfg)
+        TASKS[cfg.task.name].check(cfg, attack)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model=resnet-18"], "model=resnet-18 is not an option of model; did you mean model=resnet18? (model: cnn,"),
+    (["model.trainer.max_epochs=abc"],
+     "unknown setting model.trainer.max_epochs=abc; trainer is a section of its own: trainer.max_epochs=abc"),
+    (["trainer.max_epochs=abc"], "trainer.max_epochs: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["task=geometry", "task.ks=[1.5]"], "task.ks[0]: Value '1.5' of type 'float' could not be converted to Integer"),
+])
+def test_settings_hydra_cannot_compose_are_said_in_one_line(tmp_path, overrides, expected):
+    from conftest import compose_config
+
+    from uap_lightning.validation import composition_error_message
+
+    with pytest.raises(Exception) as err:
+        compose_config(overrides, tmp_path)
+    message = composition_error_message(err.value, overrides)
+    assert message.startswith(expected) and "\n" not in message
+
+
+def test_missing_torchvision_weights_are_said_before_any_data_is_read(make_cfg, tmp_path, monkeypatch):
+    from uap_lightning.models.torchvision_zoo import PretrainedWeightsNotFoundError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = make_cfg("data=imagenet_samples", "model=torchvision", "model.arch=resnet50", "model.pretrained=true")
+    with pytest.raises(PretrainedWeightsNotFoundError, match="needs the ImageNet weights of 'resnet50'"):
+        validate(cfg)

@@ -146,6 +146,18 @@ def test_missing_files_raise_a_clear_error(tmp_path, name, expected):
     assert "data.download=true" in message
 
 
+def test_missing_files_point_at_an_image_folder_copy_beside_them(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / "cifar10-jpeg" / split / "cat").mkdir(parents=True)
+    cfg = DataConfig(name="cifar10", root=str(tmp_path), download=False)
+    with pytest.raises(DataNotFoundError) as caught:
+        build_datamodule(cfg).setup()
+    assert f"use them with data=imagefolder data.root={tmp_path / 'cifar10-jpeg'}" in str(caught.value)
+    with pytest.raises(DataNotFoundError) as without:
+        build_datamodule(DataConfig(name="cifar10", root=str(tmp_path / "nowhere"), download=False)).setup()
+    assert "data=imagefolder" not in str(without.value)
+
+
 def test_failed_download_raises_the_same_error(tmp_path, monkeypatch):
     class _Offline(datasets.MNIST):
         def download(self) -> None:

@@ -261,3 +261,36 @@ def test_hparams_view_lists_every_tasks_metrics_under_one_logdir(tmp_path):
     values = [value["value"] for group in groups["sessionGroups"] for value in group.get("metricValues", [])
               if value["name"]["tag"] == "final/fooling_rate"]
     assert values == [pytest.approx(0.75)]
+
+
+def test_run_names_tell_apart_what_changes_the_computation(make_cfg):
+    names = {
+        overrides: OmegaConf.to_container(make_cfg(*overrides).logger, resolve=True)["tensorboard"]["name"]
+        for overrides in [("attack=deepfool_uap",), ("attack=deepfool_uap", "attack.inner=fgsm"),
+                          ("attack=sgd_uap", "attack.loss=logit_margin"),
+                          ("attack=sgd_uap", "attack.ensemble=[cnn,lenet]")]
+    }
+    assert list(names.values()) == [
+        "tensorboard/deepfool_uap-linf-eps64-cnn-digits",
+        "tensorboard/deepfool_uap-inner_fgsm-linf-eps64-cnn-digits",
+        "tensorboard/sgd_uap-loss_logit_margin-linf-eps64-cnn-digits",
+        "tensorboard/sgd_uap-linf-eps64-cnn+lenet-digits",
+    ]
+
+
+def test_tracking_loggers_keep_their_files_in_the_run_folder_with_telemetry_off(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from uap_lightning.loggers import LocalMLFlowLogger, PhaseWandbLogger
+
+    for variable in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR",
+                     "WANDB_ERROR_REPORTING", "MLFLOW_DISABLE_TELEMETRY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", "/mine")  # the user's own setting wins
+    PhaseWandbLogger(save_dir=str(tmp_path), offline=True)
+    LocalMLFlowLogger(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    import os
+
+    assert os.environ["WANDB_CACHE_DIR"] == str(tmp_path / "wandb" / "cache")
+    assert os.environ["WANDB_CONFIG_DIR"] == "/mine"
+    assert os.environ["WANDB_ERROR_REPORTING"] == "false" and os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"

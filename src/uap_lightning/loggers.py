@@ -21,6 +21,7 @@ names a class to build, and a class can run code when built.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -55,16 +56,35 @@ _ABSENT = object()  # what OmegaConf.select returns for a key the config lacks
 
 
 def run_name(*, _root_: DictConfig) -> str:
-    """What a run computes, as one folder name (the ``uap_run_name`` resolver): engine, norm, ε in
-    0–255 units, victim (its architecture when the preset names one) and data, e.g.
-    ``deepfool_uap-linf-eps10-cnn-digits``."""
+    """What a run computes, as one folder name (the ``uap_run_name`` resolver): engine (with its inner
+    attack, loss or prior when not the default), norm, ε in 0–255 units, victim (its architecture
+    when the preset names one; the members of an ensemble) and data, e.g.
+    ``deepfool_uap-linf-eps10-cnn-digits``, ``deepfool_uap-inner_fgsm-linf-eps64-cnn-digits``."""
     attack, model = _root_.attack, _root_.model
     eps = attack.get("eps")
     if eps is not None and attack.get("eps_scale") == 1 and not OmegaConf.is_interpolation(attack, "eps"):
         eps = to_pixel_units(eps)  # given in [0,1] units (the data preset's default is in 0–255 units)
     victim = model.get("arch") or model.name
+    ensemble = attack.get("ensemble") or []
+    if ensemble:
+        victim = "+".join(str(entry if isinstance(entry, str) else entry.get("preset")) for entry in ensemble)
     eps_part = "" if eps is None else f"-eps{float(eps):g}"
-    return safe_folder_name(f"{attack.method}-l{attack.p}{eps_part}-{victim}-{_root_.data.name}")
+    return safe_folder_name(f"{engine_label(attack)}-l{attack.p}{eps_part}-{victim}-{_root_.data.name}")
+
+
+# The options that change what an engine computes, named in run names and summaries when not their default
+LABELLED_OPTIONS = {"inner": "deepfool", "loss": "ce", "prior": "none"}
+
+
+def engine_label(attack: Any) -> str:
+    """The engine with the options that change what it computes, when not their defaults (``attack`` a
+    config node or mapping): ``deepfool_uap``, ``deepfool_uap-inner_fgsm``, ``sgd_uap-loss_logit_margin``."""
+    parts = [str(attack.get("method"))]
+    for key, default in LABELLED_OPTIONS.items():
+        value = attack.get(key)
+        if value is not None and value != default:
+            parts.append(f"{key}_{value}")
+    return "-".join(parts)
 
 
 OmegaConf.register_new_resolver("uap_run_name", run_name, replace=True)
@@ -127,7 +147,17 @@ class _NewExperimentLine(logging.Filter):
 
 class PhaseWandbLogger(WandbLogger):
     """Lightning's WandbLogger with a wandb run of its own for each phase: a run that an earlier
-    phase left open in this process is finished, not joined (Lightning's logger joins it)."""
+    phase left open in this process is finished, not joined (Lightning's logger joins it). wandb's
+    cache, config, data and artifact folders lie in ``save_dir`` (the run folder) instead of the
+    home folder, and its error reporting is off (variables the user set win); only the debug logs
+    of wandb's own service processes go to the user's cache folder (``~/.cache/wandb/logs``)."""
+
+    def __init__(self, *args: Any, save_dir: str = ".", **kwargs: Any) -> None:
+        for variable, folder in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
+                                 ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+            os.environ.setdefault(variable, os.path.join(save_dir, "wandb", folder))
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        super().__init__(*args, save_dir=save_dir, **kwargs)
 
     @property
     def experiment(self) -> Any:
@@ -138,6 +168,16 @@ class PhaseWandbLogger(WandbLogger):
             if wandb.run is not None:
                 wandb.finish()
         return super().experiment
+
+
+class LocalMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger with MLflow's usage telemetry off (it writes
+    ``~/.config/mlflow/telemetry.json`` and reports usage otherwise; a user's own
+    ``MLFLOW_DISABLE_TELEMETRY`` wins), so that a run writes only into its run folder."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        super().__init__(*args, **kwargs)
 
 
 def run_hparams(cfg: DictConfig, attack: AttackSettings) -> Dict[str, HParam]:

@@ -212,6 +212,12 @@ def _full_error() -> bool:
     return os.environ.get(_FULL_ERROR) == "1"
 
 
+def _refuse(message: str) -> None:
+    """The console's one error line for settings refused before any run folder or log exists, and exit status 2."""
+    print(f"ERROR: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
 def entry(config_name: str) -> Any:
     """Run Hydra with ``config_name`` from the packaged configs, mapping outcomes to exit codes."""
     register_configs(task_schemas())
@@ -219,8 +225,7 @@ def entry(config_name: str) -> Any:
     try:
         check_group_options(sys.argv[1:])
     except ConfigError as err:
-        log.error("%s", err)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        _refuse(str(err))
     task_function = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(execute)
     _Composing.start()
     try:
@@ -235,8 +240,9 @@ def entry(config_name: str) -> Any:
     except (HydraException, OmegaConfBaseException) as err:
         if not _Composing.active:
             raise
-        log.error("%s", composition_error_message(err, sys.argv[1:]))  # the settings could not be composed
-        raise SystemExit(EXIT_USER_ERROR) from None
+        _refuse(composition_error_message(err, sys.argv[1:]))  # the settings could not be composed
+    except UserError as err:  # refused by the sweeper before any job (task=compare's lists)
+        _refuse(str(err))
     finally:
         _Composing.stop()
     if SweepSummaryCallback.failed:

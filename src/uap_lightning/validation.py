@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -99,6 +100,12 @@ def composition_error_message(err: BaseException, overrides: Sequence[str]) -> s
     """What to tell of ``err``, raised by Hydra composing the config from the command line's
     ``overrides``: a did-you-mean for an unknown key (never Hydra's advice to add it with ``+``),
     the units for an ε given as text such as 8/255; else Hydra's message and its cause's."""
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        options = [str(o) for o in err.options or []]
+        close = difflib.get_close_matches(option, options, n=1, cutoff=0.6)
+        hint = f"; did you mean {group}={close[0]}?" if close else ""
+        return f"{group}={option} is not an option of {group}{hint} ({group}: {', '.join(options)})"
     cause = err.__cause__
     full_key = str(getattr(cause, "full_key", "") or "")
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and isinstance(cause.parent_node, DictConfig) and full_key:
@@ -106,9 +113,15 @@ def composition_error_message(err: BaseException, overrides: Sequence[str]) -> s
         prefix = full_key[: -len(key)] if full_key.endswith(key) else ""
         typed = [o for o in overrides if re.match(rf"{re.escape(full_key)}(?=[.=])", o)]
         rest = typed[0][len(full_key):] if typed else ""
+        top = [str(k) for k in cause.parent_node._get_root().keys()]
+        if prefix and key in top:  # a section put under another one: model.trainer.max_epochs
+            return f"unknown setting {full_key}{rest}; {key} is a section of its own: {key}{rest}"
         return unknown_key_message(prefix, key, [str(k) for k in cause.parent_node.keys()], rest)
     if isinstance(cause, ValidationError) and isinstance(cause.value, str) and full_key.endswith("eps"):
         return eps_text_message(full_key, cause.value)
+    if isinstance(cause, OmegaConfBaseException) and full_key:
+        reason = str(cause).splitlines()[0].strip()
+        return f"{full_key}: {reason}"
     return f"{err}\n{cause}" if isinstance(cause, OmegaConfBaseException) else str(err)
 
 
@@ -156,6 +169,7 @@ def attack_settings(cfg: DictConfig) -> AttackSettings:
             compile=attack.compile,
             input_diversity=attack.input_diversity,
             resolution=attack.resolution,
+            precision=str(attack.precision),
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"attack settings: {err}") from None
@@ -164,7 +178,10 @@ def attack_settings(cfg: DictConfig) -> AttackSettings:
 def check_victim_source(model_cfg: Any, data_cfg: Any) -> None:
     """ConfigError when the victim of ``model_cfg`` cannot be obtained on ``data_cfg``: pretrained
     weights asked of a model that ships none or that are not found, or training asked on data without a
-    training split."""
+    training split, or a width below one channel."""
+    if model_cfg.get("width") is not None and model_cfg.width < 1:
+        raise ConfigError(f"model.width={model_cfg.width}: the first convolution needs at least 1 channel "
+                          f"(model={model_cfg.name}'s preset uses {_preset_width(model_cfg.name)})")
     if model_cfg.pretrained and model_cfg.name not in IMAGENET_PRETRAINED:
         raise ConfigError(
             f"model.pretrained=true but model={model_cfg.name} has no pretrained weights (those that have: "
@@ -176,6 +193,14 @@ def check_victim_source(model_cfg: Any, data_cfg: Any) -> None:
     if (model_cfg.layout or model_cfg.key_map) and not model_cfg.checkpoint:
         raise ConfigError("model.layout and model.key_map rename the keys of model.checkpoint, which is not set")
     renames(model_cfg.layout, model_cfg.key_map)
+
+
+def _preset_width(name: str) -> Any:
+    """The ``width`` of the model preset ``name`` (the schema's default when it sets none)."""
+    try:
+        return model_preset(name).width
+    except ValueError:
+        return "another width"
 
 
 def check_accelerator(accelerator: str) -> None:

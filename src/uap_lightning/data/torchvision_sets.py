@@ -53,8 +53,18 @@ class TorchvisionDataModule(UAPDataModule):
         return DataNotFoundError(
             f"{self.title} {detail}. Expected these files (torchvision's layout) in "
             f"{root}:\n  {expected}\nPut them there, or set data.download=true to fetch "
-            "them where a network exists."
+            f"them where a network exists.{self._image_folder_hint(root)}"
         )
+
+    def _image_folder_hint(self, root: Path) -> str:
+        """A line pointing at a copy of this data as image files beside ``root`` (``<name>-jpeg``,
+        ``<name>-png``, ``<name>``, holding train/ and test/ class folders), or ""."""
+        name = str(config_value(self.cfg, "name", ""))
+        for candidate in (root / f"{name}-jpeg", root / f"{name}-png", root / name):
+            if (candidate / "train").is_dir() and any((candidate / split).is_dir() for split in ("test", "val")):
+                return (f"\n{candidate} holds {self.title} as image files: use them with "
+                        f"data=imagefolder data.root={candidate}")
+        return ""
 
     def prepare_data(self) -> None:
         """Download the files when they are absent and ``data.download`` is true."""

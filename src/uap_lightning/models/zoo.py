@@ -20,6 +20,7 @@ from .timm_zoo import timm_classifier
 from .torchvision_zoo import (
     IMAGENET_CLASSES,
     mobilenet_v2_small,
+    pretrained_weights_path,
     torchvision_classifier,
 )
 from .vgg import VGG
@@ -107,6 +108,8 @@ def check_weights_source(cfg: Any) -> None:
     timm architecture, model.weights without model.pretrained, pretrained weights not found."""
     if cfg.name == "timm":
         timm_resolve_weights(_require_arch(cfg), pretrained=bool(cfg.pretrained), weights=getattr(cfg, "weights", None))
+    if cfg.name == "torchvision" and cfg.pretrained:
+        pretrained_weights_path(_require_arch(cfg), getattr(cfg, "weights", None))
 
 
 def build_backbone(cfg: Any, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

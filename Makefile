@@ -7,7 +7,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo imagenet test test-slow test-all bench bench-smoke tensorboard clean
+.PHONY: help install run demo imagenet lint format test test-slow test-all bench bench-smoke tensorboard clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,16 @@ demo: $(STAMP) ## The phenomenon on a real ImageNet classifier in about two minu
 
 imagenet: $(STAMP) ## The paper's headline: EfficientNet-Lite0 on the ImageNet photographs (UAP_DATA_DIR must hold imagenet-samples/)
 	$(BIN)/python -m uap_lightning.run experiment=imagenet_lite0 $(ARGS)
+
+lint: $(STAMP) ## ruff (lint and format check), mypy and import-linter: what CI runs first
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: $(STAMP) ## Format the code and sort imports with ruff
+	$(BIN)/ruff check --select I --fix src tests
+	$(BIN)/ruff format src tests
 
 test: $(STAMP) ## Run the test suite (offline, CPU; slow tests deselected)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

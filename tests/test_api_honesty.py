@@ -45,13 +45,19 @@ def test_baselines_can_be_skipped(one_thread):
     assert result.beats_random is None and result.random_fooling_rate is None
 
 
-@pytest.mark.parametrize("keywords, expected", [
-    ({"method": "sgd-uap"}, r"^method must be one of .*got 'sgd-uap' \(did you mean 'sgd_uap'\?\)"),
-    ({"method": "sgd_uap", "stepsize": 1}, r"^method=sgd_uap does not take the keyword\(s\) stepsize \(did you mean 'step_size'\?\)"),
-    ({"method": "sgd_uap", "step_size": -1}, r"^step_size must be a positive number"),
-    ({"delta": 2}, r"^delta must lie in \(0, 1\)"),
-    ({"method": "sgd_uap", "input_diversity": 2}, r"^input_diversity must lie in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "keywords, expected",
+    [
+        ({"method": "sgd-uap"}, r"^method must be one of .*got 'sgd-uap' \(did you mean 'sgd_uap'\?\)"),
+        (
+            {"method": "sgd_uap", "stepsize": 1},
+            r"^method=sgd_uap does not take the keyword\(s\) stepsize \(did you mean 'step_size'\?\)",
+        ),
+        ({"method": "sgd_uap", "step_size": -1}, r"^step_size must be a positive number"),
+        ({"delta": 2}, r"^delta must lie in \(0, 1\)"),
+        ({"method": "sgd_uap", "input_diversity": 2}, r"^input_diversity must lie in \[0, 1\]"),
+    ],
+)
 def test_errors_name_the_keyword(keywords, expected):
     with pytest.raises((ValueError, TypeError), match=expected) as err:
         compute_uap(tiny_cnn(), torch.rand(4, 1, 8, 8), eps=64, **keywords)

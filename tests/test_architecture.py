@@ -14,7 +14,10 @@ def test_imports_keep_the_declared_contracts():
     lint_imports = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run(
         [str(lint_imports), str(ROOT / "pyproject.toml"), "--no-cache", "--no-logo"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report

@@ -300,10 +300,14 @@ def test_run_passes_history_callback_and_stopping():
     assert not clean.any()
     indices, seen = [], []
     with registered(CountingEngine):
-        settings = AttackSettings(ThreatModel.parse(255, "inf"), method="counting", options={"indices": indices},
-                                  delta=0.45)
+        settings = AttackSettings(
+            ThreatModel.parse(255, "inf"), method="counting", options={"indices": indices}, delta=0.45
+        )
         result = run_passes(
-            model, settings, images, clean,
+            model,
+            settings,
+            images,
+            clean,
             on_pass_end=lambda report: seen.append((report.pass_index, report.fooling_rate, report.stats.updates)),
         )
     # pixel values 0.04, 0.09, ..., 0.49; after pass k those above 0.5 − 0.1k are fooled: 60% after pass 3
@@ -324,8 +328,9 @@ def test_run_passes_resumes_from_an_initial_perturbation():
     clean = metrics.predict(model, images)
     indices = []
     with registered(CountingEngine):
-        settings = AttackSettings(ThreatModel.parse(255, "inf"), method="counting", options={"indices": indices},
-                                  delta=0.45)
+        settings = AttackSettings(
+            ThreatModel.parse(255, "inf"), method="counting", options={"indices": indices}, delta=0.45
+        )
         result = run_passes(model, settings, images, clean, initial=torch.full((1, 2, 2), 0.2), start_pass=2)
         assert indices == [2] and result.passes == 3 and [h["pass"] for h in result.history] == [3]
         capped = run_passes(model, settings.replace(delta=0.01, max_passes=2), images, clean)

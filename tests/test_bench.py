@@ -14,10 +14,9 @@ import torch
 from attack_helpers import random_conv_net, single_thread
 from conftest import compose_config
 from uap_lightning import metrics
-from uap_lightning.attacks import ENGINES, AttackSettings, ThreatModel, frozen_eval, run_passes
-from uap_lightning.tasks import bench as bench_task
+from uap_lightning.attacks import ENGINES, AttackSettings, ThreatModel, deepfool_single, frozen_eval, run_passes
 from uap_lightning.benchmarking.naive import naive_deepfool, naive_uap
-from uap_lightning.attacks import deepfool_single
+from uap_lightning.tasks import bench as bench_task
 from uap_lightning.validation import ConfigError, validate
 
 ROW_FIELDS = {"method", "seconds", "fooling_rate", "passes", "speedup_vs_art", "speedup_vs_naive"}
@@ -98,8 +97,14 @@ def test_smoke_benchmark_writes_bench_json(tmp_path):
     env.pop("UAP_DATA_DIR", None)
     run_dir = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "uap_lightning.bench", "experiment=bench_smoke", f"hydra.run.dir={run_dir}",
-         "trainer.enable_progress_bar=false"],
+        [
+            sys.executable,
+            "-m",
+            "uap_lightning.bench",
+            "experiment=bench_smoke",
+            f"hydra.run.dir={run_dir}",
+            "trainer.enable_progress_bar=false",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

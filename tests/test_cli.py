@@ -116,7 +116,9 @@ def installed(tmp_path_factory):
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(root)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return target
@@ -127,12 +129,19 @@ def test_console_scripts_work_from_any_folder_after_a_wheel_install(installed, t
     env = {**os.environ, "PYTHONPATH": str(installed)}
     where = subprocess.run(
         [sys.executable, "-c", "import uap_lightning; print(uap_lightning.__file__)"],
-        env=env, capture_output=True, text=True, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert str(installed) in where.stdout
     done = subprocess.run(
         [str(installed / "bin" / script), "--cfg", "job", "--resolve", "paths.data_dir=/data"],
-        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "attack:" in done.stdout and "task:" in done.stdout

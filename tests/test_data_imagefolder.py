@@ -12,9 +12,8 @@ import torch
 from PIL import Image
 
 from uap_lightning.config import DataConfig
+from uap_lightning.data import DataNotFoundError, ImageFolderDataModule, build_datamodule, imagefolder
 from uap_lightning.errors import DamagedFileError
-from uap_lightning.data import DataNotFoundError, ImageFolderDataModule, build_datamodule
-from uap_lightning.data import imagefolder
 
 CLASSES = ("cat", "dog", "fish")
 
@@ -38,8 +37,15 @@ def make_tree(root: Path, test_name: str = "test", train_count: int = 4, test_co
 
 
 def folder_cfg(root: Path, **overrides) -> DataConfig:
-    fields = dict(name="imagefolder", root=str(root), num_classes=3, in_channels=3,
-                  image_size=8, attack_images=3, val_fraction=0.0)
+    fields = dict(
+        name="imagefolder",
+        root=str(root),
+        num_classes=3,
+        in_channels=3,
+        image_size=8,
+        attack_images=3,
+        val_fraction=0.0,
+    )
     fields.update(overrides)
     return DataConfig(**fields)
 
@@ -92,8 +98,7 @@ def test_resize_then_crop_and_upscaling_of_small_images(tmp_path):
 
 def test_class_subset_and_images_per_class(tmp_path):
     make_tree(tmp_path)
-    cfg = folder_cfg(tmp_path, class_subset=["fish", "cat"], images_per_class=2, num_classes=2,
-                     attack_images=2)
+    cfg = folder_cfg(tmp_path, class_subset=["fish", "cat"], images_per_class=2, num_classes=2, attack_images=2)
     dm = build_datamodule(cfg)
     assert dm.class_names == ["cat", "fish"]
     assert dm.folder_class_indices == [0, 2]
@@ -123,11 +128,13 @@ def test_val_folder_replaces_a_missing_test_folder(tmp_path):
     "breakage, error, message",
     [
         (lambda root: root / "absent", DataNotFoundError, r"data.root .*absent does not exist"),
-        (lambda root: (root / "train").mkdir() or root, DataNotFoundError,
-         "neither a test/ nor a val/ folder"),
+        (lambda root: (root / "train").mkdir() or root, DataNotFoundError, "neither a test/ nor a val/ folder"),
         (lambda root: (root / "test").mkdir() or root, DataNotFoundError, "has no train/ folder"),
-        (lambda root: [(root / s).mkdir() for s in ("train", "test")] and root, DataNotFoundError,
-         "has no class folders"),
+        (
+            lambda root: [(root / s).mkdir() for s in ("train", "test")] and root,
+            DataNotFoundError,
+            "has no class folders",
+        ),
     ],
 )
 def test_layout_errors_name_the_problem(tmp_path, breakage, error, message):
@@ -196,8 +203,9 @@ def test_real_cifar10_copy(tmp_path):
     root = Path(data_dir) / "cifar10-jpeg" if data_dir else None
     if root is None or not root.is_dir():
         pytest.skip("UAP_DATA_DIR does not point to a folder containing cifar10-jpeg")
-    cfg = DataConfig(name="imagefolder", root=str(root), num_classes=10, in_channels=3,
-                     image_size=32, attack_images=500)
+    cfg = DataConfig(
+        name="imagefolder", root=str(root), num_classes=10, in_channels=3, image_size=32, attack_images=500
+    )
     dm = build_datamodule(cfg, cache_dir=str(tmp_path))
     splits = dm.splits
     assert splits.train_images.shape == (50000, 3, 32, 32)
@@ -226,8 +234,13 @@ def test_a_16_bit_grey_png_is_scaled_to_8_bits(tmp_path):
     "make_loop, looping",
     [
         (lambda root: os.symlink("loop.png", root / "train" / "cat" / "loop.png"), "train/cat/loop.png"),
-        (lambda root: (os.symlink("b.png", root / "train" / "cat" / "a.png"),
-                       os.symlink("a.png", root / "train" / "cat" / "b.png")), "train/cat/a.png"),
+        (
+            lambda root: (
+                os.symlink("b.png", root / "train" / "cat" / "a.png"),
+                os.symlink("a.png", root / "train" / "cat" / "b.png"),
+            ),
+            "train/cat/a.png",
+        ),
         (lambda root: os.symlink("eel", root / "test" / "eel"), "test/eel"),
         (lambda root: (shutil.rmtree(root / "test"), os.symlink("test", root / "test")), "test"),
     ],
@@ -254,15 +267,23 @@ def sample_tree(root: Path, rows: list) -> DataConfig:
             Image.new("RGB", (8, 8), (40 * label, 10 * index, 90)).save(folder / f"{index}.png")
     lines = ["index\twnid\tname"] + ["\t".join(map(str, row)) for row in rows]
     (root / "classes.tsv").write_text("\n".join(lines) + "\n")
-    return DataConfig(name="sample_folder", root=str(root), in_channels=3, image_size=8, attack_images=3,
-                      class_names_file="classes.tsv")
+    return DataConfig(
+        name="sample_folder",
+        root=str(root),
+        in_channels=3,
+        image_size=8,
+        attack_images=3,
+        class_names_file="classes.tsv",
+    )
 
 
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([(0, "n00", "tench"), (1, "n01", "goldfish"), (2, "n01", "shark"), (3, "n02", "ray")],
-         r"wnid n01 on lines 3 and 4"),
+        (
+            [(0, "n00", "tench"), (1, "n01", "goldfish"), (2, "n01", "shark"), (3, "n02", "ray")],
+            r"wnid n01 on lines 3 and 4",
+        ),
         ([(0, "n00", "tench"), (1, "n01", "goldfish"), (1, "n02", "shark")], r"index 1 on lines 3 and 4"),
     ],
     ids=["wnid", "index"],

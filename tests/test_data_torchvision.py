@@ -14,8 +14,8 @@ from torchvision import datasets
 
 from uap_lightning.config import DataConfig
 from uap_lightning.data import (
-    CIFAR100DataModule,
     CIFAR10DataModule,
+    CIFAR100DataModule,
     DataNotFoundError,
     FashionMNISTDataModule,
     MNISTDataModule,
@@ -53,8 +53,7 @@ def write_mnist(root: Path, folder: str, rng: np.random.Generator) -> dict:
 )
 def test_mnist_family_reads_idx_files(tmp_path, name, module, folder):
     arrays = write_mnist(tmp_path, folder, np.random.default_rng(0))
-    cfg = DataConfig(name=name, root=str(tmp_path), num_classes=10, in_channels=1,
-                     image_size=28, attack_images=10)
+    cfg = DataConfig(name=name, root=str(tmp_path), num_classes=10, in_channels=1, image_size=28, attack_images=10)
     dm = build_datamodule(cfg)
     assert type(dm) is module
     assert dm.image_shape == (1, 28, 28) and dm.num_classes == 10
@@ -111,12 +110,12 @@ def write_cifar(root: Path, cls, label_key: str, num_classes: int, rng) -> np.nd
         ("cifar100", CIFAR100DataModule, _UncheckedCIFAR100, "fine_labels", 100),
     ],
 )
-def test_cifar_family_reads_pickled_batches(tmp_path, monkeypatch, name, module, fake,
-                                            label_key, num_classes):
+def test_cifar_family_reads_pickled_batches(tmp_path, monkeypatch, name, module, fake, label_key, num_classes):
     monkeypatch.setattr(module, "dataset_cls", fake)
     train_rows = write_cifar(tmp_path, fake, label_key, num_classes, np.random.default_rng(1))
-    cfg = DataConfig(name=name, root=str(tmp_path), num_classes=num_classes, in_channels=3,
-                     image_size=32, attack_images=5)
+    cfg = DataConfig(
+        name=name, root=str(tmp_path), num_classes=num_classes, in_channels=3, image_size=32, attack_images=5
+    )
     dm = build_datamodule(cfg)
     assert dm.image_shape == (3, 32, 32) and dm.num_classes == num_classes
     assert dm.class_names[:2] == ["class0", "class1"]

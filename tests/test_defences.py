@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import compose_config
 from uap_lightning import metrics
 from uap_lightning.config import ModelConfig
 from uap_lightning.data import build_datamodule
@@ -131,7 +131,13 @@ def test_finetuning_at_the_defaults_keeps_accuracy_and_attacks_afresh(tmp_path, 
     0.356 → 0.403 → 0.378 (clean 0.994 → 0.983 → 0.975) on this victim; on an earlier one
     0.372 → 0.333 → 0.239."""
     cfg = compose_config(
-        ["task=finetune", "attack=deepfool_uap_batched", "attack.eps=64", "logger=none", f"paths.cache_dir={victim_cache}"],
+        [
+            "task=finetune",
+            "attack=deepfool_uap_batched",
+            "attack.eps=64",
+            "logger=none",
+            f"paths.cache_dir={victim_cache}",
+        ],
         tmp_path,
     )
     results = run_task(cfg)
@@ -177,7 +183,9 @@ def test_training_step_sees_the_perturbed_batch():
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     loader = DataLoader(TensorDataset(torch.zeros(8, 1, 2, 2), torch.zeros(8, dtype=torch.long)), batch_size=4)
-    callback = PoolPerturbation(torch.full((1, 1, 2, 2), 0.3), 1.0, torch.Generator().manual_seed(0), torch.arange(1), True)
+    callback = PoolPerturbation(
+        torch.full((1, 1, 2, 2), 0.3), 1.0, torch.Generator().manual_seed(0), torch.arange(1), True
+    )
     recorder = Recorder()
     trainer = L.Trainer(
         max_epochs=1,
@@ -212,7 +220,9 @@ def test_uat_victim_has_its_own_cache_entry(make_cfg):
     assert spec(uat) != spec(standard)
     entries = [cache_entry(standard.paths.cache_dir, "cnn", spec(cfg)).directory for cfg in (standard, uat)]
     assert entries[0] != entries[1]
-    explicit = make_cfg(*SMALL, "model.adversarial=uat", f"model.adversarial_eps={eps}", f"model.adversarial_step={eps / 2}")
+    explicit = make_cfg(
+        *SMALL, "model.adversarial=uat", f"model.adversarial_eps={eps}", f"model.adversarial_step={eps / 2}"
+    )
     assert spec(explicit) == spec(uat)  # the defaults, written out, are the same victim
 
 

@@ -16,7 +16,15 @@ from torch import nn
 
 from attack_helpers import digits_victim, single_thread
 from uap_lightning import metrics
-from uap_lightning.attacks import SGDUAP, AttackSettings, BatchedDeepFoolUAP, DeepFoolUAP, ThreatModel, TorchDistributed, distributed
+from uap_lightning.attacks import (
+    SGDUAP,
+    AttackSettings,
+    BatchedDeepFoolUAP,
+    DeepFoolUAP,
+    ThreatModel,
+    TorchDistributed,
+    distributed,
+)
 from uap_lightning.attacks.base import UniversalAttack
 from uap_lightning.data import build_datamodule
 from uap_lightning.errors import ConfigError
@@ -42,8 +50,14 @@ def as_one_slurm_task(monkeypatch) -> None:
     """The variables srun sets in a job of one task on one node (submitit's tasks_per_node=1):
     Lightning would number the processes spawned for several devices from them (all rank 0 of 1)."""
     job = {
-        "SLURM_JOB_ID": "4321", "SLURM_JOB_NAME": "submitit", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_NNODES": "1", "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "4321",
+        "SLURM_JOB_NAME": "submitit",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
         "SLURM_NODEID": "0",
     }
     for name, value in job.items():
@@ -227,8 +241,13 @@ def test_victim_trains_once_on_two_spawned_processes(make_cfg, monkeypatch):
 
     def victim():
         return obtain_victim(
-            cfg.model, cfg.trainer, datamodule, seed=cfg.seed, cache_dir=cfg.paths.cache_dir,
-            lock_timeout=60, logs=TrainingLogs(),
+            cfg.model,
+            cfg.trainer,
+            datamodule,
+            seed=cfg.seed,
+            cache_dir=cfg.paths.cache_dir,
+            lock_timeout=60,
+            logs=TrainingLogs(),
         )
 
     trained = victim()

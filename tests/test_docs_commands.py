@@ -84,7 +84,7 @@ def overrides_of(line: str) -> Tuple[str, List[str]] | None:
 
 def _command(words: List[str]) -> Tuple[str, List[str]] | None:
     if len(words) > 1 and words[0] == "make" and words[1] in (*MAKE_PRESETS, "bench"):
-        arguments = [w[len("ARGS="):] for w in words[2:] if w.startswith("ARGS=")]
+        arguments = [w[len("ARGS=") :] for w in words[2:] if w.startswith("ARGS=")]
         extra = shlex.split(arguments[0]) if arguments else []
         return ("bench" if words[1] == "bench" else "config"), [*MAKE_PRESETS.get(words[1], ()), *extra]
     for module, config in (("uap_lightning.run", "config"), ("uap_lightning.bench", "bench")):
@@ -92,7 +92,9 @@ def _command(words: List[str]) -> Tuple[str, List[str]] | None:
             arguments = words[words.index(module) + 1 :]
             overrides = [a for a in arguments if not a.startswith(("-", "[")) and "=" in a]
             if "-m" in arguments or "--multirun" in arguments:
-                overrides = [f"{key}={split_top_level(value)[0]}" for key, value in (o.split("=", 1) for o in overrides)]
+                overrides = [
+                    f"{key}={split_top_level(value)[0]}" for key, value in (o.split("=", 1) for o in overrides)
+                ]
             return config, overrides
     return None
 
@@ -119,10 +121,12 @@ def test_the_documents_show_run_commands():
 
 def test_a_sweep_is_checked_at_its_first_values():
     assert overrides_of("python -m uap_lightning.run -m attack.eps=32,64 'task.victims=[a,b]'") == (
-        "config", ["attack.eps=32", "task.victims=[a,b]"]
+        "config",
+        ["attack.eps=32", "task.victims=[a,b]"],
     )
     assert overrides_of('UAP_DATA_DIR=/d make imagenet ARGS="attack.max_passes=3"') == (
-        "config", ["experiment=imagenet_lite0", "attack.max_passes=3"]
+        "config",
+        ["experiment=imagenet_lite0", "attack.max_passes=3"],
     )
 
 

@@ -66,11 +66,14 @@ def test_the_loss_is_the_mean_of_the_members_losses():
         assert together.item() == pytest.approx((each[0].item() + each[1].item()) / 2, rel=1e-5), loss
 
 
-@pytest.mark.parametrize("method, options", [
-    ("sgd_uap", {"batch_size": 50}),
-    ("sga", {"batch_size": 50, "minibatch": 10, "inner_steps": 1}),
-    ("gd_uap", {"prior": "data", "steps": 5}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("sgd_uap", {"batch_size": 50}),
+        ("sga", {"batch_size": 50, "minibatch": 10, "inner_steps": 1}),
+        ("gd_uap", {"prior": "data", "steps": 5}),
+    ],
+)
 def test_two_copies_of_a_victim_give_its_own_perturbation(one_thread, method, options):
     model, attack, _ = digits_victim()
     x = attack[:100]
@@ -111,13 +114,13 @@ def test_diverse_inputs_are_the_image_shrunk_into_a_zero_frame():
     images = torch.rand(4, 3, 40, 40) * 0.5 + 0.5  # no zero pixel of their own
     out = diverse(images, 1.0, torch.Generator().manual_seed(0))
     assert out.shape == images.shape
-    inside = (out[0, 0] > 0)
+    inside = out[0, 0] > 0
     rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
     side = rows.numel()
     assert 36 <= side < 40 and cols.numel() == side  # a square of side in [0.9·40, 40)
     top, left = int(rows[0]), int(cols[0])
     shrunk = F.interpolate(images, size=(side, side), mode="nearest")
-    assert torch.equal(out[:, :, top:top + side, left:left + side], shrunk)
+    assert torch.equal(out[:, :, top : top + side, left : left + side], shrunk)
     assert float(out.sum()) == pytest.approx(float(shrunk.sum()), rel=1e-6)  # zero outside the square
     assert torch.equal(diverse(images, 0.0, torch.Generator()), images)
 
@@ -133,7 +136,10 @@ def test_predictions_never_see_diverse_inputs():
 def test_input_diversity_is_seeded_and_changes_the_perturbation(one_thread):
     model, attack, _ = digits_victim()
     x = attack[:100]
-    runs = [compute_uap(model, x, eps=48, method="sgd_uap", max_passes=2, seed=0, input_diversity=p) for p in (0.5, 0.5, 0.0)]
+    runs = [
+        compute_uap(model, x, eps=48, method="sgd_uap", max_passes=2, seed=0, input_diversity=p)
+        for p in (0.5, 0.5, 0.0)
+    ]
     assert torch.equal(runs[0].perturbation, runs[1].perturbation)
     assert not torch.equal(runs[0].perturbation, runs[2].perturbation)
 

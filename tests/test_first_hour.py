@@ -75,17 +75,25 @@ def test_the_attack_on_one_victim_holds_across_thread_counts(make_cfg, tmp_path)
     try:
         for threads in (1, 2):
             set_threads(threads)
-            trained = make_cfg(*SMALL, f"paths.cache_dir={tmp_path / f'cache-{threads}'}",
-                               f"paths.output_dir={tmp_path / f'trained-{threads}'}")
+            trained = make_cfg(
+                *SMALL,
+                f"paths.cache_dir={tmp_path / f'cache-{threads}'}",
+                f"paths.output_dir={tmp_path / f'trained-{threads}'}",
+            )
             run_task(trained)
             (entry,) = [d for d in (tmp_path / f"cache-{threads}" / "victims").glob("cnn-*") if d.is_dir()]
             weights[threads] = torch.load(entry / "weights.pt", weights_only=True)
             for method in ("deepfool_uap", "deepfool_uap_batched", "sgd_uap"):
-                cached = make_cfg(*SMALL, f"attack={method}", f"paths.cache_dir={tmp_path / 'cache-1'}",
-                                  f"paths.output_dir={tmp_path / f'{method}-{threads}'}")
+                cached = make_cfg(
+                    *SMALL,
+                    f"attack={method}",
+                    f"paths.cache_dir={tmp_path / 'cache-1'}",
+                    f"paths.output_dir={tmp_path / f'{method}-{threads}'}",
+                )
                 run_task(cached)
-                perturbations[method, threads] = torch.load(tmp_path / f"{method}-{threads}" / "perturbation.pt",
-                                                            weights_only=True)
+                perturbations[method, threads] = torch.load(
+                    tmp_path / f"{method}-{threads}" / "perturbation.pt", weights_only=True
+                )
     finally:
         torch.set_num_threads(before)
     assert weights[1].keys() == weights[2].keys()
@@ -94,6 +102,7 @@ def test_the_attack_on_one_victim_holds_across_thread_counts(make_cfg, tmp_path)
     for method in ("deepfool_uap_batched", "sgd_uap"):
         assert torch.equal(perturbations[method, 1], perturbations[method, 2]), method
     torch.testing.assert_close(perturbations["deepfool_uap", 1], perturbations["deepfool_uap", 2], rtol=0, atol=1e-6)
+
 
 def test_targeted_rates_are_named_as_such(make_cfg):
     """In targeted mode the rate on X the attack steers by is targeted_success_rate_attack_set, and
@@ -105,11 +114,15 @@ def test_targeted_rates_are_named_as_such(make_cfg):
 
 
 def test_a_seed_sweep_is_aggregated_and_no_seed_is_an_axis(tmp_path):
-    """Runs that differ only in attack.seed give mean, sd and n per ε, error bars, and no fooling_vs_attack_seed plot."""
+    """Runs that differ only in attack.seed give mean, sd and n per ε, error bars, and no
+    fooling_vs_attack_seed plot."""
     rates = {(32, 0): 0.2, (32, 1): 0.3, (64, 0): 0.5, (64, 1): 0.7}
     for i, ((eps, seed), rate) in enumerate(rates.items()):
-        make_run(tmp_path / str(i), [f"attack.eps={eps}", f"attack.seed={seed}"],
-                 {"fooling_rate": rate, "random_fooling_rate": 0.1, "p": "inf"})
+        make_run(
+            tmp_path / str(i),
+            [f"attack.eps={eps}", f"attack.seed={seed}"],
+            {"fooling_rate": rate, "random_fooling_rate": 0.1, "p": "inf"},
+        )
     df = collect_runs(tmp_path)
     seeds = aggregate_seeds(df)
     assert seeds["n"].tolist() == [2, 2]
@@ -145,8 +158,7 @@ def test_an_eps_below_one_level_warns_in_the_api_and_the_cli(make_cfg, caplog):
         compute_uap(model, images, eps=64 / 255, max_passes=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        scaled = compute_uap(model, images, eps=64 / 255, eps_scale=1, max_passes=1, method="sgd_uap",
-                                 baselines=False)
+        scaled = compute_uap(model, images, eps=64 / 255, eps_scale=1, max_passes=1, method="sgd_uap", baselines=False)
     assert 1 < float(scaled.perturbation.abs().max()) * 255 <= 64 + 1e-3  # ε = 64 in 0–255 units, not 0.25
     with caplog.at_level(logging.WARNING):
         assert resolve_threat(make_cfg("attack.eps=0.5")).eps == 0.5
@@ -179,12 +191,32 @@ def test_model_settings_are_named_by_the_paths_a_user_types(make_cfg):
 def synthetic_metrics(**changes):
     """metrics.json of a weak ImageNet run: one pass of deepfool_uap on 50 images, v far inside ε."""
     m = {
-        "fooling_rate": 0.010, "fooling_rate_attack_set": 0.02, "clean_accuracy": 0.74, "perturbed_accuracy": 0.73,
-        "random_fooling_rate": 0.184, "random_same_l2_fooling_rate": 0.004, "random_draws": 5,
-        "beats_random": False, "norm_l2": 150.0, "norm_linf": 1.5, "eps": 10.0, "p": "inf", "delta": 0.2,
-        "method": "deepfool_uap", "best_pass": 1, "passes": 1, "converged": False, "interrupted": False,
-        "attack_seconds": 400.0, "victim_accuracy": 0.74, "victim_source": "pretrained", "attack_images": 50,
-        "eval_images": 100, "num_classes": 1000, "data": "sample_folder", "model": "efficientnet_lite0",
+        "fooling_rate": 0.010,
+        "fooling_rate_attack_set": 0.02,
+        "clean_accuracy": 0.74,
+        "perturbed_accuracy": 0.73,
+        "random_fooling_rate": 0.184,
+        "random_same_l2_fooling_rate": 0.004,
+        "random_draws": 5,
+        "beats_random": False,
+        "norm_l2": 150.0,
+        "norm_linf": 1.5,
+        "eps": 10.0,
+        "p": "inf",
+        "delta": 0.2,
+        "method": "deepfool_uap",
+        "best_pass": 1,
+        "passes": 1,
+        "converged": False,
+        "interrupted": False,
+        "attack_seconds": 400.0,
+        "victim_accuracy": 0.74,
+        "victim_source": "pretrained",
+        "attack_images": 50,
+        "eval_images": 100,
+        "num_classes": 1000,
+        "data": "sample_folder",
+        "model": "efficientnet_lite0",
         "model_settings": {"model.name": "efficientnet_lite0", "model.pretrained": True},
         "dominant_label_name": None,
     }
@@ -198,8 +230,10 @@ def test_a_weak_result_names_its_baselines_the_budget_used_and_what_helps():
     assert "random ℓ∞ noise of norm ε=10" in text and "a random direction with v's ℓ2 norm" in text
     assert "same norm" not in text
     assert "v used ℓ∞ 1.5 of ε=10 (15%)" in text
-    fixes = [text.index(s) for s in ("attack.max_passes=", "data.attack_images=100", "attack=sgd_uap",
-                                     "attack=gd_uap attack.prior=none")]
+    fixes = [
+        text.index(s)
+        for s in ("attack.max_passes=", "data.attack_images=100", "attack=sgd_uap", "attack=gd_uap attack.prior=none")
+    ]
     assert fixes == sorted(fixes)
     assert "attack=deepfool_uap" not in text
     for method in ("sgd_uap", "gd_uap", "deepfool_uap_batched"):
@@ -239,7 +273,10 @@ def test_sweep_plugins_settings_lines_stay_out_of_the_console(caplog):
         optuna_log.info("Best value: 12.0")
         joblib_log.info("Joblib.Parallel(n_jobs=2,backend=loky,prefer=processes) is launching 4 jobs")
         joblib_log.info("Launching jobs, sweep output dir : multirun/x")
-    assert [r.getMessage() for r in caplog.records] == ["Best value: 12.0", "Launching jobs, sweep output dir : multirun/x"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Best value: 12.0",
+        "Launching jobs, sweep output dir : multirun/x",
+    ]
 
 
 def test_tasks_log_a_line_per_pass_of_each_perturbation(make_cfg, caplog):

@@ -25,8 +25,14 @@ from uap_lightning.validation import validate
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A digits run of the attack task: a 2-epoch cnn, 60 attack images, never converging.
-CLI = ("attack=gap", "trainer.max_epochs=2", "data.attack_images=60", "attack.eps=64", "attack.delta=0.01",
-       "logger=tensorboard")
+CLI = (
+    "attack=gap",
+    "trainer.max_epochs=2",
+    "data.attack_images=60",
+    "attack.eps=64",
+    "attack.delta=0.01",
+    "logger=tensorboard",
+)
 
 
 def engine(eps: float = 64, p: str = "inf", shape=(1, 8, 8), **options) -> GAP:
@@ -104,8 +110,10 @@ def test_training_lowers_the_loss_and_fools_more_than_the_untrained_generator():
         if target is None:
             assert fooling_rate(model, images, v) > fooling_rate(model, images, v_before) + 0.02
         else:
-            share = lambda u: float((model((images + u).clamp(0, 1)).argmax(1) == target).float().mean())  # noqa: E731
-            assert share(v) > share(v_before) + 0.05
+            after, before = (
+                float((model((images + u).clamp(0, 1)).argmax(1) == target).float().mean()) for u in (v, v_before)
+            )
+            assert after > before + 0.05
 
 
 def test_weights_files_load_tensors_only_and_refuse_another_shape(tmp_path):
@@ -123,12 +131,15 @@ def test_weights_files_load_tensors_only_and_refuse_another_shape(tmp_path):
         engine(generator_weights=str(tmp_path / "none.pt"))
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("ngf", 0, "attack.ngf must be an integer >= 1 or null; got 0"),
-    ("blocks", -1, "attack.blocks must be an integer >= 0 or null; got -1"),
-    ("lr", 0.0, "attack.lr must be a positive number; got 0.0"),
-    ("batch_size", 0, "attack.batch_size must be an integer >= 1; got 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("ngf", 0, "attack.ngf must be an integer >= 1 or null; got 0"),
+        ("blocks", -1, "attack.blocks must be an integer >= 0 or null; got -1"),
+        ("lr", 0.0, "attack.lr must be a positive number; got 0.0"),
+        ("batch_size", 0, "attack.batch_size must be an integer >= 1; got 0"),
+    ],
+)
 def test_options_are_checked_naming_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         GAP(ThreatModel.parse(10, "inf"), **{key: value})
@@ -160,8 +171,9 @@ def cli_config(make_cfg, cache: Path, *overrides: str):
 
 def scalars(run_dir: Path, tag: str):
     """{step: value} of the scalar ``tag`` in the attack's TensorBoard events."""
-    folder = next(path.parent for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*")
-                  if path.parent.name == "attack")
+    folder = next(
+        path.parent for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*") if path.parent.name == "attack"
+    )
     events = EventAccumulator(str(folder))
     events.Reload()
     return {event.step: event.value for event in events.Scalars(tag)}
@@ -182,9 +194,26 @@ def test_the_cli_trains_the_generator_with_a_trainer_and_resumes(make_cfg, victi
     assert [record["pass"] for record in metrics["history"]] == [1, 2]
     assert metrics["history"][0] == first["history"][0]  # pass 1 was not run again
     written = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("fooling_rate", "fooling_rate_attack_set", "clean_accuracy", "perturbed_accuracy", "norm_l2",
-                "norm_linf", "eps", "p", "delta", "passes", "converged", "attack_seconds", "victim_accuracy",
-                "attack_images", "eval_images", "history", "random_fooling_rate", "beats_random"):
+    for key in (
+        "fooling_rate",
+        "fooling_rate_attack_set",
+        "clean_accuracy",
+        "perturbed_accuracy",
+        "norm_l2",
+        "norm_linf",
+        "eps",
+        "p",
+        "delta",
+        "passes",
+        "converged",
+        "attack_seconds",
+        "victim_accuracy",
+        "attack_images",
+        "eval_images",
+        "history",
+        "random_fooling_rate",
+        "beats_random",
+    ):
         assert key in written
     assert written["norm_linf"] == pytest.approx(64, rel=1e-5)
     for name in ("perturbation.npy", "perturbation.png", "curve.png", "last.ckpt"):

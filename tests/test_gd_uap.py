@@ -64,8 +64,10 @@ def test_data_free_priors_read_no_image(prior):
     engine = GDUAP(ThreatModel.parse(30, "inf"), prior=prior, steps=5, batch_size=4)
     real, nans = torch.rand(6, 3, 8, 8), torch.full((6, 3, 8, 8), math.nan)
     labels = torch.zeros(6, dtype=torch.long)
-    runs = [engine.run_pass(model, torch.zeros(3, 8, 8), x, labels, torch.Generator().manual_seed(1), pass_index=0)[0]
-            for x in (real, nans, None)]
+    runs = [
+        engine.run_pass(model, torch.zeros(3, 8, 8), x, labels, torch.Generator().manual_seed(1), pass_index=0)[0]
+        for x in (real, nans, None)
+    ]
     assert torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     assert not engine.reads_images
@@ -76,8 +78,17 @@ def test_the_data_prior_reads_x():
     model = random_conv_net(seed=3).float()
     engine = GDUAP(ThreatModel.parse(30, "inf"), prior="data", steps=5, batch_size=4)
     labels = torch.zeros(6, dtype=torch.long)
-    runs = [engine.run_pass(model, torch.zeros(3, 8, 8), torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(s)),
-                            labels, torch.Generator().manual_seed(1), pass_index=0)[0] for s in (0, 1)]
+    runs = [
+        engine.run_pass(
+            model,
+            torch.zeros(3, 8, 8),
+            torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(s)),
+            labels,
+            torch.Generator().manual_seed(1),
+            pass_index=0,
+        )[0]
+        for s in (0, 1)
+    ]
     assert not torch.equal(runs[0], runs[1]) and engine.reads_images
     with pytest.raises(ValueError, match="prior=data"):
         engine.run_pass(model, torch.zeros(3, 8, 8), None, None, torch.Generator(), pass_index=0)
@@ -100,8 +111,12 @@ def test_the_projection_holds(p, eps):
 def test_without_x_the_attack_stops_once_delta_settles():
     """Data-free, no X: no rate on X, the last pass kept, and a stop once δ's saturation settles."""
     model = random_conv_net(seed=3).float()
-    settings = AttackSettings(ThreatModel.parse(30, "inf"), method="gd_uap", max_passes=30,
-                              options={"steps": 20, "step_size": 5.0, "saturation": 0.01})
+    settings = AttackSettings(
+        ThreatModel.parse(30, "inf"),
+        method="gd_uap",
+        max_passes=30,
+        options={"steps": 20, "step_size": 5.0, "saturation": 0.01},
+    )
     result = run_passes(model, settings, None, None, image_shape=(3, 8, 8))
     assert result.converged and result.passes < 30
     assert all(math.isnan(entry["fooling_rate_attack_set"]) for entry in result.history)
@@ -111,8 +126,9 @@ def test_without_x_the_attack_stops_once_delta_settles():
 def test_data_free_api_returns_a_perturbation_in_the_ball_from_the_model_alone():
     """compute_uap(model, None, method="gd_uap") works on the digits CNN without a single image."""
     model, _, held_out = digits_victim()
-    result = compute_uap(model, None, eps=64, method="gd_uap", image_shape=(1, 8, 8), max_passes=3, steps=30,
-                         step_size=4.0)
+    result = compute_uap(
+        model, None, eps=64, method="gd_uap", image_shape=(1, 8, 8), max_passes=3, steps=30, step_size=4.0
+    )
     v = result.perturbation
     assert v.shape == (1, 8, 8) and torch.isfinite(v).all()
     assert float(v.abs().max()) <= 64 / 255 + 1e-6 and float(v.abs().max()) > 32 / 255
@@ -137,6 +153,14 @@ def test_bad_api_calls_and_a_model_without_convolutions_name_the_fix():
 
 def test_the_cli_runs_gd_uap(make_cfg):
     """attack=gd_uap runs through the attack task like any engine (one module plus one yaml)."""
-    metrics = run_task(make_cfg("attack=gd_uap", "attack.max_passes=2", "attack.steps=20", "trainer.max_epochs=2",
-                                "data.attack_images=100", "logger=none"))
+    metrics = run_task(
+        make_cfg(
+            "attack=gd_uap",
+            "attack.max_passes=2",
+            "attack.steps=20",
+            "trainer.max_epochs=2",
+            "data.attack_images=100",
+            "logger=none",
+        )
+    )
     assert metrics["method"] == "gd_uap" and metrics["passes"] >= 1 and metrics["norm_linf"] <= 64 + 1e-3

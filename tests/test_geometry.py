@@ -109,8 +109,18 @@ def test_images_where_deepfool_does_not_converge_give_no_normal():
 
 
 def test_the_figure_skips_singular_values_of_zero(tmp_path):
-    figure = geometry_figure([2.0, 1.0, 0.0], [1.0, 0.9, 0.8], [2], [0.4], [0.1], 0.1, 0.05, draws=3,
-                             normals_label="3 normals", vectors_label="ℓ2 ε=1")
+    figure = geometry_figure(
+        [2.0, 1.0, 0.0],
+        [1.0, 0.9, 0.8],
+        [2],
+        [0.4],
+        [0.1],
+        0.1,
+        0.05,
+        draws=3,
+        normals_label="3 normals",
+        vectors_label="ℓ2 ε=1",
+    )
     save_figure(figure, tmp_path / "geometry.png")
     assert imread(tmp_path / "geometry.png").shape[:2] == (840, 2200)
 
@@ -119,8 +129,7 @@ SMALL = ("trainer.max_epochs=1", "data.attack_images=100", "logger=none", "attac
 
 
 def test_geometry_task_on_digits(make_cfg, tmp_path):
-    cfg = make_cfg(*SMALL, "task=geometry", "task.ks=[2,5,100]", "task.images=60", "task.draws=2",
-                   "task.batch_size=16")
+    cfg = make_cfg(*SMALL, "task=geometry", "task.ks=[2,5,100]", "task.images=60", "task.draws=2", "task.batch_size=16")
     m = run_task(cfg)
     run_dir = Path(cfg.paths.output_dir)
     assert m["n_normals"] + m["n_dropped"] == m["normals_images"] == 60 and m["dimension"] == 64
@@ -134,7 +143,8 @@ def test_geometry_task_on_digits(make_cfg, tmp_path):
     assert (run_dir / "geometry.pdf").is_file()
     table = pd.read_csv(run_dir / "geometry.csv")
     assert table["k"].tolist() == [2, 5, 60] and table["subspace"].tolist() == pytest.approx(
-        [m["subspace_fooling_rate"][k]["mean"] for k in ("2", "5", "60")], abs=1e-3)
+        [m["subspace_fooling_rate"][k]["mean"] for k in ("2", "5", "60")], abs=1e-3
+    )
     assert json.loads((run_dir / "metrics.json").read_text())["subspace_fooling_rate"] == m["subspace_fooling_rate"]
 
     again = make_cfg(*SMALL, "task=geometry", "task.ks=[2,5,100]", "task.images=60", "task.draws=2")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
 from PIL import Image
 
+from conftest import compose_config
 from uap_lightning.config import DataConfig, ModelConfig, TrainerConfig
 from uap_lightning.data import SampleFolderDataModule, build_datamodule
 from uap_lightning.errors import ConfigError, DataNotFoundError
@@ -43,8 +43,14 @@ def make_samples(root: Path, per_class: int = 3, names: bool = True) -> Path:
 
 
 def samples_cfg(root: Path, **overrides) -> DataConfig:
-    fields = dict(name="sample_folder", root=str(root), in_channels=3, image_size=8, attack_images=6,
-                  class_names_file="classes.tsv")
+    fields = dict(
+        name="sample_folder",
+        root=str(root),
+        in_channels=3,
+        image_size=8,
+        attack_images=6,
+        class_names_file="classes.tsv",
+    )
     fields.update(overrides)
     return DataConfig(**fields)
 
@@ -149,8 +155,9 @@ def test_lite_convolutions_become_standard_layers_so_batch_norm_folds():
     folds and the folded network computes the same logits."""
     from uap_lightning.attacks import folded_copy
 
-    net = build_backbone(ModelConfig(name="efficientnet_lite0", pretrained=True), num_classes=4, in_channels=3,
-                         image_size=64).eval()
+    net = build_backbone(
+        ModelConfig(name="efficientnet_lite0", pretrained=True), num_classes=4, in_channels=3, image_size=64
+    ).eval()
     folded = folded_copy(net)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert all(type(m) is torch.nn.Conv2d for m in net.modules() if isinstance(m, torch.nn.Conv2d))
@@ -182,8 +189,9 @@ def test_a_missing_wheel_names_the_extra(monkeypatch):
 
     monkeypatch.setattr(lite.importlib, "import_module", no_weights)
     with pytest.raises(lite.MissingExtraError, match=re.escape("uap_lightning[imagenet]")):
-        build_backbone(ModelConfig(name="efficientnet_lite0", pretrained=True), num_classes=4, in_channels=3,
-                       image_size=32)
+        build_backbone(
+            ModelConfig(name="efficientnet_lite0", pretrained=True), num_classes=4, in_channels=3, image_size=32
+        )
 
 
 # -- external perturbations: task=evaluate and task=transfer ------------------------------------
@@ -197,8 +205,17 @@ def samples_run(tmp_path):
     cnn = build_backbone(ModelConfig(name="cnn", width=8), num_classes=4, in_channels=3, image_size=8)
     weights = tmp_path / "cnn.pt"
     torch.save(cnn.state_dict(), weights)
-    base = [f"data.root={root}", "data=imagenet_samples", "data.image_size=8", "data.resize=null",
-            "data.attack_images=8", "model=cnn", "model.width=8", f"model.checkpoint={weights}", "logger=none"]
+    base = [
+        f"data.root={root}",
+        "data=imagenet_samples",
+        "data.image_size=8",
+        "data.resize=null",
+        "data.attack_images=8",
+        "model=cnn",
+        "model.width=8",
+        f"model.checkpoint={weights}",
+        "logger=none",
+    ]
     return (lambda *overrides: compose_config([*base, *overrides], tmp_path / "out")), cnn, root
 
 
@@ -248,8 +265,12 @@ def test_transfer_scores_files_of_every_format_and_run_folders(samples_run, tmp_
     assert (Path(attack_cfg.paths.output_dir) / "perturbation.npy").is_file()
     sources = [tmp_path / "uap.mat", tmp_path / "uap.pt", Path(attack_cfg.paths.output_dir)]
     victim = f"{{preset:cnn,width:8,checkpoint:'{tmp_path / 'cnn.pt'}'}}"
-    cfg = make_cfg("task=transfer", f"task.victims=[{victim}]", "perturbation.key=uap",
-                   f"task.perturbations=[{','.join(map(str, sources))}]")
+    cfg = make_cfg(
+        "task=transfer",
+        f"task.victims=[{victim}]",
+        "perturbation.key=uap",
+        f"task.perturbations=[{','.join(map(str, sources))}]",
+    )
     cfg.paths.output_dir = str(tmp_path / "transfer")
     results = run_task(cfg)
     assert results["sources"] == ["uap", "uap-2", "sgd_uap on cnn"]

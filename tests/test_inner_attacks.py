@@ -43,8 +43,12 @@ def victim():
 
 def settings(method, inner, max_passes=3, seed=0, eps=EPS, p="inf", **options):
     return AttackSettings(
-        ThreatModel.parse(eps, p), method=method, options={"inner": inner, **options},
-        delta=0.01, max_passes=max_passes, seed=seed,
+        ThreatModel.parse(eps, p),
+        method=method,
+        options={"inner": inner, **options},
+        delta=0.01,
+        max_passes=max_passes,
+        seed=seed,
     )
 
 
@@ -103,7 +107,9 @@ def test_deepfool_inner_gives_algorithm_one_bit_for_bit(victim):
         v_engine, stats = sequential.run_pass(model, v_engine, images, clean, generators[0])
         v_plain = sequential_algorithm_one(sequential, model, v_plain, images, clean, generators[1])
         v_batched, batched_stats = batched.run_pass(model, v_batched, images, clean, generators[2])
-        v_batched_plain = batched_algorithm_one(batched, model, v_batched_plain, images, clean, generators[3], 16, "mean")
+        v_batched_plain = batched_algorithm_one(
+            batched, model, v_batched_plain, images, clean, generators[3], 16, "mean"
+        )
         assert stats.updates > 0 and batched_stats.updates > 0
         assert torch.equal(v_engine, v_plain)
         assert torch.equal(v_batched, v_batched_plain)

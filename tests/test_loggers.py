@@ -22,11 +22,10 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from conftest import CONF_DIR, compose_config
 from uap_lightning.config import register_configs
-from uap_lightning.tasks import task_schemas
 from uap_lightning.console import print_config_tree
 from uap_lightning.errors import ConfigError
 from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, run_hparams
-from uap_lightning.tasks import run_task
+from uap_lightning.tasks import run_task, task_schemas
 from uap_lightning.validation import attack_settings
 
 SMALL = ("trainer.max_epochs=2", "data.attack_images=60", "attack.max_passes=1", "attack.eps=64")
@@ -82,8 +81,9 @@ def test_wandb_and_mlflow_log_offline_into_the_run_folder(make_cfg, capfd, caplo
     run_dir = Path(cfg.paths.output_dir)
     out, err = capfd.readouterr()
     assert "wandb:" not in out + err and "mlflow." not in out + err and "alembic" not in out + err, out + err
-    library_lines = [r.getMessage() for r in caplog.records
-                     if r.name.startswith(("mlflow", "alembic", "lightning.pytorch.loggers"))]
+    library_lines = [
+        r.getMessage() for r in caplog.records if r.name.startswith(("mlflow", "alembic", "lightning.pytorch.loggers"))
+    ]
     assert not library_lines, library_lines
     assert not [str(w.message) for w in recwarn if "wandb" in str(w.message).lower()]
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2, "not one offline wandb run per phase"
@@ -109,8 +109,7 @@ def test_training_callbacks_reach_the_trainer_and_key_the_victim(make_cfg):
 def test_a_target_outside_the_allow_list_is_refused_before_it_is_built(make_cfg, group, tmp_path):
     """A _target_ naming a class outside the allowed packages ends in ConfigError naming the entry; nothing runs."""
     marker = tmp_path / "ran"
-    cfg = make_cfg(*SMALL, "logger=none", f"+{group}.evil._target_=pathlib.Path.touch",
-                   f"+{group}.evil.self={marker}")
+    cfg = make_cfg(*SMALL, "logger=none", f"+{group}.evil._target_=pathlib.Path.touch", f"+{group}.evil.self={marker}")
     with pytest.raises(ConfigError, match=rf"{group}.evil._target_=pathlib.Path.touch is not allowed"):
         run_task(cfg)
     assert not marker.exists()
@@ -139,7 +138,8 @@ def test_task_reports_reach_the_loggers(make_cfg):
             expected = results["fooling_rate"][f"perturbation from {source}"][victim]
             assert scalars[f"transfer/{source}/{victim}/fooling_rate"] == {0: pytest.approx(expected)}
         assert scalars[f"transfer/random_noise/{source}/fooling_rate"][0] == pytest.approx(
-            results["random_fooling_rate"][source])
+            results["random_fooling_rate"][source]
+        )
         assert scalars[f"transfer/clean_accuracy/{source}"][0] == pytest.approx(results["clean_accuracy"][source])
 
 
@@ -165,9 +165,18 @@ def test_attack_hparams_are_the_key_settings_typed_without_nulls(attack_run):
     as numbers (booleans as 0/1, as torch writes them) and text as text; null settings (target_class,
     the engine's inner_step) left out; no 'None'."""
     hparams = hparams_of(events_of(attack_run / "tensorboard" / RUN_NAME / "attack"))
-    assert {"attack/method": "deepfool_uap", "attack/eps": 64.0, "attack/p": "inf", "attack/max_passes": 1.0,
-            "attack/clip": 1.0, "attack/deepfool_norm": "2", "model": "cnn", "data": "digits",
-            "data/attack_images": 60.0, "seed": 0.0}.items() <= hparams.items()
+    assert {
+        "attack/method": "deepfool_uap",
+        "attack/eps": 64.0,
+        "attack/p": "inf",
+        "attack/max_passes": 1.0,
+        "attack/clip": 1.0,
+        "attack/deepfool_norm": "2",
+        "model": "cnn",
+        "data": "digits",
+        "data/attack_images": 60.0,
+        "seed": 0.0,
+    }.items() <= hparams.items()
     assert "None" not in hparams.values() and not any("None" in str(v) for v in hparams.values())
     assert "attack/target_class" not in hparams and "attack/inner_step" not in hparams
     assert not [name for name in hparams if name.startswith(("trainer", "paths", "logger", "extras"))]
@@ -192,10 +201,23 @@ def sweep_job():
 def test_sweep_hparams_are_the_keys_the_job_sets(sweep_job):
     """In a sweep, HPARAMS hold the swept settings only, typed as the config holds them; a group by its
     option; nulls and where-to-report keys (paths, logger) left out."""
-    cfg = sweep_job(["attack.eps=32", "attack.p=2", "model=lenet", "attack.target_class=null",
-                     "paths.cache_dir=/tmp/cache", "logger=csv", "data.attack_images=60"])
-    assert run_hparams(cfg, attack_settings(cfg)) == {"attack/eps": 32.0, "attack/p": "2", "model": "lenet",
-                                                       "data/attack_images": 60}
+    cfg = sweep_job(
+        [
+            "attack.eps=32",
+            "attack.p=2",
+            "model=lenet",
+            "attack.target_class=null",
+            "paths.cache_dir=/tmp/cache",
+            "logger=csv",
+            "data.attack_images=60",
+        ]
+    )
+    assert run_hparams(cfg, attack_settings(cfg)) == {
+        "attack/eps": 32.0,
+        "attack/p": "2",
+        "model": "lenet",
+        "data/attack_images": 60,
+    }
 
 
 def test_make_tensorboard_serves_the_run_folders_on_localhost():
@@ -207,8 +229,9 @@ def test_make_tensorboard_serves_the_run_folders_on_localhost():
         pytest.skip("make is not installed")
 
     def flags(*variables):
-        shown = subprocess.run(["make", "-n", "tensorboard", *variables], cwd=REPO, capture_output=True, text=True,
-                               check=True).stdout
+        shown = subprocess.run(
+            ["make", "-n", "tensorboard", *variables], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout
         line = next(line for line in shown.splitlines() if "/tensorboard " in line)
         server = program.TensorBoard()
         server.configure(argv=[None, *shlex.split(line)[1:]])  # TensorBoard's own parsing of the recipe's flags
@@ -233,11 +256,16 @@ def _hparams_api(logdir: Path, route: str, request: dict) -> dict:
     multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
     provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
-    plugin = hparams_plugin.HParamsPlugin(base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer,
-                                                                 data_provider=provider))
+    plugin = hparams_plugin.HParamsPlugin(
+        base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider)
+    )
     client = Client(plugin.get_plugin_apps()[route], Response)
-    answer = client.post(route, data=json.dumps(request), content_type="application/json",
-                         environ_overrides=context.set_in_environ({}, context.RequestContext()))
+    answer = client.post(
+        route,
+        data=json.dumps(request),
+        content_type="application/json",
+        environ_overrides=context.set_in_environ({}, context.RequestContext()),
+    )
     assert answer.status_code == 200, answer.get_data()
     return json.loads(answer.get_data())
 
@@ -254,21 +282,35 @@ def test_hparams_view_lists_every_tasks_metrics_under_one_logdir(tmp_path):
     experiment = _hparams_api(tmp_path, "/experiment", {"experimentName": ""})
     tags = {info["name"]["tag"] for info in experiment["metricInfos"]}
     assert {"final/fooling_rate", "geometry/ratio"} <= tags
-    groups = _hparams_api(tmp_path, "/session_groups", {
-        "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-        "colParams": [{"metric": {"tag": "final/fooling_rate"}}], "startIndex": 0, "sliceSize": 10,
-    })
-    values = [value["value"] for group in groups["sessionGroups"] for value in group.get("metricValues", [])
-              if value["name"]["tag"] == "final/fooling_rate"]
+    groups = _hparams_api(
+        tmp_path,
+        "/session_groups",
+        {
+            "experimentName": "",
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"metric": {"tag": "final/fooling_rate"}}],
+            "startIndex": 0,
+            "sliceSize": 10,
+        },
+    )
+    values = [
+        value["value"]
+        for group in groups["sessionGroups"]
+        for value in group.get("metricValues", [])
+        if value["name"]["tag"] == "final/fooling_rate"
+    ]
     assert values == [pytest.approx(0.75)]
 
 
 def test_run_names_tell_apart_what_changes_the_computation(make_cfg):
     names = {
         overrides: OmegaConf.to_container(make_cfg(*overrides).logger, resolve=True)["tensorboard"]["name"]
-        for overrides in [("attack=deepfool_uap",), ("attack=deepfool_uap", "attack.inner=fgsm"),
-                          ("attack=sgd_uap", "attack.loss=logit_margin"),
-                          ("attack=sgd_uap", "attack.ensemble=[cnn,lenet]")]
+        for overrides in [
+            ("attack=deepfool_uap",),
+            ("attack=deepfool_uap", "attack.inner=fgsm"),
+            ("attack=sgd_uap", "attack.loss=logit_margin"),
+            ("attack=sgd_uap", "attack.ensemble=[cnn,lenet]"),
+        ]
     }
     assert list(names.values()) == [
         "tensorboard/deepfool_uap-linf-eps64-cnn-digits",
@@ -283,8 +325,14 @@ def test_tracking_loggers_keep_their_files_in_the_run_folder_with_telemetry_off(
     pytest.importorskip("mlflow")
     from uap_lightning.loggers import LocalMLFlowLogger, PhaseWandbLogger
 
-    for variable in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR",
-                     "WANDB_ERROR_REPORTING", "MLFLOW_DISABLE_TELEMETRY"):
+    for variable in (
+        "WANDB_CACHE_DIR",
+        "WANDB_CONFIG_DIR",
+        "WANDB_DATA_DIR",
+        "WANDB_ARTIFACT_DIR",
+        "WANDB_ERROR_REPORTING",
+        "MLFLOW_DISABLE_TELEMETRY",
+    ):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", "/mine")  # the user's own setting wins
     PhaseWandbLogger(save_dir=str(tmp_path), offline=True)

@@ -34,8 +34,9 @@ def test_an_image_past_kappa_stops_pulling():
 
 
 def test_cosine_is_one_for_the_clean_logits_and_minus_one_opposite():
-    terms = loss_terms("cosine", torch.cat([LOGITS, -LOGITS]), torch.cat([LABELS, LABELS]),
-                       clean_logits=torch.cat([LOGITS, LOGITS]))
+    terms = loss_terms(
+        "cosine", torch.cat([LOGITS, -LOGITS]), torch.cat([LABELS, LABELS]), clean_logits=torch.cat([LOGITS, LOGITS])
+    )
     assert torch.allclose(terms, torch.tensor([1.0] * 3 + [-1.0] * 3))
 
 
@@ -49,16 +50,18 @@ def test_ce_is_the_clipped_cross_entropy():
 @pytest.mark.parametrize("loss", ["ce", "cosine", "logit_margin"])
 def test_every_loss_fools_held_out_digits_far_above_noise(engine, batch_size, loss):
     model, attack_set, held_out = digits_victim()
-    result = compute_uap(model, attack_set, eps=64, p="inf", method=engine.name, max_passes=4, batch_size=batch_size,
-                         loss=loss)
+    result = compute_uap(
+        model, attack_set, eps=64, p="inf", method=engine.name, max_passes=4, batch_size=batch_size, loss=loss
+    )
     noise = (torch.randint(0, 2, (1, 8, 8), generator=torch.Generator().manual_seed(0)).float() * 2 - 1) * 64 / 255
     assert fooling_rate(model, held_out, result.perturbation) > 2 * fooling_rate(model, held_out, noise) + 0.1
 
 
 def test_targeted_logit_margin_sends_images_to_the_target():
     model, attack_set, held_out = digits_victim()
-    result = compute_uap(model, attack_set, eps=64, p="inf", method="sgd_uap", max_passes=4, loss="logit_margin",
-                         target_class=3)
+    result = compute_uap(
+        model, attack_set, eps=64, p="inf", method="sgd_uap", max_passes=4, loss="logit_margin", target_class=3
+    )
     clean, perturbed = predict(model, held_out), predict(model, held_out, result.perturbation)
     assert targeted_success_rate(clean, perturbed, 3) > 0.3
 

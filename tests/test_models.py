@@ -117,9 +117,7 @@ def test_pretrained_loads_cached_file_and_keeps_imagenet_head(tmp_path, monkeypa
 def test_normalize():
     norm = Normalize([0.5, 0.25, 0.0], [0.5, 0.25, 2.0])
     x = torch.rand(4, 3, 5, 5)
-    expected = (x - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor(
-        [0.5, 0.25, 2.0]
-    ).view(1, 3, 1, 1)
+    expected = (x - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 2.0]).view(1, 3, 1, 1)
     assert torch.allclose(norm(x), expected)
     assert norm.state_dict() == {}
     assert norm.to(torch.float64).mean.dtype == torch.float64
@@ -166,9 +164,7 @@ def _digits():
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(digits.target)
-    train, test = train_test_split(
-        range(len(y)), test_size=0.2, stratify=digits.target, random_state=0
-    )
+    train, test = train_test_split(range(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
     return (x[train], y[train]), (x[test], y[test])
 
 

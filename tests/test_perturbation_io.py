@@ -259,8 +259,12 @@ class Settings:
     [
         (lambda path: torch.save({"v": torch.zeros(C, H, W), "meta": Settings()}, path), "Settings"),
         (lambda path: torch.save({"v": np.zeros((H, W, C), np.float32)}, path), "numpy"),
-        (lambda path: torch.save({"v": torch.zeros(C, H, W), "meta": Settings()}, path,
-                                 _use_new_zipfile_serialization=False), "Settings"),
+        (
+            lambda path: torch.save(
+                {"v": torch.zeros(C, H, W), "meta": Settings()}, path, _use_new_zipfile_serialization=False
+            ),
+            "Settings",
+        ),
         (lambda path: path.write_bytes(pickle.dumps({"v": Settings()})), "Settings"),
     ],
     ids=["zip-class", "zip-numpy", "legacy-class", "raw-pickle"],

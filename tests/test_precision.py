@@ -30,8 +30,9 @@ class DtypeRecorder(nn.Module):
 def test_the_victim_runs_at_the_precision_and_v_stays_float32(one_thread, precision, dtype):
     model, attack, _ = digits_victim()
     recorder = DtypeRecorder(model)
-    result = compute_uap(recorder, attack[:64], eps=48, method="sgd_uap", max_passes=1, precision=precision,
-                         baselines=False)
+    result = compute_uap(
+        recorder, attack[:64], eps=48, method="sgd_uap", max_passes=1, precision=precision, baselines=False
+    )
     assert recorder.dtypes == {dtype}
     assert result.perturbation.dtype == torch.float32
     assert float(result.perturbation.abs().max()) <= 48 / 255 + 1e-7
@@ -39,8 +40,10 @@ def test_the_victim_runs_at_the_precision_and_v_stays_float32(one_thread, precis
 
 def test_bf16_finds_nearly_the_float32_perturbation(one_thread):
     model, attack, _ = digits_victim()
-    full, low = (compute_uap(model, attack, eps=48, method="sgd_uap", max_passes=2, precision=p, baselines=False)
-                 for p in ("32", "bf16"))
+    full, low = (
+        compute_uap(model, attack, eps=48, method="sgd_uap", max_passes=2, precision=p, baselines=False)
+        for p in ("32", "bf16")
+    )
     agree = float((full.perturbation.sign() == low.perturbation.sign()).float().mean())
     assert agree > 0.8 and abs(full.fooling_rate - low.fooling_rate) < 0.1
 

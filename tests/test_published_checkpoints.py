@@ -60,8 +60,13 @@ def reference_logits(state: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.T
 
     def bn(h: torch.Tensor, name: str) -> torch.Tensor:
         return F.batch_norm(
-            h, w(f"{name}.running_mean"), w(f"{name}.running_var"), w(f"{name}.weight"), w(f"{name}.bias"),
-            training=False, eps=1e-5,
+            h,
+            w(f"{name}.running_mean"),
+            w(f"{name}.running_var"),
+            w(f"{name}.weight"),
+            w(f"{name}.bias"),
+            training=False,
+            eps=1e-5,
         )
 
     out = F.relu(bn(F.conv2d(x, w("conv1.weight"), padding=1), "bn1"))
@@ -118,8 +123,9 @@ def test_published_weights_under_other_wrapper_keys_load(tmp_path, wrapper):
     state = published_resnet20(seed=3)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9).state_dict()
     path = tmp_path / "ckpt.pth"
-    torch.save({wrapper: state, "acc": 93.02, "epoch": 199, "optimizer": optimizer}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {wrapper: state, "acc": 93.02, "epoch": 199, "optimizer": optimizer}, path, _use_new_zipfile_serialization=False
+    )
     model = victim()
     load_weights(model.net, path, layout="cifar_resnet_a")
     assert_runs_like_reference(model, state)

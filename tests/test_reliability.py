@@ -123,13 +123,24 @@ def tiny_tree(root: Path, colour=(10, 20, 30)) -> Path:
             folder = root / split / f"c{label}"
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(3):
-                Image.new("RGB", (8, 8), (colour[0] + 50 * label, colour[1] + index, colour[2])).save(folder / f"{index}.png")
+                Image.new("RGB", (8, 8), (colour[0] + 50 * label, colour[1] + index, colour[2])).save(
+                    folder / f"{index}.png"
+                )
     return root
 
 
 def folder_cfg(root: Path, **changes) -> DataConfig:
-    return DataConfig(**{"name": "imagefolder", "root": str(root), "in_channels": 3, "image_size": 8,
-                         "attack_images": 2, "val_fraction": 0.0, **changes})
+    return DataConfig(
+        **{
+            "name": "imagefolder",
+            "root": str(root),
+            "in_channels": 3,
+            "image_size": 8,
+            "attack_images": 2,
+            "val_fraction": 0.0,
+            **changes,
+        }
+    )
 
 
 def test_changed_pixels_with_the_same_size_and_time_are_a_new_dataset(tmp_path):
@@ -171,8 +182,14 @@ def test_a_lock_whose_file_was_deleted_still_counts_while_its_holder_runs():
 
 def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, "-m", "uap_lightning.run", *overrides], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "uap_lightning.run", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_group_options_from_outside_the_config_tree_are_refused(tmp_path):
@@ -249,8 +266,14 @@ def test_a_full_disk_ends_in_one_message(tmp_path):
         "main()\n"
     )
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-c", script, *SMALL, f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *SMALL, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "the disk is full" in done.stdout + done.stderr and "Traceback" not in done.stderr
 
@@ -272,8 +295,9 @@ def test_a_lightning_checkpoint_with_attribute_dict_hyperparameters_loads_tensor
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     module = Module(AttributeDict(a=1, nested=AttributeDict(b=2)))
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(4, 2)), batch_size=2))
     trainer.save_checkpoint(tmp_path / "module.ckpt")
     loaded = read_checkpoint(str(tmp_path / "module.ckpt"))
@@ -320,8 +344,14 @@ def test_a_full_disk_under_tensorboard_ends_in_one_message_and_leaves_no_outputs
     run_dir = tmp_path / "run"
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
     overrides = [o for o in SMALL if not o.startswith("logger=")] + ["attack.max_passes=2", "attack.delta=0.01"]
-    done = subprocess.run([sys.executable, "-c", script, *overrides, "logger=tensorboard", f"hydra.run.dir={run_dir}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *overrides, "logger=tensorboard", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "the disk is full" in done.stdout
     assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr[-2000:]

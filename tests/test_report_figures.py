@@ -21,8 +21,8 @@ from uap_lightning.report.figures import (
     perturbation_figure,
     perturbation_scale,
     pick_examples,
-    transfer_figure,
     save_figure,
+    transfer_figure,
 )
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -242,22 +242,31 @@ def test_figure_image_and_dpi(tmp_path):
 def test_transfer_figure_frames_each_perturbation_on_its_own_victim():
     """The cell of a perturbation scored on the victim it was computed on is framed in red; rows
     whose victim is unknown (a file, the random baseline) have no frame."""
-    sources = ["perturbation from deepfool_uap on cnn", "perturbation from gd_uap on lenet", "perturbation from uap",
-               "random ℓ∞ noise"]
-    fig = transfer_figure([[0.4, 0.2], [0.1, 0.5], [0.3, 0.3], [0.1, 0.1]], sources, ["cnn", "lenet"], "t",
-                          ["cnn", "lenet", None])
+    sources = [
+        "perturbation from deepfool_uap on cnn",
+        "perturbation from gd_uap on lenet",
+        "perturbation from uap",
+        "random ℓ∞ noise",
+    ]
+    fig = transfer_figure(
+        [[0.4, 0.2], [0.1, 0.5], [0.3, 0.3], [0.1, 0.1]], sources, ["cnn", "lenet"], "t", ["cnn", "lenet", None]
+    )
     framed = [(p.get_x() + 0.5, p.get_y() + 0.5) for p in fig.axes[0].patches if isinstance(p, Rectangle)]
     assert framed == [(0.0, 0.0), (1.0, 1.0)]
 
 
-@pytest.mark.parametrize("sizes, expected", [
-    ((224, 240), ["cnn\n224 px", "lenet\n240 px"]),  # victims at their own sizes: each column says which
-    ((224, 224), ["cnn", "lenet"]),  # one size for all: the names alone
-    ((), ["cnn", "lenet"]),
-])
+@pytest.mark.parametrize(
+    "sizes, expected",
+    [
+        ((224, 240), ["cnn\n224 px", "lenet\n240 px"]),  # victims at their own sizes: each column says which
+        ((224, 224), ["cnn", "lenet"]),  # one size for all: the names alone
+        ((), ["cnn", "lenet"]),
+    ],
+)
 def test_transfer_figure_names_each_victims_input_size_when_they_differ(sizes, expected):
-    fig = transfer_figure([[0.4, 0.2], [0.1, 0.1]], ["perturbation from cnn", "random"], ["cnn", "lenet"], "t",
-                          ["cnn", None], sizes)
+    fig = transfer_figure(
+        [[0.4, 0.2], [0.1, 0.1]], ["perturbation from cnn", "random"], ["cnn", "lenet"], "t", ["cnn", None], sizes
+    )
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == expected
 
 
@@ -281,8 +290,11 @@ def test_curve_figure_of_one_pass_shows_every_series_its_legend_lists():
     what is drawn, and the kept pass's star lies under the point it marks."""
     fig = curve_figure(_history(1), 1, {"random ℓ∞ noise": 0.05})
     ax = fig.axes[0]
-    visible = {line.get_label() for line in ax.lines
-               if len(line.get_xdata()) > 1 or line.get_marker() not in ("None", "", " ", None)}
+    visible = {
+        line.get_label()
+        for line in ax.lines
+        if len(line.get_xdata()) > 1 or line.get_marker() not in ("None", "", " ", None)
+    }
     listed = [text.get_text() for text in ax.get_legend().get_texts()]
     assert "clean accuracy" in listed
     assert set(listed) <= visible
@@ -302,8 +314,9 @@ def test_labels_figure_draws_only_classes_that_fooled_images_went_to():
     bar = ax.patches[0].get_window_extent()
     assert bar.width < 0.25 * ax.get_window_extent().width  # one bar, not a slab across the axes
 
-    few = labels_figure(dominant_labels(torch.zeros(6, dtype=torch.long), torch.tensor([3, 3, 1, 3, 2, 1]), 10),
-                        CIFAR_NAMES)
+    few = labels_figure(
+        dominant_labels(torch.zeros(6, dtype=torch.long), torch.tensor([3, 3, 1, 3, 2, 1]), 10), CIFAR_NAMES
+    )
     assert [t.get_text() for t in few.axes[0].get_xticklabels()] == ["automobile", "bird", "cat"]  # class order
     assert len(few.axes[0].patches) == 3
     assert "(the 30 most frequent)" not in few.axes[0].get_xlabel()

@@ -104,7 +104,11 @@ def test_write_summary_writes_table_markdown_and_plot(sweep: Path) -> None:
     assert ERROR in markdown and "Tried to allocate" not in markdown
     header = next(line for line in markdown.splitlines() if line.startswith("| job"))
     assert [cell.strip() for cell in header.strip("|").split("|")][:5] == [
-        "job", "attack.eps", "model", "status", "error"
+        "job",
+        "attack.eps",
+        "model",
+        "status",
+        "error",
     ]
     assert "random_same_l2_fooling_rate" in header and "overrides" not in header
     image = mpimg.imread(sweep / "fooling_vs_attack_eps.png")

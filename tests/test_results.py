@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from uap_lightning import metrics
 from attack_helpers import registered
+from uap_lightning import metrics
 from uap_lightning.attacks import AttackSettings, PassStats, ThreatModel, UniversalAttack, build_engine, run_passes
 from uap_lightning.data import build_datamodule
 from uap_lightning.report.summary import attack_summary, weak_result_advice
@@ -61,8 +61,14 @@ def test_the_pass_with_the_highest_fooling_rate_on_x_is_kept(keep, expected_pass
     # pixel values 0.04 ... 0.49: v fools those above 0.5 − v
     values = [0.15, 0.3, 0.05, 0.2]  # rates 0.3, 0.6, 0.1, 0.4
     with registered(ScriptedEngine):
-        settings = AttackSettings(ThreatModel.parse(255, "inf"), method="scripted", options={"values": tuple(values)},
-                                  delta=0.01, max_passes=4, keep=keep)
+        settings = AttackSettings(
+            ThreatModel.parse(255, "inf"),
+            method="scripted",
+            options={"values": tuple(values)},
+            delta=0.01,
+            max_passes=4,
+            keep=keep,
+        )
         result = run_passes(model, settings, images, clean)
     rates = [h["fooling_rate_attack_set"] for h in result.history]
     assert rates == pytest.approx([0.3, 0.6, 0.1, 0.4])

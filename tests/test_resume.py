@@ -119,9 +119,21 @@ def test_sigterm_saves_the_last_pass_and_the_same_command_continues(tmp_path):
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("UAP_DATA_DIR", None)
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "uap_lightning.run", f"hydra.run.dir={run_dir}", "trainer.max_epochs=3",
-               "data.attack_images=60", "attack.max_passes=10", "attack.delta=0.001", "attack.eps=64", "logger=none"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "uap_lightning.run",
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_epochs=3",
+        "data.attack_images=60",
+        "attack.max_passes=10",
+        "attack.delta=0.001",
+        "attack.eps=64",
+        "logger=none",
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     state = run_dir / "attack_state.ckpt"
     deadline = time.monotonic() + 300
     while not state.exists():
@@ -149,9 +161,18 @@ def saved_state(path: Path) -> AttackState:
     from uap_lightning.attacks import AttackSettings, KeptPerturbation, ThreatModel
 
     v = torch.full((3, 4, 4), 0.25)
-    state = AttackState("settings", 2, v, KeptPerturbation(v.clone(), 0.5, 2), torch.Generator().get_state(),
-                        [{"pass": 1, "fooling_rate": 0.25}, {"pass": 2, "fooling_rate": 0.5}], 1.5)
-    loop = AttackLoop(Fabric(accelerator="cpu", devices=1), AttackSettings(ThreatModel.parse(64, "inf")), state_path=path)
+    state = AttackState(
+        "settings",
+        2,
+        v,
+        KeptPerturbation(v.clone(), 0.5, 2),
+        torch.Generator().get_state(),
+        [{"pass": 1, "fooling_rate": 0.25}, {"pass": 2, "fooling_rate": 0.5}],
+        1.5,
+    )
+    loop = AttackLoop(
+        Fabric(accelerator="cpu", devices=1), AttackSettings(ThreatModel.parse(64, "inf")), state_path=path
+    )
     loop._save(state)
     return state
 

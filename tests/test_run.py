@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from uap_lightning.tasks import setup as task_setup
 from uap_lightning.data import build_datamodule
-from uap_lightning.training import obtain_victim
 from uap_lightning.tasks import run_task as run
+from uap_lightning.tasks import setup as task_setup
+from uap_lightning.training import obtain_victim
 from uap_lightning.validation import ConfigError
 
 # A short digits run: a 3-epoch cnn victim, 200 attack images, 2 passes.
@@ -27,12 +27,32 @@ FAST = (
 )
 
 REQUIRED_KEYS = {
-    "fooling_rate", "fooling_rate_attack_set", "clean_accuracy", "perturbed_accuracy", "norm_l2",
-    "norm_linf", "eps", "p", "delta", "passes", "converged", "attack_seconds", "victim_accuracy",
-    "attack_images", "eval_images", "history",
+    "fooling_rate",
+    "fooling_rate_attack_set",
+    "clean_accuracy",
+    "perturbed_accuracy",
+    "norm_l2",
+    "norm_linf",
+    "eps",
+    "p",
+    "delta",
+    "passes",
+    "converged",
+    "attack_seconds",
+    "victim_accuracy",
+    "attack_images",
+    "eval_images",
+    "history",
 }
-HISTORY_KEYS = {"pass", "fooling_rate", "fooling_rate_attack_set", "perturbed_accuracy", "norm_l2",
-                "norm_linf", "seconds"}
+HISTORY_KEYS = {
+    "pass",
+    "fooling_rate",
+    "fooling_rate_attack_set",
+    "perturbed_accuracy",
+    "norm_l2",
+    "norm_linf",
+    "seconds",
+}
 
 
 def cli(run_dir: Path, cache_dir: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:

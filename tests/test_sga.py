@@ -94,5 +94,10 @@ def test_bad_settings_name_the_key_before_any_work(make_cfg, override, key):
 
 def test_the_preset_runs_the_papers_twenty_passes(make_cfg):
     cfg = make_cfg("attack=sga")
-    assert (cfg.attack.method, cfg.attack.max_passes, cfg.attack.batch_size, cfg.attack.minibatch) == ("sga", 20, 250, 10)
+    assert (cfg.attack.method, cfg.attack.max_passes, cfg.attack.batch_size, cfg.attack.minibatch) == (
+        "sga",
+        20,
+        250,
+        10,
+    )
     assert (cfg.attack.inner_steps, cfg.attack.beta, cfg.attack.loss) == (4, 9.0, "ce")

@@ -28,7 +28,14 @@ def _python(module: str, run_dir: Path, data_dir: Path, *overrides: str):
     """``python -m module`` from ``run_dir``'s parent with its own cache, writing into ``run_dir``."""
     cwd = run_dir.parent
     env = {**os.environ, "UAP_DATA_DIR": str(data_dir), "UAP_CACHE_DIR": str(cwd / "cache")}
-    command = [sys.executable, "-m", module, *overrides, "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        *overrides,
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=3000)
 
 

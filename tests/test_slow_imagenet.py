@@ -29,8 +29,15 @@ def test_imagenet_lite0_experiment_runs_and_the_victim_is_accurate(tmp_path, dat
     run_dir = tmp_path / "run"
     env = {**os.environ, "UAP_DATA_DIR": str(data_dir), "UAP_CACHE_DIR": str(tmp_path / "cache")}
     command = [
-        sys.executable, "-m", "uap_lightning.run", "experiment=imagenet_lite0", "data.attack_images=20",
-        "data.eval_images=100", "attack.max_passes=1", "extras.progress_bar=false", f"hydra.run.dir={run_dir}",
+        sys.executable,
+        "-m",
+        "uap_lightning.run",
+        "experiment=imagenet_lite0",
+        "data.attack_images=20",
+        "data.eval_images=100",
+        "attack.max_passes=1",
+        "extras.progress_bar=false",
+        f"hydra.run.dir={run_dir}",
     ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -7,7 +7,14 @@ import torch
 
 from attack_helpers import digits_victim, single_thread
 from uap_lightning import metrics
-from uap_lightning.attacks import AttackSettings, CompiledPredictions, ThreatModel, build_engine, frozen_eval, run_passes
+from uap_lightning.attacks import (
+    AttackSettings,
+    CompiledPredictions,
+    ThreatModel,
+    build_engine,
+    frozen_eval,
+    run_passes,
+)
 from uap_lightning.benchmarking.profile import forward_backward_rate, profile_pass
 
 
@@ -24,8 +31,12 @@ def test_compiled_predictions_equal_the_eager_ones_on_the_digits_cnn():
             torch.testing.assert_close(compiled(x), model(x))
         threat = ThreatModel.parse(64, "inf")
         results = [
-            run_passes(model, AttackSettings(threat, delta=0.05, max_passes=1, compile=compile_), attack_images[:40],
-                       metrics.predict(model, attack_images[:40]))
+            run_passes(
+                model,
+                AttackSettings(threat, delta=0.05, max_passes=1, compile=compile_),
+                attack_images[:40],
+                metrics.predict(model, attack_images[:40]),
+            )
             for compile_ in (False, True)
         ]
     assert torch.equal(results[0].perturbation, results[1].perturbation)
@@ -35,8 +46,13 @@ def test_pass_profile_splits_the_time_of_a_pass():
     model, attack_images, _ = digits_victim()
     images = attack_images[:30]
     with single_thread():
-        profile = profile_pass(build_engine("deepfool_uap", ThreatModel.parse(64, "inf")), model, images,
-                               metrics.predict(model, images), seed=0)
+        profile = profile_pass(
+            build_engine("deepfool_uap", ThreatModel.parse(64, "inf")),
+            model,
+            images,
+            metrics.predict(model, images),
+            seed=0,
+        )
         rate = forward_backward_rate(model, images, count=10)
     assert profile.images == 30 and profile.total_seconds > 0
     assert profile.forward_seconds > 0 and profile.gradient_seconds > 0

@@ -18,8 +18,8 @@ from attack_helpers import digits_victim, one_thread, random_conv_net  # noqa: F
 from uap_lightning import compute_uap, fooling_rate, metrics
 from uap_lightning.attacks import SINGLE_PROCESS, ThreatModel, folded_copy
 from uap_lightning.attacks.engines import sv_uap
-from uap_lightning.attacks.random_noise import random_perturbation
 from uap_lightning.attacks.engines.sv_uap import SVUAP, default_layer
+from uap_lightning.attacks.random_noise import random_perturbation
 from uap_lightning.errors import ConfigError
 from uap_lightning.tasks import run_task
 from uap_lightning.validation import attack_settings
@@ -45,8 +45,13 @@ def linear_case(matrix: Tensor, p: str, q: float, seed: int = 0, **options) -> T
     model = LinearFeatures(matrix).double().eval().requires_grad_(False)
     images = torch.rand(3, 1, 1, matrix.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     engine = SVUAP(ThreatModel.parse(10, p), layer="layer", q=q, jacobian_images=3, **options)
-    v, stats = engine.run_pass(model, torch.zeros(1, 1, matrix.shape[1], dtype=torch.float64), images,
-                               metrics.predict(model, images), torch.Generator().manual_seed(seed))
+    v, stats = engine.run_pass(
+        model,
+        torch.zeros(1, 1, matrix.shape[1], dtype=torch.float64),
+        images,
+        metrics.predict(model, images),
+        torch.Generator().manual_seed(seed),
+    )
     assert stats.converged and stats.updates == engine.options.power_iterations
     return (v / engine.threat.radius).flatten(), engine
 
@@ -129,8 +134,12 @@ def test_one_pass_computes_v_and_later_passes_keep_it():
     images = torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     clean = metrics.predict(model, images)
     engine = SVUAP(ThreatModel.parse(16, "inf"), jacobian_images=8, batch_size=3, power_iterations=10)
-    runs = [engine.run_pass(model, torch.zeros(3, 8, 8, dtype=torch.float64), images, clean,
-                            torch.Generator().manual_seed(seed))[0] for seed in (0, 0, 1)]
+    runs = [
+        engine.run_pass(
+            model, torch.zeros(3, 8, 8, dtype=torch.float64), images, clean, torch.Generator().manual_seed(seed)
+        )[0]
+        for seed in (0, 0, 1)
+    ]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
     again, stats = engine.run_pass(model, runs[0], images * float("nan"), clean, None, pass_index=1)
     assert again is runs[0] and stats.updates == 0 and stats.converged
@@ -142,9 +151,12 @@ def test_batches_of_the_jacobian_products_do_not_change_v():
     model = random_conv_net(seed=4)
     images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     clean = metrics.predict(model, images)
-    runs = [SVUAP(ThreatModel.parse(16, "2"), jacobian_images=8, batch_size=size, power_iterations=10).run_pass(
-        model, torch.zeros(3, 8, 8, dtype=torch.float64), images, clean, torch.Generator().manual_seed(0))[0]
-        for size in (1, 3, 8)]
+    runs = [
+        SVUAP(ThreatModel.parse(16, "2"), jacobian_images=8, batch_size=size, power_iterations=10).run_pass(
+            model, torch.zeros(3, 8, 8, dtype=torch.float64), images, clean, torch.Generator().manual_seed(0)
+        )[0]
+        for size in (1, 3, 8)
+    ]
     assert torch.allclose(runs[0], runs[1], atol=1e-12) and torch.allclose(runs[0], runs[2], atol=1e-12)
 
 
@@ -177,12 +189,23 @@ def test_layers_without_forward_mode_ad_use_the_double_backward_trick():
     runs = []
     for forward_mode in (True, False):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 4, 3), _Relu(forward_mode), nn.Conv2d(4, 4, 3), nn.Flatten(),
-                              nn.Linear(64, 3)).double().eval().requires_grad_(False)
+        model = (
+            nn.Sequential(nn.Conv2d(3, 4, 3), _Relu(forward_mode), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 3))
+            .double()
+            .eval()
+            .requires_grad_(False)
+        )
         images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         engine = SVUAP(ThreatModel.parse(16, "inf"), layer="2", jacobian_images=6)
-        runs.append(engine.run_pass(model, torch.zeros(3, 8, 8, dtype=torch.float64), images,
-                                    metrics.predict(model, images), torch.Generator().manual_seed(0))[0])
+        runs.append(
+            engine.run_pass(
+                model,
+                torch.zeros(3, 8, 8, dtype=torch.float64),
+                images,
+                metrics.predict(model, images),
+                torch.Generator().manual_seed(0),
+            )[0]
+        )
     with pytest.raises(NotImplementedError), forward_ad.dual_level():
         _ReluWithoutForwardMode.apply(forward_ad.make_dual(torch.ones(2), torch.ones(2)))
     assert torch.equal(runs[0], runs[1])
@@ -230,13 +253,21 @@ def test_two_ranks_share_the_jacobian_products_and_agree_with_one_process(monkey
     engine = SVUAP(ThreatModel.parse(16, "inf"), jacobian_images=5, batch_size=2, power_iterations=10)
 
     def run(reducer) -> Tensor:
-        return engine.run_pass(copy.deepcopy(model), torch.zeros(3, 8, 8, dtype=torch.float64), images, clean,
-                               torch.Generator().manual_seed(0), reducer=reducer)[0]
+        return engine.run_pass(
+            copy.deepcopy(model),
+            torch.zeros(3, 8, 8, dtype=torch.float64),
+            images,
+            clean,
+            torch.Generator().manual_seed(0),
+            reducer=reducer,
+        )[0]
 
     alone = run(SINGLE_PROCESS)
     slots, barrier, found = [None, None], threading.Barrier(2, timeout=60), [None, None]
-    threads = [threading.Thread(target=lambda r=r: found.__setitem__(r, run(_ThreadReducer(r, slots, barrier))))
-               for r in range(2)]
+    threads = [
+        threading.Thread(target=lambda r=r: found.__setitem__(r, run(_ThreadReducer(r, slots, barrier))))
+        for r in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -267,19 +298,29 @@ def test_bad_settings_name_their_key_before_any_jacobian():
     clean = metrics.predict(model, images)
 
     def run(net: nn.Module, **options) -> None:
-        SVUAP(ThreatModel.parse(16, "inf"), **options).run_pass(net, torch.zeros(3, 8, 8, dtype=torch.float64),
-                                                                images, clean, torch.Generator())
+        SVUAP(ThreatModel.parse(16, "inf"), **options).run_pass(
+            net, torch.zeros(3, 8, 8, dtype=torch.float64), images, clean, torch.Generator()
+        )
 
     with pytest.raises(ConfigError, match=r"attack.layer='nope' names no module.*close names: \d"):
         run(model, layer="nope")
-    nested = folded_copy(nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.Flatten(),
-                                       nn.Linear(144, 3)).double().eval())
+    nested = folded_copy(
+        nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.Flatten(), nn.Linear(144, 3))
+        .double()
+        .eval()
+    )
     with pytest.raises(ConfigError, match="attack.layer='0' was not called.*e.g. 0.0"):
         run(nested, layer="0")
     with pytest.raises(ConfigError, match="attack.layer=null .* no Conv2d"):
         run(nn.Sequential(nn.Flatten(), nn.Linear(192, 3)).double())
-    for key, value in [("q", 1.0), ("q", float("inf")), ("jacobian_images", 0), ("power_iterations", 0),
-                       ("batch_size", 0), ("layer", "")]:
+    for key, value in [
+        ("q", 1.0),
+        ("q", float("inf")),
+        ("jacobian_images", 0),
+        ("power_iterations", 0),
+        ("batch_size", 0),
+        ("layer", ""),
+    ]:
         with pytest.raises(ValueError, match=f"attack.{key} must"):
             SVUAP(ThreatModel.parse(16, "inf"), **{key: value})
     with pytest.raises(ValueError, match="attack.p=inf .* or 2"):
@@ -293,9 +334,15 @@ def test_api_fools_held_out_digits_more_than_random_sign_noise():
     found = [compute_uap(model, attack_images, eps=64, p="inf", method="sv_uap", seed=seed) for seed in range(3)]
     assert all(result.passes == 1 and result.best_pass == 1 for result in found)  # one pass computes v
     sv = sum(fooling_rate(model, held_out, result.perturbation) for result in found) / 3
-    noise = sum(fooling_rate(model, held_out, random_perturbation((1, 8, 8), 64, float("inf"),
-                                                                  torch.Generator().manual_seed(seed)))
-                for seed in range(5)) / 5
+    noise = (
+        sum(
+            fooling_rate(
+                model, held_out, random_perturbation((1, 8, 8), 64, float("inf"), torch.Generator().manual_seed(seed))
+            )
+            for seed in range(5)
+        )
+        / 5
+    )
     assert sv > 2 * noise, (sv, noise)
 
 

@@ -22,8 +22,14 @@ def cli(tmp_path: Path, *arguments: str, timeout: int = 600) -> subprocess.Compl
     """``python -m uap_lightning.run`` in ``tmp_path`` with its own victim cache, output captured (no terminal)."""
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("UAP_DATA_DIR", None)
-    return subprocess.run([sys.executable, "-m", "uap_lightning.run", *arguments], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "uap_lightning.run", *arguments],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def hydra_config(*overrides: str):
@@ -34,8 +40,12 @@ def hydra_config(*overrides: str):
 
 @pytest.mark.parametrize(
     "launcher, target",
-    [("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher"), ("local", "LocalLauncher"),
-     ("submitit_slurm", "SlurmLauncher")],
+    [
+        ("joblib", "JoblibLauncher"),
+        ("slurm", "SlurmLauncher"),
+        ("local", "LocalLauncher"),
+        ("submitit_slurm", "SlurmLauncher"),
+    ],
 )
 def test_launcher_configs_compose(launcher, target):
     cfg = hydra_config(f"hydra/launcher={launcher}")
@@ -66,8 +76,16 @@ def test_objective_is_eps_once_the_target_is_reached():
 def test_a_two_worker_joblib_sweep_trains_the_victim_once(tmp_path):
     """Four jobs on two workers and an empty cache: the victim is trained once, the others wait and load it."""
     sweep = tmp_path / "sweep"
-    done = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "attack.eps=32,48,64,80",
-               *SMALL, "logger=none", f"hydra.sweep.dir={sweep}")
+    done = cli(
+        tmp_path,
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "attack.eps=32,48,64,80",
+        *SMALL,
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = pd.read_csv(sweep / "summary.csv")
     assert summary["status"].tolist() == ["ok"] * 4
@@ -78,8 +96,14 @@ def test_a_two_worker_joblib_sweep_trains_the_victim_once(tmp_path):
 @pytest.mark.slow
 def test_optuna_search_runs_and_names_the_best_eps(tmp_path):
     sweep = tmp_path / "search"
-    done = cli(tmp_path, "hparams_search=smallest_eps", "hydra.sweeper.n_trials=2", *SMALL, "logger=none",
-               f"hydra.sweep.dir={sweep}")
+    done = cli(
+        tmp_path,
+        "hparams_search=smallest_eps",
+        "hydra.sweeper.n_trials=2",
+        *SMALL,
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Best parameters" in done.stdout + done.stderr
     assert (sweep / "optimization_results.yaml").is_file()
@@ -122,8 +146,14 @@ def test_tensorboard_hparams_hold_the_summary_and_only_the_engine_keys(make_cfg)
     run_task(cfg)
     folder = next((Path(cfg.paths.output_dir) / "tensorboard").glob("*/attack"))
     content = b"".join(p.read_bytes() for p in folder.rglob("events.out.tfevents.*"))
-    for key in ("final/random_fooling_rate", "final/random_same_l2_fooling_rate", "final/beats_random",
-                "final/norm_l2", "final/victim_accuracy", "attack/deepfool_norm"):
+    for key in (
+        "final/random_fooling_rate",
+        "final/random_same_l2_fooling_rate",
+        "final/beats_random",
+        "final/norm_l2",
+        "final/victim_accuracy",
+        "attack/deepfool_norm",
+    ):
         assert key.encode() in content, key
     assert b"attack/beta" not in content and b"attack/aggregate" not in content
     events = EventAccumulator(str(folder))

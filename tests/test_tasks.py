@@ -35,7 +35,9 @@ def test_transfer_matrix_shape_diagonal_and_files(make_cfg, tmp_path):
     assert png_shape(run_dir / "transfer.png")[0] > 100
     for name in ("cnn", "lenet"):
         assert (run_dir / "perturbations" / f"{name}.pt").is_file()
-        assert m["fooling_rate"][f"perturbation from {name}"][name] == pytest.approx(table.loc[f"perturbation from {name}", name])
+        assert m["fooling_rate"][f"perturbation from {name}"][name] == pytest.approx(
+            table.loc[f"perturbation from {name}", name]
+        )
 
     # the diagonal is each victim's own attack run
     for name in ("cnn", "lenet"):
@@ -44,8 +46,12 @@ def test_transfer_matrix_shape_diagonal_and_files(make_cfg, tmp_path):
         assert run_task(own)["fooling_rate"] == pytest.approx(table.loc[f"perturbation from {name}", name], abs=1e-7)
 
     # scoring perturbations read from run folders gives the same numbers
-    again = make_cfg(*SMALL, "task=transfer", "task.victims=[cnn,lenet]",
-                     f"task.perturbations=[{tmp_path / 'own-cnn'},{tmp_path / 'own-lenet'}]")
+    again = make_cfg(
+        *SMALL,
+        "task=transfer",
+        "task.victims=[cnn,lenet]",
+        f"task.perturbations=[{tmp_path / 'own-cnn'},{tmp_path / 'own-lenet'}]",
+    )
     again.paths.output_dir = str(tmp_path / "from-folders")
     read = run_task(again)
     assert read["sources"] == ["deepfool_uap on cnn", "deepfool_uap on lenet"]
@@ -65,7 +71,9 @@ def test_generalisation_curve_over_the_size_of_x(make_cfg):
     run_dir = Path(cfg.paths.output_dir)
     table = pd.read_csv(run_dir / "generalisation.csv")
     assert table["attack_images"].tolist() == [20, 50, 100]
-    assert {"fooling_rate", "fooling_rate_attack_set", "random_fooling_rate", "random_same_l2_fooling_rate"} <= set(table)
+    assert {"fooling_rate", "fooling_rate_attack_set", "random_fooling_rate", "random_same_l2_fooling_rate"} <= set(
+        table
+    )
     assert [row["attack_images"] for row in m["rows"]] == [20, 50, 100]
     assert png_shape(run_dir / "generalisation.png") == (800, 1280)  # 6.4×4 in at 200 dpi
     assert (run_dir / "generalisation.pdf").is_file()
@@ -96,9 +104,21 @@ def test_a_sweep_with_one_failing_job_leaves_a_complete_summary(tmp_path):
     env.pop("UAP_DATA_DIR", None)
     sweep = tmp_path / "sweep"
     done = subprocess.run(
-        [sys.executable, "-m", "uap_lightning.run", "-m", "attack.eps=32,48,64,-1,abc", *SMALL,
-         "attack.max_passes=1", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "uap_lightning.run",
+            "-m",
+            "attack.eps=32,48,64,-1,abc",
+            *SMALL,
+            "attack.max_passes=1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 3, done.stderr[-3000:]
     assert "2 job(s) of the sweep failed" in done.stdout + done.stderr
@@ -121,10 +141,12 @@ def test_generalisation_table_prints_counts_as_integers():
     """|X|, the kept pass and the passes are counts: the logged table prints 50, not 50.000."""
     from uap_lightning.tasks import generalisation
 
-    table = pd.DataFrame([
-        {"attack_images": 50, "fooling_rate": 0.25, "best_pass": 3, "passes": 4, "norm_l2": 512.25},
-        {"attack_images": 100, "fooling_rate": 0.5, "best_pass": 2, "passes": 4, "norm_l2": 640.0},
-    ])
+    table = pd.DataFrame(
+        [
+            {"attack_images": 50, "fooling_rate": 0.25, "best_pass": 3, "passes": 4, "norm_l2": 512.25},
+            {"attack_images": 100, "fooling_rate": 0.5, "best_pass": 2, "passes": 4, "norm_l2": 640.0},
+        ]
+    )
     text = generalisation.printable(table).to_markdown(floatfmt=".3f", index=False)  # as Setup.finish prints
     last = [cell.strip() for cell in text.splitlines()[-1].strip("|").split("|")]
     assert last == ["100", "0.500", "2", "4", "640.000"]

@@ -9,11 +9,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from test_first_hour import synthetic_metrics
 from uap_lightning import progress, threads
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.baselines import random_baselines
@@ -29,10 +29,9 @@ from uap_lightning.threads import (
     passive_openmp_wait,
     set_threads,
 )
-from test_first_hour import synthetic_metrics
-
 
 # --- the rule ---------------------------------------------------------------------------------
+
 
 def test_a_quiet_machine_gets_a_thread_per_core_of_the_affinity_mask():
     assert choose_threads(2) == ThreadChoice(2, "2 cores free")
@@ -40,9 +39,18 @@ def test_a_quiet_machine_gets_a_thread_per_core_of_the_affinity_mask():
     assert choose_threads(16, busy=0.3).count == 16  # a core counts busy from half its time on
 
 
-@pytest.mark.parametrize("cores, busy, expected", [
-    (2, 1.0, 1), (2, 0.6, 1), (2, 0.4, 2), (2, 2.0, 1), (2, 7.5, 1), (8, 2.6, 5), (8, 0.0, 8),
-])
+@pytest.mark.parametrize(
+    "cores, busy, expected",
+    [
+        (2, 1.0, 1),
+        (2, 0.6, 1),
+        (2, 0.4, 2),
+        (2, 2.0, 1),
+        (2, 7.5, 1),
+        (8, 2.6, 5),
+        (8, 0.0, 8),
+    ],
+)
 def test_cores_other_processes_keep_busy_are_left_to_them(cores, busy, expected):
     assert choose_threads(cores, busy=busy).count == expected
 
@@ -59,7 +67,9 @@ def test_a_cpu_quota_caps_the_threads_at_its_whole_cores():
     assert choose_threads(64, quota=0.5).describe() == "1 thread (a CPU quota of 0.5 cores)"
     assert choose_threads(2, quota=8.0) == ThreadChoice(2, "2 cores free")  # a quota above the cores binds nothing
     # both: the fewer of the quota and the cores free of other processes
-    assert choose_threads(64, quota=4.0, busy=10).describe() == "4 threads (a CPU quota of 4 cores; 10 of 64 cores busy)"
+    assert (
+        choose_threads(64, quota=4.0, busy=10).describe() == "4 threads (a CPU quota of 4 cores; 10 of 64 cores busy)"
+    )
     assert choose_threads(64, quota=4.0, busy=62).describe() == "2 threads (62 of 64 cores busy)"
 
 
@@ -94,6 +104,7 @@ def test_set_threads_applies_the_rule_to_what_it_measures(monkeypatch):
 
 
 # --- what the rule is given ---------------------------------------------------------------------
+
 
 def test_cgroup_v2_quota_is_the_smallest_of_the_cgroup_and_its_ancestors(tmp_path):
     proc = tmp_path / "cgroup"
@@ -150,6 +161,7 @@ def test_busy_cores_counts_the_cpus_of_the_mask_less_our_own_time():
 
 # --- the wait policy ------------------------------------------------------------------------------
 
+
 def test_the_passive_wait_is_a_default_a_users_setting_wins():
     env = {}
     assert passive_openmp_wait(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -184,6 +196,7 @@ def test_the_command_line_sets_the_policy_before_torch_loads_openmp(users, expec
 
 # --- the summary and metrics.json -----------------------------------------------------------------
 
+
 def test_the_summary_says_how_many_threads_ran_and_why(tmp_path):
     lines = summary.attack_summary(synthetic_metrics(threads=1, threads_reason="1 of 2 cores busy"), tmp_path)
     (attack,) = [line for line in lines if line.startswith("attack ")]
@@ -212,10 +225,12 @@ def test_metrics_json_records_why_the_threads(tmp_path, monkeypatch):
 
 # --- progress after the attack ---------------------------------------------------------------------
 
+
 def slow_labels(clean: torch.Tensor, seconds: float):
     def perturbed_labels(noise: torch.Tensor) -> torch.Tensor:
         time.sleep(seconds)
         return clean.roll(1)
+
     return perturbed_labels
 
 
@@ -224,8 +239,9 @@ def test_long_random_baselines_say_which_draw_runs(caplog, monkeypatch):
     clean = torch.arange(10) % 3
     threat = ThreatModel.parse(10.0, "inf")
     with caplog.at_level(logging.INFO, logger="uap_lightning"):
-        baselines = random_baselines(slow_labels(clean, 0.08), clean, (1, 4, 4), threat, torch.full((1, 4, 4), 0.01),
-                                     seed=0, draws=3)
+        baselines = random_baselines(
+            slow_labels(clean, 0.08), clean, (1, 4, 4), threat, torch.full((1, 4, 4), 0.01), seed=0, draws=3
+        )
     assert baselines.draws == 3
     lines = [r.getMessage() for r in caplog.records if r.name == "uap_lightning.baselines"]
     assert lines and lines[0].startswith("random baselines (6 draws on 10 eval images): draw ")
@@ -241,8 +257,14 @@ def test_quick_random_baselines_log_nothing(caplog):
     clean = torch.arange(10) % 3
     progress.shown()
     with caplog.at_level(logging.INFO, logger="uap_lightning"):
-        random_baselines(slow_labels(clean, 0.0), clean, (1, 4, 4), ThreatModel.parse(10.0, "inf"),
-                         torch.full((1, 4, 4), 0.01), seed=0)
+        random_baselines(
+            slow_labels(clean, 0.0),
+            clean,
+            (1, 4, 4),
+            ThreatModel.parse(10.0, "inf"),
+            torch.full((1, 4, 4), 0.01),
+            seed=0,
+        )
     assert not [r for r in caplog.records if r.name == "uap_lightning.baselines"]
 
 

@@ -84,8 +84,16 @@ def make_photos(root: Path, per_class: int = 4) -> Path:
 
 def photos_cfg(tmp_path: Path, *overrides: str):
     """A run on generated photographs with a pretrained ``ARCH`` victim."""
-    base = ["data=imagenet_samples", f"data.root={make_photos(tmp_path / 'photos')}", "data.class_names_file=null",
-            "data.attack_images=8", "model=timm", f"model.arch={ARCH}", "model.pretrained=true", *QUIET]
+    base = [
+        "data=imagenet_samples",
+        f"data.root={make_photos(tmp_path / 'photos')}",
+        "data.class_names_file=null",
+        "data.attack_images=8",
+        "model=timm",
+        f"model.arch={ARCH}",
+        "model.pretrained=true",
+        *QUIET,
+    ]
     return compose_config([*base, *overrides], tmp_path / "out")
 
 
@@ -143,7 +151,14 @@ def test_weights_absent_from_the_cache_are_refused_before_any_data_is_read(tmp_p
         validate(cfg)
     message = str(info.value)
     assert isinstance(info.value, UserError)
-    for fragment in (str(hf_home / "hub"), REPO, "HF_HOME", "HF_HUB_CACHE", "model.weights=PATH", "Nothing is downloaded"):
+    for fragment in (
+        str(hf_home / "hub"),
+        REPO,
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "model.weights=PATH",
+        "Nothing is downloaded",
+    ):
         assert fragment in message
     assert not (hf_home / "hub").exists()  # looked, fetched nothing
 
@@ -151,8 +166,9 @@ def test_weights_absent_from_the_cache_are_refused_before_any_data_is_read(tmp_p
 def test_cached_weights_are_read_from_the_local_hub_cache(hf_home):
     source = source_model(seed=1)
     put_in_hub_cache(hf_home, source)
-    net = build_backbone(ModelConfig(name="timm", arch=ARCH, pretrained=True), num_classes=4, in_channels=3,
-                         image_size=32).eval()
+    net = build_backbone(
+        ModelConfig(name="timm", arch=ARCH, pretrained=True), num_classes=4, in_channels=3, image_size=32
+    ).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(net(x), source(x))
@@ -211,8 +227,16 @@ def test_a_pretrained_victim_is_attacked_through_the_python_api(tmp_path, hf_hom
 
 @pytest.mark.slow
 def test_a_run_on_digits_trains_a_timm_victim(make_cfg):
-    cfg = make_cfg("model=timm", f"model.arch={ARCH}", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                   "data.attack_images=20", "data.eval_images=20", "attack=sgd_uap", *QUIET)
+    cfg = make_cfg(
+        "model=timm",
+        f"model.arch={ARCH}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "data.attack_images=20",
+        "data.eval_images=20",
+        "attack=sgd_uap",
+        *QUIET,
+    )
     results = run_task(cfg)
     assert results["model"] == "timm" and results["eval_images"] == 20
     assert 0.0 <= results["fooling_rate"] <= 1.0
@@ -239,9 +263,22 @@ def test_command_line_keeps_a_given_image_size_and_exits_2_without_weights(tmp_p
         env.pop(key, None)
 
     def cli(run: str, *overrides: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "uap_lightning.run", f"hydra.run.dir={tmp_path / run}", "data=imagenet_samples",
-                   f"data.root={photos}", "data.class_names_file=null", "data.attack_images=8", "model=timm",
-                   f"model.arch={ARCH}", "model.pretrained=true", "attack=sgd_uap", *QUIET, *overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "uap_lightning.run",
+            f"hydra.run.dir={tmp_path / run}",
+            "data=imagenet_samples",
+            f"data.root={photos}",
+            "data.class_names_file=null",
+            "data.attack_images=8",
+            "model=timm",
+            f"model.arch={ARCH}",
+            "model.pretrained=true",
+            "attack=sgd_uap",
+            *QUIET,
+            *overrides,
+        ]
         return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
     missing = cli("missing")

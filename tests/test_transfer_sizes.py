@@ -24,10 +24,15 @@ from test_timm import ARCH, make_photos, source_model  # noqa: E402
 
 
 def test_the_lites_declare_their_native_input():
-    sizes = {name: model_preprocessing(ModelConfig(name=name, pretrained=True)) for name in
-             ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
+    sizes = {
+        name: model_preprocessing(ModelConfig(name=name, pretrained=True))
+        for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+    }
     assert {name: (p.image_size, p.resize_for(p.image_size)) for name, p in sizes.items()} == {
-        "efficientnet_lite0": (224, 256), "efficientnet_lite1": (240, 272), "efficientnet_lite2": (260, 292)}
+        "efficientnet_lite0": (224, 256),
+        "efficientnet_lite1": (240, 272),
+        "efficientnet_lite2": (260, 292),
+    }
     assert model_preprocessing(ModelConfig(name="efficientnet_lite1", pretrained=False)) is None  # trained here
 
 
@@ -50,21 +55,31 @@ def test_each_victim_is_scored_at_its_own_input_size(tmp_path):
     weights = tmp_path / "weights.safetensors"
     save_file(source_model().state_dict(), str(weights))
     small = f"{{preset: timm, arch: {ARCH}, pretrained: true, weights: '{weights}'}}"
-    overrides = ["data=imagenet_samples", f"data.root={make_photos(tmp_path / 'photos')}",
-                 "data.class_names_file=null", "data.attack_images=4", "data.eval_images=4", "model=efficientnet_lite0",
-                 "task=transfer", f"task.victims=[{small},efficientnet_lite0]", "attack=sgd_uap", "attack.max_passes=1",
-                 "logger=none"]
+    overrides = [
+        "data=imagenet_samples",
+        f"data.root={make_photos(tmp_path / 'photos')}",
+        "data.class_names_file=null",
+        "data.attack_images=4",
+        "data.eval_images=4",
+        "model=efficientnet_lite0",
+        "task=transfer",
+        f"task.victims=[{small},efficientnet_lite0]",
+        "attack=sgd_uap",
+        "attack.max_passes=1",
+        "logger=none",
+    ]
     native = run_task(compose_config(overrides, tmp_path / "native"))
     assert list(native["input_size"].values()) == [160, 224]  # test_resnet's 160 px, Lite0's 224
-    stored = {path.stem: torch.load(path, weights_only=True).shape
-              for path in (tmp_path / "native" / "run" / "perturbations").glob("*.pt")}
+    stored = {
+        path.stem: torch.load(path, weights_only=True).shape
+        for path in (tmp_path / "native" / "run" / "perturbations").glob("*.pt")
+    }
     assert sorted(shape[-1] for shape in stored.values()) == [160, 224]  # each computed at its victim's size
     rates = json.loads((tmp_path / "native" / "run" / "metrics.json").read_text())["fooling_rate"]
     assert all(0.0 <= rate <= 1.0 for row in rates.values() for rate in row.values())
 
     same = run_task(compose_config([*overrides, "task.native_sizes=false"], tmp_path / "same"))
     assert list(same["input_size"].values()) == [224, 224]  # every victim at data.image_size (the run's victim's)
-
 
 
 def test_a_published_file_is_resized_to_each_victims_own_size(tmp_path):
@@ -79,17 +94,43 @@ def test_a_published_file_is_resized_to_each_victims_own_size(tmp_path):
     photos = make_photos(tmp_path / "photos")
     np.save(tmp_path / "universal.npy", np.full((1, 224, 224, 3), 10.0, dtype=np.float32))
     np.save(tmp_path / "small.npy", np.full((1, 160, 160, 3), 10.0, dtype=np.float32))
-    data = ["data=imagenet_samples", f"data.root={photos}", "data.class_names_file=null", "data.attack_images=4",
-            "data.eval_images=6", "logger=none"]
+    data = [
+        "data=imagenet_samples",
+        f"data.root={photos}",
+        "data.class_names_file=null",
+        "data.attack_images=4",
+        "data.eval_images=6",
+        "logger=none",
+    ]
     small = f"{{preset: timm, arch: {ARCH}, pretrained: true, weights: '{weights}'}}"
-    transfer = run_task(compose_config([*data, "model=efficientnet_lite0", "task=transfer",
-                                        f"task.victims=[{small},efficientnet_lite0]",
-                                        f"task.perturbations=[{tmp_path / 'universal.npy'}]"], tmp_path / "transfer"))
+    transfer = run_task(
+        compose_config(
+            [
+                *data,
+                "model=efficientnet_lite0",
+                "task=transfer",
+                f"task.victims=[{small},efficientnet_lite0]",
+                f"task.perturbations=[{tmp_path / 'universal.npy'}]",
+            ],
+            tmp_path / "transfer",
+        )
+    )
     assert list(transfer["input_size"].values()) == [160, 224]
     small_label = transfer["victims"][0]
     rate = transfer["fooling_rate"]["perturbation from universal"][small_label]
 
-    alone = run_task(compose_config([*data, "model=timm", f"model.arch={ARCH}", "model.pretrained=true",
-                                     f"model.weights={weights}", "task=evaluate",
-                                     f"perturbation.path={tmp_path / 'small.npy'}"], tmp_path / "alone"))
+    alone = run_task(
+        compose_config(
+            [
+                *data,
+                "model=timm",
+                f"model.arch={ARCH}",
+                "model.pretrained=true",
+                f"model.weights={weights}",
+                "task=evaluate",
+                f"perturbation.path={tmp_path / 'small.npy'}",
+            ],
+            tmp_path / "alone",
+        )
+    )
     assert alone["fooling_rate"] == pytest.approx(rate, abs=1e-6)

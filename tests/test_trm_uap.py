@@ -95,8 +95,10 @@ def test_no_image_is_read():
     engine = TRMUAP(ThreatModel.parse(30, "inf"), steps=5)
     real, nans = torch.rand(6, 3, 8, 8), torch.full((6, 3, 8, 8), math.nan)
     labels = torch.zeros(6, dtype=torch.long)
-    runs = [engine.run_pass(model, torch.zeros(3, 8, 8), x, labels, torch.Generator().manual_seed(1), pass_index=0)[0]
-            for x in (real, nans, None)]
+    runs = [
+        engine.run_pass(model, torch.zeros(3, 8, 8), x, labels, torch.Generator().manual_seed(1), pass_index=0)[0]
+        for x in (real, nans, None)
+    ]
     assert torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     assert not engine.reads_images
@@ -183,8 +185,19 @@ def test_without_x_the_attack_stops_once_the_curriculum_ends_and_delta_settles()
 
 @pytest.mark.parametrize(
     "key, value",
-    [("p_rate", 0.0), ("p_rate", 1.5), ("n_rate", -0.1), ("lam", -1.0), ("lam", math.nan), ("prior", "uniform"),
-     ("std_growth", -1.0), ("steps", 0), ("step_size", 0.0), ("batch_size", 0), ("saturation", 1.0)],
+    [
+        ("p_rate", 0.0),
+        ("p_rate", 1.5),
+        ("n_rate", -0.1),
+        ("lam", -1.0),
+        ("lam", math.nan),
+        ("prior", "uniform"),
+        ("std_growth", -1.0),
+        ("steps", 0),
+        ("step_size", 0.0),
+        ("batch_size", 0),
+        ("saturation", 1.0),
+    ],
 )
 def test_bad_options_name_their_key(key, value):
     with pytest.raises(ValueError, match=f"attack.{key}"):
@@ -215,8 +228,9 @@ def test_the_api_on_the_digits_victim_against_random_noise():
     assert v.shape == (1, 8, 8) and torch.isfinite(v).all() and published.passes == 2
     assert 32 / 255 < float(v.abs().max()) <= 64 / 255 + 1e-6
     assert 0 <= fooling_rate(model, held_out, v) <= 1
-    both = compute_uap(model, None, eps=64, method="trm_uap", image_shape=(1, 8, 8), max_passes=2,
-                       p_rate=1.0, n_rate=1.0)
+    both = compute_uap(
+        model, None, eps=64, method="trm_uap", image_shape=(1, 8, 8), max_passes=2, p_rate=1.0, n_rate=1.0
+    )
     assert fooling_rate(model, held_out, both.perturbation) > 1.5 * noise
     assert all(not m._forward_hooks for m in model.modules()) and not model.training
     assert [param.requires_grad for param in model.parameters()] == flags

@@ -19,7 +19,8 @@ from PIL import Image
 from torch import nn
 
 from uap_lightning.config import DataConfig, ModelConfig
-from uap_lightning.data import build_datamodule, cache as data_cache
+from uap_lightning.data import build_datamodule
+from uap_lightning.data import cache as data_cache
 from uap_lightning.data.torchvision_sets import read_cifar_pickle
 from uap_lightning.errors import DamagedFileError, UntrustedFileError
 from uap_lightning.locking import LockTimeoutError, held_lock, read_owner
@@ -70,9 +71,21 @@ def test_cli_refuses_a_payload_checkpoint_with_one_message(tmp_path):
     path, marker = payload_checkpoint(tmp_path)
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(
-        [sys.executable, "-m", "uap_lightning.run", f"model.checkpoint={path}", f"hydra.run.dir={tmp_path / 'run'}",
-         "attack.max_passes=1", "data.attack_images=20", "logger=none"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "uap_lightning.run",
+            f"model.checkpoint={path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "attack.max_passes=1",
+            "data.attack_images=20",
+            "logger=none",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "trust_checkpoint" in done.stdout + done.stderr
@@ -200,8 +213,17 @@ def test_changed_image_folder_trains_a_new_victim(tmp_path):
     """Swapping two classes' files (same names, same count) must not reuse the old victim."""
     root = tmp_path / "images"
     make_folders(root)
-    data = DataConfig(name="imagefolder", root=str(root), in_channels=3, image_size=8, attack_images=3,
-                      val_fraction=0.0, batch_size=12, mean=[0.5] * 3, std=[0.25] * 3)
+    data = DataConfig(
+        name="imagefolder",
+        root=str(root),
+        in_channels=3,
+        image_size=8,
+        attack_images=3,
+        val_fraction=0.0,
+        batch_size=12,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+    )
     model = ModelConfig(name="cnn", width=8, optimizer="adam", lr=0.01)
     from uap_lightning.config import TrainerConfig
 

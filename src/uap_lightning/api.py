@@ -13,20 +13,20 @@ import numbers
 import re
 import warnings
 from collections.abc import Iterable
-from typing import Any, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from uap_lightning import metrics
+from uap_lightning.attacks.base import checked_target_class
 from uap_lightning.attacks.driver import PassCallback, PassReport, UAPResult, check_takes, run_passes
 from uap_lightning.attacks.ensemble import Ensemble, resized
-from uap_lightning.attacks.base import checked_target_class
-from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.model_state import frozen_eval, model_device
-from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.attacks.projections import check_resolution
+from uap_lightning.attacks.settings import AttackSettings
+from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.baselines import MARGIN, random_baselines
 from uap_lightning.errors import NonFiniteError
 from uap_lightning.report.summary import BUDGET_FULL
@@ -110,26 +110,26 @@ def compute_uap(
             resolution=resolution,
             precision=str(precision),
         )
-        if isinstance(model, (list, tuple)):
-            model = Ensemble(model)
-        check_takes(settings.engine(), model)
+        # a list or tuple of victims is the only sequence compute_uap takes
+        victim = Ensemble(model) if isinstance(model, (list, tuple)) else cast(nn.Module, model)
+        check_takes(settings.engine(), victim)
     if images is None:
         settings.threat.check_fits(image_shape or (), eps_key="eps")
         with pass_bar(settings, verbose) as on_pass_end:
-            return _data_free(model, settings, image_shape, on_pass_end)
-    x = as_images(images, model)
+            return _data_free(victim, settings, image_shape, on_pass_end)
+    x = as_images(images, victim)
     settings.threat.check_fits(x.shape[1:], eps_key="eps")
     with api_names():
         check_resolution(settings.resolution, x.shape[1:])
-    with frozen_eval(model):
-        classes = check_logits(model, x)
+    with frozen_eval(victim):
+        classes = check_logits(victim, x)
         checked_target_class(target_class, classes, key="target_class")
-        clean = metrics.predict(model, x, batch_size=settings.eval_batch_size, clip=settings.clip)
+        clean = metrics.predict(victim, x, batch_size=settings.eval_batch_size, clip=settings.clip)
         warn_constant_victim(clean, classes)
         with pass_bar(settings, verbose) as on_pass_end:
-            result = run_passes(model, settings, x, clean, on_pass_end=on_pass_end)
+            result = run_passes(victim, settings, x, clean, on_pass_end=on_pass_end)
         if baselines:
-            judge_against_random(result, model, x, clean, settings)
+            judge_against_random(result, victim, x, clean, settings)
     return result
 
 
@@ -153,14 +153,18 @@ def warn_constant_victim(clean: Tensor, classes: int) -> None:
             "broken victim (or images it was not made for), so any fooling rate measured on it means nothing; "
             "attack a trained classifier that takes these [0,1] images (normalisation inside it, e.g. "
             "torch.nn.Sequential(uap_lightning.Normalize(mean, std), net))",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
 
 
-def judge_against_random(result: UAPResult, model: nn.Module, x: Tensor, clean: Tensor, settings: AttackSettings) -> None:
+def judge_against_random(
+    result: UAPResult, model: nn.Module, x: Tensor, clean: Tensor, settings: AttackSettings
+) -> None:
     """Measure the random baselines on X into ``result`` (``random_fooling_rate``,
     ``random_same_l2_fooling_rate``, ``fooling_rate_attack_set``, ``beats_random``) and warn
     (UserWarning) when the perturbation does not beat them, saying what to try with compute_uap's keywords."""
+
     def predict(noise: Tensor) -> Tensor:
         return metrics.predict(model, x, noise, batch_size=settings.eval_batch_size, clip=settings.clip)
 
@@ -186,7 +190,8 @@ def judge_against_random(result: UAPResult, model: nn.Module, x: Tensor, clean: 
         f"the perturbation fools {fooling:.3f} of the images, which does not beat random noise by {MARGIN} (random "
         f"{threat.symbol} noise of norm eps={threat.eps:g}: {found.same_norm:.3f}; a random direction with v's ℓ2 "
         f"norm: {found.same_l2:.3f}); v used {used:.0%} of eps; try: " + "; ".join(fixes),
-        UserWarning, stacklevel=3,
+        UserWarning,
+        stacklevel=3,
     )
 
 
@@ -195,7 +200,7 @@ def threat_of(eps: Any, p: Union[str, float], eps_scale: int) -> ThreatModel:
     (UserWarning) when ε is under one 8-bit level in 0–255 units."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a number (0–255 pixel units, or [0,1] with eps_scale=1); got {eps!r}")
-    threat = ThreatModel.in_units(eps, p, eps_scale, eps_key="eps", scale_key="eps_scale")
+    threat = ThreatModel.in_units(float(eps), p, eps_scale, eps_key="eps", scale_key="eps_scale")
     if threat.below_one_level:
         warnings.warn(threat.unit_advice("eps", "eps_scale"), UserWarning, stacklevel=3)
     return threat
@@ -221,7 +226,9 @@ def pass_bar(settings: AttackSettings, verbose: bool) -> Iterator[Optional[PassC
 
 
 def _data_free(
-    model: nn.Module, settings: AttackSettings, image_shape: Optional[Sequence[int]],
+    model: nn.Module,
+    settings: AttackSettings,
+    image_shape: Optional[Sequence[int]],
     on_pass_end: Optional[PassCallback] = None,
 ) -> UAPResult:
     """compute_uap without images: a data-free engine on C×H×W = ``image_shape``."""
@@ -244,8 +251,7 @@ def fooling_rate(
         raise TypeError(f"perturbation must be a C×H×W tensor; got {type(perturbation).__name__}")
     if tuple(perturbation.shape) != tuple(x.shape[1:]):
         raise ValueError(
-            f"perturbation has shape {tuple(perturbation.shape)}; "
-            f"expected C×H×W = {tuple(x.shape[1:])} like the images"
+            f"perturbation has shape {tuple(perturbation.shape)}; expected C×H×W = {tuple(x.shape[1:])} like the images"
         )
     if not perturbation.is_floating_point() or not bool(torch.isfinite(perturbation).all()):
         raise ValueError("perturbation must hold finite floats (it has NaN or infinite values, or is not float)")
@@ -301,8 +307,8 @@ def check_logits(model: nn.Module, images: Tensor) -> int:
         out = model(images[:2].to(model_device(model)))
     if not isinstance(out, Tensor):
         raise ValueError(
-            f"the model must return a logits tensor (N×K); it returned a {type(out).__name__}: wrap it in a module whose "
-            "forward returns the logits alone"
+            f"the model must return a logits tensor (N×K); it returned a {type(out).__name__}: "
+            "wrap it in a module whose forward returns the logits alone"
         )
     if out.dim() != 2 or out.shape[0] != min(2, images.shape[0]) or out.shape[1] < 2:
         raise ValueError(f"the model must return N×K logits with K >= 2 classes; it returned shape {tuple(out.shape)}")

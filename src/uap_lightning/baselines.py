@@ -92,7 +92,8 @@ def random_baselines(
         def on_draw(kind: int) -> Callable[[int], None]:
             return lambda index: phase.part(f"draw {kind * draws + index + 1} of {2 * draws}, {kinds[kind]}")
 
-        same_norm = mean_fooling_rate(perturbed_labels, clean_labels, shape, threat.eps, threat.p, generator, draws,
-                                      on_draw(0))
+        same_norm = mean_fooling_rate(
+            perturbed_labels, clean_labels, shape, threat.eps, threat.p, generator, draws, on_draw(0)
+        )
         same_l2 = mean_fooling_rate(perturbed_labels, clean_labels, shape, l2, 2.0, generator, draws, on_draw(1))
     return RandomBaselines(same_norm=same_norm, same_l2=same_l2, draws=draws)

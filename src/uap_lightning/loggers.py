@@ -41,11 +41,19 @@ from uap_lightning.errors import ConfigError
 from uap_lightning.units import to_pixel_units
 
 # Packages whose classes a ``_target_`` in a logger or callback config may name.
-ALLOWED_TARGET_PACKAGES = ("lightning.pytorch.loggers.", "lightning.fabric.loggers.", "lightning.pytorch.callbacks.",
-                           "uap_lightning.")
+ALLOWED_TARGET_PACKAGES = (
+    "lightning.pytorch.loggers.",
+    "lightning.fabric.loggers.",
+    "lightning.pytorch.callbacks.",
+    "uap_lightning.",
+)
 # The argument of each logger class (and its subclasses) that names the run of one phase.
-PHASE_ARGUMENTS = {"TensorBoardLogger": "version", "CSVLogger": "version", "WandbLogger": "name",
-                   "MLFlowLogger": "run_name"}
+PHASE_ARGUMENTS = {
+    "TensorBoardLogger": "version",
+    "CSVLogger": "version",
+    "WandbLogger": "name",
+    "MLFlowLogger": "run_name",
+}
 # Groups of a run's config that say where and how it reports, not what it computes: never hparams.
 NOT_HPARAMS = ("hydra", "paths", "logger", "callbacks", "extras")
 # Library loggers whose information lines (database set-up, migrations) stay off the console.
@@ -110,8 +118,9 @@ def instantiate_loggers(configs: Mapping[str, Any], phase: str) -> List[Logger]:
     loggers = []
     for config in (configs or {}).values():
         logger_class = get_class(str(config["_target_"]))
-        argument = next((PHASE_ARGUMENTS[c.__name__] for c in logger_class.__mro__ if c.__name__ in PHASE_ARGUMENTS),
-                        None)
+        argument = next(
+            (PHASE_ARGUMENTS[c.__name__] for c in logger_class.__mro__ if c.__name__ in PHASE_ARGUMENTS), None
+        )
         _quiet(logger_class, offline=bool(config.get("offline", False)))
         loggers.append(instantiate(config, **({argument: phase} if argument else {})))
     return loggers
@@ -126,7 +135,8 @@ def _quiet(logger_class: type, offline: bool) -> None:
 
         # the process's wandb settings, before its first run: a run's own settings apply only after
         # wandb has printed its first warnings
-        wandb.setup(settings=wandb.Settings(silent=True, **({"mode": "offline"} if offline else {})))
+        mode: Dict[str, Any] = {"mode": "offline"} if offline else {}
+        wandb.setup(settings=wandb.Settings(silent=True, **mode))
     elif issubclass(logger_class, MLFlowLogger):
         import mlflow  # noqa: F401  (it sets its loggers' levels on import; they are set here after)
 
@@ -153,11 +163,16 @@ class PhaseWandbLogger(WandbLogger):
     of wandb's own service processes go to the user's cache folder (``~/.cache/wandb/logs``)."""
 
     def __init__(self, *args: Any, save_dir: str = ".", **kwargs: Any) -> None:
-        for variable, folder in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"),
-                                 ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+        for variable, folder in (
+            ("WANDB_CACHE_DIR", "cache"),
+            ("WANDB_CONFIG_DIR", "config"),
+            ("WANDB_DATA_DIR", "data"),
+            ("WANDB_ARTIFACT_DIR", "artifacts"),
+        ):
             os.environ.setdefault(variable, os.path.join(save_dir, "wandb", folder))
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-        super().__init__(*args, save_dir=save_dir, **kwargs)
+        kwargs["save_dir"] = save_dir  # by keyword: *args holds at most the run's name
+        super().__init__(*args, **kwargs)
 
     @property
     def experiment(self) -> Any:
@@ -207,8 +222,10 @@ def _key_settings(cfg: DictConfig, attack: AttackSettings) -> Dict[str, Any]:
         "augment": attack.augment,
         "input_diversity": attack.input_diversity or None,
         "resolution": attack.resolution,
-        "ensemble": "+".join(str(OmegaConf.select(OmegaConf.create({"e": e}), "e.preset") or e)
-                             for e in cfg.attack.get("ensemble") or []) or None,
+        "ensemble": "+".join(
+            str(OmegaConf.select(OmegaConf.create({"e": e}), "e.preset") or e) for e in cfg.attack.get("ensemble") or []
+        )
+        or None,
         **attack.options,
     }
     return {
@@ -247,8 +264,9 @@ def _override_values(cfg: DictConfig, overrides: Sequence[str]) -> Dict[str, Any
     return values
 
 
-def log_outcome(logger: Logger, hparams: Mapping[str, HParam], metrics: Mapping[str, float],
-                step: Optional[int] = None) -> None:
+def log_outcome(
+    logger: Logger, hparams: Mapping[str, HParam], metrics: Mapping[str, float], step: Optional[int] = None
+) -> None:
     """A run's ``hparams`` and final ``metrics`` to ``logger``: TensorBoard files them as the run's
     HPARAMS entry (the metrics as scalars at step 0); the others get the hparams as parameters and
     the metrics at ``step``."""

@@ -16,8 +16,9 @@ the same v and the same records; Fabric saves the state from rank 0 and the call
 progress bar) draw on rank 0. The workers leave the loggers alone: rank 0 writes the outcome
 and each pass's record and v to a file (tensors-only; Fabric's launcher would send a return
 value through a pipe it reads only after the workers exit, which a large value blocks), and the
-main process reads and logs them once the workers are done, so every log file has one writer. An interrupt stops all processes; the state saved after the last
-finished pass lets the same command continue.
+main process reads and logs them once the workers are done, so every log file has one writer. An
+interrupt stops all processes; the state saved after the last finished pass lets the same command
+continue.
 
 A generative engine (``attack=gap``) trains a network rather than v: :meth:`AttackLoop.train_generator`
 trains it with a Lightning Trainer (one epoch per pass, :class:`~uap_lightning.models.gap_module.GAPModule`),
@@ -42,16 +43,18 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
 
 import lightning as L
 import torch
 from lightning.fabric import Fabric
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from uap_lightning import metrics, progress
+from uap_lightning.atomic import atomic_write
 from uap_lightning.attacks import (
     SINGLE_PROCESS,
     AttackSettings,
@@ -64,7 +67,6 @@ from uap_lightning.attacks import (
     frozen_eval,
     run_passes,
 )
-from uap_lightning.atomic import atomic_write
 from uap_lightning.attacks.engines.gap import GAP
 from uap_lightning.errors import DamagedFileError
 from uap_lightning.models.gap_module import GAPModule
@@ -162,7 +164,9 @@ class AttackState:
             fingerprint=str(state["fingerprint"]),
             passes=int(state["passes"]),
             perturbation=state["perturbation"],
-            kept=KeptPerturbation(state["kept_perturbation"], float(state["kept_fooling_rate"]), int(state["kept_pass"])),
+            kept=KeptPerturbation(
+                state["kept_perturbation"], float(state["kept_fooling_rate"]), int(state["kept_pass"])
+            ),
             generator_state=state["generator_state"],
             history=list(state["history"]),
             attack_seconds=float(state["attack_seconds"]),
@@ -213,9 +217,7 @@ class AttackLoop:
         spawns (its strategy must spawn them: ``ddp_spawn``), see the module's notes.
         """
         if self.fabric.world_size == 1:
-            return self._attack(
-                model, attack_images, eval_images, eval_labels, resume, SINGLE_PROCESS, self._log_pass
-            )
+            return self._attack(model, attack_images, eval_images, eval_labels, resume, SINGLE_PROCESS, self._log_pass)
         # the loop travels with the function: Fabric's launcher walks the arguments, which a frozen
         # dataclass (the threat model) stops
         with tempfile.TemporaryDirectory(prefix="uap-attack-") as folder:
@@ -260,13 +262,22 @@ class AttackLoop:
             self.fabric.call("on_attack_start", loop=self, max_passes=self.settings.max_passes, done=len(history))
             elapsed = resume.attack_seconds if resume is not None else 0.0
 
+            pass_started: float  # set when the passes start, below
+
             def on_pass_end(report: PassReport) -> None:
                 # attack time of this pass: engine updates plus the check on X, not the evaluation
                 nonlocal elapsed, pass_started, latest
                 pass_seconds = time.perf_counter() - pass_started
                 elapsed += pass_seconds
                 record = self._pass_record(
-                    model, report, eval_images, eval_labels, clean_eval_labels, clean_accuracy, pass_seconds, elapsed,
+                    model,
+                    report,
+                    eval_images,
+                    eval_labels,
+                    clean_eval_labels,
+                    clean_accuracy,
+                    pass_seconds,
+                    elapsed,
                     reducer,
                 )
                 history.append(record)
@@ -315,9 +326,7 @@ class AttackLoop:
             with self._phase(f"scoring the kept perturbation on the {len(eval_images)} eval images"):
                 perturbed_eval_labels = self.predict(model, eval_images, kept_v, reducer=reducer)
 
-        final = self._final_record(
-            model, kept_v, result, history, eval_images, eval_labels, clean_eval_labels, reducer
-        )
+        final = self._final_record(model, kept_v, result, history, eval_images, eval_labels, clean_eval_labels, reducer)
         final.update(loop_seconds=wall, clean_accuracy=clean_accuracy, attack_seconds=elapsed)
         self.fabric.call("on_attack_end", loop=self, result=result, final=final)
         return AttackOutcome(
@@ -360,22 +369,44 @@ class AttackLoop:
 
             def record_pass(report: PassReport, seconds: float, elapsed: float) -> Dict[str, Any]:
                 record = self._pass_record(
-                    model, report, eval_images, eval_labels, clean_eval_labels, clean_accuracy, seconds, elapsed,
+                    model,
+                    report,
+                    eval_images,
+                    eval_labels,
+                    clean_eval_labels,
+                    clean_accuracy,
+                    seconds,
+                    elapsed,
                     SINGLE_PROCESS,
                 )
                 self._log_pass(record, report.perturbation)
                 self.fabric.call("on_attack_pass_end", loop=self, record=record, perturbation=report.perturbation)
                 return record
 
-            module = GAPModule(engine, model, attack_images, clean_attack_labels, self.settings,
-                               fingerprint=self.fingerprint, record_pass=record_pass)
+            module = GAPModule(
+                engine,
+                model,
+                attack_images,
+                clean_attack_labels,
+                self.settings,
+                fingerprint=self.fingerprint,
+                record_pass=record_pass,
+            )
             trainer = L.Trainer(
                 **trainer_settings,
                 devices=1,
                 max_epochs=self.settings.max_passes,
-                logger=list(self.fabric.loggers) or False,
-                callbacks=[ModelCheckpoint(dirpath=run_dir, filename=Path(GENERATOR_CHECKPOINT).stem, save_top_k=1,
-                                           save_on_train_epoch_end=True, enable_version_counter=False)],
+                # the run's loggers are Lightning's Trainer loggers (instantiate_loggers), which Fabric takes too
+                logger=cast(List[Logger], list(self.fabric.loggers)) or False,
+                callbacks=[
+                    ModelCheckpoint(
+                        dirpath=run_dir,
+                        filename=Path(GENERATOR_CHECKPOINT).stem,
+                        save_top_k=1,
+                        save_on_train_epoch_end=True,
+                        enable_version_counter=False,
+                    )
+                ],
                 log_every_n_steps=1,
                 enable_progress_bar=False,
                 enable_model_summary=False,
@@ -544,10 +575,12 @@ class AttackLoop:
         step = record["pass"]
         self.fabric.log_dict({f"attack/{k}": v_ for k, v_ in record.items() if k != "pass"}, step=step)
         for logger in self.fabric.loggers:
-            experiment = getattr(logger, "experiment", None)
+            experiment: Any = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 threat = self.settings.threat
-                experiment.add_image("attack/perturbation", perturbation_image(v.detach().cpu(), threat.eps, threat.p), step)
+                experiment.add_image(
+                    "attack/perturbation", perturbation_image(v.detach().cpu(), threat.eps, threat.p), step
+                )
 
 
 def _attack_on_rank(
@@ -633,7 +666,12 @@ class AttackProgressBar:
             rates = ", ".join(f"{name} {value}" for name, value in progress_rates(loop.settings, record).items())
             log.info(
                 "pass %d/%d: %s; %.1f s, %.0f s in all, at most ~%.0f s to go",
-                done, self._max_passes, rates, record["seconds"], record["attack_seconds"], left,
+                done,
+                self._max_passes,
+                rates,
+                record["seconds"],
+                record["attack_seconds"],
+                left,
             )
 
     def on_passes_done(self, loop: AttackLoop) -> None:
@@ -650,8 +688,12 @@ def progress_rates(settings: AttackSettings, record: Dict[str, Any]) -> Dict[str
     """The rates a progress line shows for a pass's ``record``: on X the rate the attack steers by,
     on the eval set the fooling rate (and, targeted, the targeted success rate)."""
     if settings.target_class is None:
-        return {"fooling on X": f"{record['fooling_rate_attack_set']:.4f}",
-                "on the eval set": f"{record['fooling_rate']:.4f}"}
-    return {"targeted success on X": f"{record['targeted_success_rate_attack_set']:.4f}",
-            "on the eval set": f"{record['targeted_success_rate']:.4f}",
-            "fooling on the eval set": f"{record['fooling_rate']:.4f}"}
+        return {
+            "fooling on X": f"{record['fooling_rate_attack_set']:.4f}",
+            "on the eval set": f"{record['fooling_rate']:.4f}",
+        }
+    return {
+        "targeted success on X": f"{record['targeted_success_rate_attack_set']:.4f}",
+        "on the eval set": f"{record['targeted_success_rate']:.4f}",
+        "fooling on the eval set": f"{record['fooling_rate']:.4f}",
+    }

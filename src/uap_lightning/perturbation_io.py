@@ -19,7 +19,7 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import IO, Any, Iterator, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import scipy.io
@@ -49,7 +49,9 @@ def check_reading(path: str | os.PathLike[str], *, layout: Optional[str] = None,
             raise ConfigError(f"{path.parent} holds no {RUN_FOLDER_FILE}; give a perturbation file or a run folder")
     _check_settings(path, layout, scale)
     if not path.is_file():
-        raise NotFoundError(f"perturbation file {path} does not exist or is not a file; set perturbation.path to a file")
+        raise NotFoundError(
+            f"perturbation file {path} does not exist or is not a file; set perturbation.path to a file"
+        )
 
 
 def read_perturbation_source(
@@ -164,8 +166,7 @@ def _check_settings(path: Path, layout: Optional[str], scale: Optional[float]) -
     """Refuse an unsupported suffix, layout or scale before touching the file."""
     if path.suffix.lower() not in SUFFIXES:
         raise ConfigError(
-            f"perturbation file {path} has an unsupported suffix {path.suffix!r}; "
-            f"use one of {', '.join(SUFFIXES)}"
+            f"perturbation file {path} has an unsupported suffix {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
         )
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"perturbation.layout={layout} is not supported; use one of {', '.join(LAYOUTS)}")
@@ -252,8 +253,10 @@ def _load_torch(path: Path, key: Optional[str]) -> Tuple[Tensor, str]:
     """The tensor of a ``.pt``/``.pth`` file: the object itself, or a dict's tensor. Read tensors-only
     with the checkpoint loader's allow-list; a file wanting other Python objects is refused, naming them."""
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(cast(List[Any], SAFE_CHECKPOINT_GLOBALS)):
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a raw pickle: read or refused anyway
+        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            warnings.filterwarnings(
+                "ignore", message="Detected pickle protocol"
+            )  # a raw pickle: read or refused anyway
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_globals(str(path), err)
@@ -323,7 +326,7 @@ def _as_chw(v: Tensor, source: str, layout: Optional[str]) -> Tuple[Tensor, str]
 
 
 def _inferred_layout(dims: Tuple[int, ...], source: str) -> str:
-    """"hwc" or "chw" for 3-D ``dims``, told by which end axis has length 1 or 3; else refused."""
+    """ "hwc" or "chw" for 3-D ``dims``, told by which end axis has length 1 or 3; else refused."""
     first, last = dims[0] in (1, 3), dims[-1] in (1, 3)
     if last and not first:
         return "hwc"

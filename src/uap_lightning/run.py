@@ -51,6 +51,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file s
 class DiskFullError(UserError, OSError):
     """A write failed for want of space."""
 
+
 EXIT_INTERRUPTED = 130
 
 
@@ -104,8 +105,9 @@ def execute(cfg: DictConfig) -> Optional[float]:
                 raise
             discard_outputs_since(run_dir, started)
             raise DiskFullError(
-                f"the disk is full (or the file size limit reached) writing {err.filename or 'a file'}: {err.strerror}; "
-                "free some space and run the same command again (the outputs this run had written were removed)"
+                f"the disk is full (or the file size limit reached) writing {err.filename or 'a file'}: "
+                f"{err.strerror}; free some space and run the same command again "
+                "(the outputs this run had written were removed)"
             ) from None
     except UserError as err:
         log.error("%s", err)
@@ -128,7 +130,7 @@ def execute(cfg: DictConfig) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _disk_full(error: BaseException) -> Optional[OSError]:
+def _disk_full(error: Optional[BaseException]) -> Optional[OSError]:
     """The OSError of a full disk that ``error`` is or was caused by (loggers re-raise it as another
     type, e.g. Lightning's TensorBoard logger as ValueError), or None."""
     seen = set()

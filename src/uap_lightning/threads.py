@@ -78,8 +78,9 @@ def choose_threads(
         limit = f"a CPU quota of {_cores(quota)}"
     if parallel_jobs > 1:
         count = max(1, usable // parallel_jobs)
-        return ThreadChoice(count, f"{_cores(usable)} shared by {parallel_jobs} parallel jobs"
-                            + (f"; {limit}" if limit else ""))
+        return ThreadChoice(
+            count, f"{_cores(usable)} shared by {parallel_jobs} parallel jobs" + (f"; {limit}" if limit else "")
+        )
     taken = min(cores, max(0, int(math.floor(busy + 0.5))))
     free = cores - taken
     count = max(1, min(usable, free))
@@ -204,8 +205,9 @@ def busy_cores(seconds: float = SAMPLE_SECONDS) -> float:
     second = _read(stat) or first
     own_after = os.times()
     own_seconds = (own_after.user - own.user) + (own_after.system - own.system)
-    return busy_from_samples(parse_proc_stat(first, cpus), parse_proc_stat(second, cpus), own_seconds,
-                             float(os.sysconf("SC_CLK_TCK")))
+    return busy_from_samples(
+        parse_proc_stat(first, cpus), parse_proc_stat(second, cpus), own_seconds, float(os.sysconf("SC_CLK_TCK"))
+    )
 
 
 _chosen: Optional[ThreadChoice] = None

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 import lightning as L
 import torch
@@ -22,21 +22,28 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from uap_lightning.units import to_image_scale
-from uap_lightning.config import default_eps
+from uap_lightning.config import ModelConfig, default_eps
 from uap_lightning.data.base import UAPDataModule, config_value
 from uap_lightning.errors import ConfigError, NonFiniteError
 from uap_lightning.models import VictimClassifier, build_backbone, load_weights, output_classes
-from uap_lightning.models.victim import ADVERSARIAL_MODES
 from uap_lightning.models.cache import cache_entry, load_or_train
+from uap_lightning.models.victim import ADVERSARIAL_MODES
 from uap_lightning.models.zoo import normalisation
+from uap_lightning.units import to_image_scale
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED_TRAINING = "interrupted while training the victim; nothing was cached, the next run trains it again"
 
 # Data keys that do not change the trained victim (attack/eval selection, loader settings).
-_DATA_KEYS_NOT_IN_VICTIM = ("attack_images", "eval_images", "default_eps", "num_workers", "download", "max_image_pixels")
+_DATA_KEYS_NOT_IN_VICTIM = (
+    "attack_images",
+    "eval_images",
+    "default_eps",
+    "num_workers",
+    "download",
+    "max_image_pixels",
+)
 # Model keys that select weights rather than training them.
 _MODEL_KEYS_NOT_IN_VICTIM = ("checkpoint", "trust_checkpoint", "layout", "key_map", "weights")
 # Trainer keys that do not change the trained weights.
@@ -98,9 +105,9 @@ def resolve_adversarial(model_cfg: Any, data_cfg: Any) -> Any:
     for key, value in (("adversarial_eps", eps), ("adversarial_step", step)):
         if not (math.isfinite(value) and 0 < value <= 255):
             raise ConfigError(f"model.{key} must lie in (0, 255] (0–255 pixel units); got {value}")
-    filled = {"adversarial_eps": float(eps), "adversarial_step": float(step)}
+    filled: Dict[str, Any] = {"adversarial_eps": float(eps), "adversarial_step": float(step)}
     if dataclasses.is_dataclass(model_cfg):
-        return dataclasses.replace(model_cfg, **filled)
+        return dataclasses.replace(cast(ModelConfig, model_cfg), **filled)  # a dataclass instance: a ModelConfig
     return OmegaConf.merge(model_cfg, filled)
 
 
@@ -136,7 +143,7 @@ def _plain(node: Any, drop: tuple) -> Dict[str, Any]:
     """The settings of ``node`` but ``drop`` and those left unset (None), so that a new
     optional setting does not change the key of victims trained without it."""
     node = node if isinstance(node, DictConfig) else OmegaConf.structured(node)
-    values = OmegaConf.to_container(node, resolve=True)
+    values = cast(Dict[str, Any], OmegaConf.to_container(node, resolve=True))  # a DictConfig's: a dict
     return {k: v for k, v in values.items() if k not in drop and v is not None}
 
 
@@ -311,9 +318,9 @@ def check_training_processes(trainer_cfg: Any) -> None:
     if strategy in (None, "auto"):
         if _device_count(trainer_cfg) > 1:
             raise ConfigError(
-                f"trainer.devices={trainer_cfg.devices} with trainer.strategy={strategy or 'null'}: Lightning would pick "
-                "ddp, which starts the other processes by running the whole command again, and they would wait "
-                f"for the victim cache's lock that this process holds; {how}"
+                f"trainer.devices={trainer_cfg.devices} with trainer.strategy={strategy or 'null'}: "
+                "Lightning would pick ddp, which starts the other processes by running the whole command again, "
+                f"and they would wait for the victim cache's lock that this process holds; {how}"
             )
         return
     if strategy not in StrategyRegistry:
@@ -337,8 +344,11 @@ class EpochLog(L.Callback):
 
 def check_finite_weights(net: Any, source: str) -> None:
     """NonFiniteError naming ``source`` when a parameter or buffer of ``net`` holds NaN or infinity."""
-    bad = [name for name, tensor in net.state_dict().items()
-           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad = [
+        name
+        for name, tensor in net.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
     if bad:
         raise NonFiniteError(
             f"the weights from {source} hold NaN or infinite values ({', '.join(bad[:3])}"

@@ -7,7 +7,7 @@ import difflib
 import logging
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from hydra.errors import MissingConfigException
@@ -70,7 +70,7 @@ def _check_known_keys(node: Any, prefix: str) -> None:
             raise ConfigError(unknown_key_message(prefix, str(unknown[0]), known))
     for key in node.keys():
         if key != "hydra":
-            _check_known_keys(node._get_node(key), f"{prefix}{key}.")
+            _check_known_keys(node._get_node(key), f"{prefix}{key!s}.")
 
 
 def unknown_key_message(prefix: str, key: str, known: Sequence[str], rest: str = "") -> str:
@@ -108,12 +108,17 @@ def composition_error_message(err: BaseException, overrides: Sequence[str]) -> s
         return f"{group}={option} is not an option of {group}{hint} ({group}: {', '.join(options)})"
     cause = err.__cause__
     full_key = str(getattr(cause, "full_key", "") or "")
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and isinstance(cause.parent_node, DictConfig) and full_key:
+    if (
+        isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+        and isinstance(cause.parent_node, DictConfig)
+        and full_key
+    ):
         key = str(cause.key)
         prefix = full_key[: -len(key)] if full_key.endswith(key) else ""
         typed = [o for o in overrides if re.match(rf"{re.escape(full_key)}(?=[.=])", o)]
-        rest = typed[0][len(full_key):] if typed else ""
-        top = [str(k) for k in cause.parent_node._get_root().keys()]
+        rest = typed[0][len(full_key) :] if typed else ""
+        root = cast(DictConfig, cause.parent_node._get_root())  # a run's config: a mapping at its root
+        top = [str(k) for k in root.keys()]
         if prefix and key in top:  # a section put under another one: model.trainer.max_epochs
             return f"unknown setting {full_key}{rest}; {key} is a section of its own: {key}{rest}"
         return unknown_key_message(prefix, key, [str(k) for k in cause.parent_node.keys()], rest)
@@ -180,8 +185,10 @@ def check_victim_source(model_cfg: Any, data_cfg: Any) -> None:
     weights asked of a model that ships none or that are not found, or training asked on data without a
     training split, or a width below one channel."""
     if model_cfg.get("width") is not None and model_cfg.width < 1:
-        raise ConfigError(f"model.width={model_cfg.width}: the first convolution needs at least 1 channel "
-                          f"(model={model_cfg.name}'s preset uses {_preset_width(model_cfg.name)})")
+        raise ConfigError(
+            f"model.width={model_cfg.width}: the first convolution needs at least 1 channel "
+            f"(model={model_cfg.name}'s preset uses {_preset_width(model_cfg.name)})"
+        )
     if model_cfg.pretrained and model_cfg.name not in IMAGENET_PRETRAINED:
         raise ConfigError(
             f"model.pretrained=true but model={model_cfg.name} has no pretrained weights (those that have: "
@@ -273,14 +280,20 @@ def check_ensemble(cfg: DictConfig, attack: AttackSettings) -> None:
     if not entries:
         return
     if cfg.task.name not in ENSEMBLE_TASKS:
-        raise ConfigError(f"attack.ensemble is for task={' or task='.join(ENSEMBLE_TASKS)}; task={cfg.task.name} "
-                          "attacks one victim at a time (leave attack.ensemble=[])")
+        raise ConfigError(
+            f"attack.ensemble is for task={' or task='.join(ENSEMBLE_TASKS)}; task={cfg.task.name} "
+            "attacks one victim at a time (leave attack.ensemble=[])"
+        )
     if len(entries) < 2:
-        raise ConfigError(f"attack.ensemble lists {len(entries)} victim; an ensemble needs at least two "
-                          "(for one victim use model=NAME and attack.ensemble=[])")
+        raise ConfigError(
+            f"attack.ensemble lists {len(entries)} victim; an ensemble needs at least two "
+            "(for one victim use model=NAME and attack.ensemble=[])"
+        )
     if not engine_class(attack.method).averages_loss:
-        raise ConfigError(f"attack.ensemble: attack={attack.method} cannot attack an ensemble (its step follows one "
-                          f"network); use attack={' or attack='.join(ensemble_engines())}")
+        raise ConfigError(
+            f"attack.ensemble: attack={attack.method} cannot attack an ensemble (its step follows one "
+            f"network); use attack={' or attack='.join(ensemble_engines())}"
+        )
     for entry in entries:
         try:
             check_victim_source(model_preset(entry), cfg.data)

@@ -47,11 +47,20 @@ def fit_data_to_victim(cfg: DictConfig, given: Collection[str] = ()) -> Optional
         cfg.data.image_size = declared.image_size
     if "data.resize" not in given and cfg.data.resize is not None:
         cfg.data.resize = declared.resize_for(cfg.data.image_size)
-    filters = "" if declared.interpolation == _DATA_DECODE_FILTER else (
-        f"; it was evaluated on {declared.interpolation}-resized images, the data is resized {_DATA_DECODE_FILTER}"
+    filters = (
+        ""
+        if declared.interpolation == _DATA_DECODE_FILTER
+        else (
+            f"; it was evaluated on {declared.interpolation}-resized images, the data is resized {_DATA_DECODE_FILTER}"
+        )
     )
     log.info(
         "data.image_size=%d, data.resize=%s for %s (its pretrained input: %d px, centre crop %.3f%s)",
-        cfg.data.image_size, cfg.data.resize, victim_label(cfg.model), declared.image_size, declared.crop_pct, filters,
+        cfg.data.image_size,
+        cfg.data.resize,
+        victim_label(cfg.model),
+        declared.image_size,
+        declared.crop_pct,
+        filters,
     )
     return declared

@@ -43,8 +43,15 @@ class SafeBasicLauncher(BasicLauncher):
             with open_dict(config):
                 config.hydra.job.id = index
                 config.hydra.job.num = index
-            runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
-                                job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            runs.append(
+                run_job(
+                    hydra_context=self.hydra_context,
+                    task_function=self.task_function,
+                    config=config,
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
+                )
+            )
         return runs
 
     @staticmethod
@@ -56,8 +63,12 @@ class SafeBasicLauncher(BasicLauncher):
         folder = sweep_dir / f"{index}-{safe_folder_name(','.join(filter_overrides(overrides)))}"
         atomic_write_text(folder / ".hydra" / "overrides.yaml", yaml.safe_dump(overrides))
         write_failure(folder, err)
-        log.error("job %d (%s) cannot be composed: %s", index, " ".join(overrides),
-                  composition_error_message(err, overrides).splitlines()[0])
+        log.error(
+            "job %d (%s) cannot be composed: %s",
+            index,
+            " ".join(overrides),
+            composition_error_message(err, overrides).splitlines()[0],
+        )
         ret = JobReturn(overrides=overrides, working_dir=str(folder), status=JobStatus.COMPLETED)
         ret.return_value = float("nan")
         return ret

@@ -1,5 +1,7 @@
 """Universal adversarial perturbation engines, pure torch (no Lightning, no Hydra)."""
 
+# ENGINES lists the engines in the order of these imports (each registers itself on import): unsorted
+# isort: off
 from uap_lightning.attacks.base import PassStats, UniversalAttack, checked_target_class, ensemble_engines
 from uap_lightning.attacks.deepfool import DeepFoolResult, deepfool_batched, deepfool_single
 from uap_lightning.attacks.algorithm_one import AlgorithmOne
@@ -33,6 +35,7 @@ from uap_lightning.attacks.engines.trm_uap import TRMUAP
 from uap_lightning.attacks.engines.gap import GAP
 from uap_lightning.attacks.engines.sv_uap import SVUAP
 from uap_lightning.attacks.threat import ThreatModel, parse_p
+# isort: on
 
 import_engine_modules()  # an engine module added to this package registers itself
 

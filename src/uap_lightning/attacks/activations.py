@@ -37,4 +37,3 @@ def activations(model: nn.Module, layers: Any) -> Iterator[List[Tensor]]:
     finally:
         for handle in handles:
             handle.remove()
-

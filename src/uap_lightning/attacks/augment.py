@@ -8,6 +8,7 @@ neighbourhood instead. Pure torch, batched, seeded by the attack's generator.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor

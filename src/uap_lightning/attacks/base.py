@@ -94,7 +94,8 @@ class UniversalAttack(abc.ABC):
         if unknown:
             raise TypeError(
                 f"attack.method={self.name} does not take option(s) {', '.join(unknown)}"
-                f"{did_you_mean(unknown[0], self.option_names())}; its options: {', '.join(self.option_names()) or 'none'}"
+                f"{did_you_mean(unknown[0], self.option_names())}; "
+                f"its options: {', '.join(self.option_names()) or 'none'}"
             )
         self.threat = threat
         self.resolution: Optional[int] = None  # see :meth:`at_resolution`
@@ -123,8 +124,10 @@ class UniversalAttack(abc.ABC):
         follows the block-averaged gradient (``attack.resolution``). Only for engines that follow
         the gradient of a mean loss (``averages_loss``); ValueError otherwise."""
         if resolution is not None and not self.averages_loss:
-            raise ValueError(f"attack.resolution is for the engines that follow a loss's gradient "
-                             f"({', '.join(ensemble_engines())}); attack.method={self.name} takes none")
+            raise ValueError(
+                f"attack.resolution is for the engines that follow a loss's gradient "
+                f"({', '.join(ensemble_engines())}); attack.method={self.name} takes none"
+            )
         self.resolution = resolution
         return self
 
@@ -176,8 +179,9 @@ def engine_class(method: str) -> Type[UniversalAttack]:
     try:
         return ENGINES[method]
     except KeyError:
-        raise ValueError(f"attack.method must be one of {', '.join(ENGINES)}; got {method!r}"
-                         f"{did_you_mean(str(method), ENGINES)}") from None
+        raise ValueError(
+            f"attack.method must be one of {', '.join(ENGINES)}; got {method!r}{did_you_mean(str(method), ENGINES)}"
+        ) from None
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

@@ -22,8 +22,8 @@ from uap_lightning.attacks.base import PassStats, UniversalAttack, ensemble_engi
 from uap_lightning.attacks.distributed import SINGLE_PROCESS, Reducer
 from uap_lightning.attacks.ensemble import Ensemble
 from uap_lightning.attacks.input_diversity import DiverseInputs
-from uap_lightning.attacks.projections import check_resolution
 from uap_lightning.attacks.model_state import compiled_predictions, folded_copy, frozen_eval, model_device
+from uap_lightning.attacks.projections import check_resolution
 from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.errors import NonFiniteError
 
@@ -90,7 +90,12 @@ def attack_set_rate(
     """Fooling rate of v on ``images`` (targeted: share of non-target images sent to the target);
     with a ``reducer`` each rank predicts its shard and every rank gets the rate on all images."""
     perturbed = distributed.predict(
-        model, images, v, reducer=reducer, batch_size=settings.eval_batch_size, clip=settings.clip,
+        model,
+        images,
+        v,
+        reducer=reducer,
+        batch_size=settings.eval_batch_size,
+        clip=settings.clip,
         precision=settings.precision,
     )
     clean = clean_labels.to(perturbed.device)
@@ -211,12 +216,14 @@ def run_passes(
             seen, seen_labels = images, clean_labels
             if settings.augment and images is not None:
                 seen = crop_flip(images, generator)
-                seen_labels = distributed.predict(model, seen, reducer=reducer, batch_size=settings.eval_batch_size,
-                                                  precision=settings.precision)
+                seen_labels = distributed.predict(
+                    model, seen, reducer=reducer, batch_size=settings.eval_batch_size, precision=settings.precision
+                )
             with metrics.precision_context(settings.precision, device):
                 # without X both are None, given to an engine that reads no images
-                v, stats = engine.run_pass(attacked, v, cast(Tensor, seen), cast(Tensor, seen_labels), generator,
-                                           pass_index=passes, **shared)
+                v, stats = engine.run_pass(
+                    attacked, v, cast(Tensor, seen), cast(Tensor, seen_labels), generator, pass_index=passes, **shared
+                )
             v = reducer.broadcast(v)
             if not bool(torch.isfinite(v).all()):
                 raise NonFiniteError(

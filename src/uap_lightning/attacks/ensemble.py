@@ -25,8 +25,9 @@ def resized(images: Tensor, size: Optional[int]) -> Tensor:
     unchanged when ``size`` is None or already theirs."""
     if size is None or tuple(images.shape[-2:]) == (size, size):
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=size < images.shape[-1])
+    return F.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=size < images.shape[-1]
+    )
 
 
 class Resized(nn.Module):
@@ -52,8 +53,12 @@ class Ensemble(nn.Module):
         names: a label per member for reports; default ``member0``, ``member1``, ...
     """
 
-    def __init__(self, members: Sequence[nn.Module], sizes: Optional[Sequence[Optional[int]]] = None,
-                 names: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        sizes: Optional[Sequence[Optional[int]]] = None,
+        names: Optional[Sequence[str]] = None,
+    ) -> None:
         super().__init__()
         members = list(members)
         if len(members) < 2 or not all(isinstance(m, nn.Module) for m in members):
@@ -61,8 +66,10 @@ class Ensemble(nn.Module):
         sizes = [None] * len(members) if sizes is None else list(sizes)
         names = [f"member{i}" for i in range(len(members))] if names is None else [str(n) for n in names]
         if len(sizes) != len(members) or len(names) != len(members):
-            raise ValueError(f"an ensemble of {len(members)} victims needs as many sizes and names; "
-                             f"got {len(sizes)} sizes and {len(names)} names")
+            raise ValueError(
+                f"an ensemble of {len(members)} victims needs as many sizes and names; "
+                f"got {len(sizes)} sizes and {len(names)} names"
+            )
         for size in sizes:
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
                 raise ValueError(f"ensemble input sizes must be positive integers or None; got {size!r}")
@@ -78,8 +85,9 @@ class Ensemble(nn.Module):
         logits = self.member_logits(images)
         classes = {int(z.shape[-1]) for z in logits}
         if len(classes) != 1:
-            raise ValueError(f"the victims of an ensemble must share their classes; their outputs have "
-                             f"{sorted(classes)} classes")
+            raise ValueError(
+                f"the victims of an ensemble must share their classes; their outputs have {sorted(classes)} classes"
+            )
         return torch.stack([F.log_softmax(z.float(), dim=-1) for z in logits]).mean(dim=0).to(logits[0].dtype)
 
     def member(self, index: int) -> Resized:

@@ -74,7 +74,11 @@ class InnerOptions:
             isinstance(step, bool) or not isinstance(step, numbers.Real) or not (math.isfinite(step) and step > 0)
         ):
             raise ValueError(f"attack.inner_step must be a positive number in 0-255 units or null; got {step!r}")
-        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, numbers.Integral) or self.inner_steps < 1:
+        if (
+            isinstance(self.inner_steps, bool)
+            or not isinstance(self.inner_steps, numbers.Integral)
+            or self.inner_steps < 1
+        ):
             raise ValueError(f"attack.inner_steps must be an integer >= 1; got {self.inner_steps!r}")
 
 

@@ -130,11 +130,21 @@ def perturbed_loss(
         with torch.no_grad():
             clean_logits = member_outputs(model, images)
     perturbed = member_outputs(model, perturb(images, v, clip))
-    terms = cast(Tensor, sum(
-        loss_terms(options.loss, logits, labels, clean_logits=clean_logits[m] if clean_logits else None,
-                   beta=options.beta, kappa=options.kappa, target_class=target_class)
-        for m, logits in enumerate(perturbed)
-    )) / len(perturbed)
+    terms = cast(
+        Tensor,
+        sum(
+            loss_terms(
+                options.loss,
+                logits,
+                labels,
+                clean_logits=clean_logits[m] if clean_logits else None,
+                beta=options.beta,
+                kappa=options.kappa,
+                target_class=target_class,
+            )
+            for m, logits in enumerate(perturbed)
+        ),
+    ) / len(perturbed)
     return terms.sum() / (images.shape[0] if batch_size is None else batch_size)
 
 
@@ -159,8 +169,9 @@ def sharded_gradient(
         y = labels[local].to(v.device)
         with torch.enable_grad():
             u = v.detach().requires_grad_(True)
-            loss = perturbed_loss(model, x, u, y, options, target_class=target_class, clip=clip,
-                                  batch_size=chosen.numel())
+            loss = perturbed_loss(
+                model, x, u, y, options, target_class=target_class, clip=clip, batch_size=chosen.numel()
+            )
             grad = torch.autograd.grad(loss, u)[0]
     else:  # fewer images than ranks: this rank has none of them
         grad = torch.zeros_like(v)

@@ -104,8 +104,10 @@ def check_resolution(resolution: Optional[int], image_shape: Sequence[int], key:
         raise ValueError(f"{key} must be a positive integer (pixels on a side) or null; got {resolution!r}")
     if height % resolution or width % resolution:
         sides = [s for s in range(1, min(height, width) + 1) if height % s == 0 and width % s == 0]
-        raise ValueError(f"{key}={resolution} must divide the image side ({height}×{width}) so that v is made of "
-                         f"whole blocks; e.g. one of {', '.join(map(str, sides[-6:]))}")
+        raise ValueError(
+            f"{key}={resolution} must divide the image side ({height}×{width}) so that v is made of "
+            f"whole blocks; e.g. one of {', '.join(map(str, sides[-6:]))}"
+        )
 
 
 def block_average(v: Tensor, resolution: Optional[int]) -> Tensor:

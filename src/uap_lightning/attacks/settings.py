@@ -69,7 +69,9 @@ class AttackSettings:
         if not isinstance(self.threat, ThreatModel):
             raise TypeError(f"threat must be a ThreatModel; got {type(self.threat).__name__}")
         if not isinstance(self.delta, numbers.Real) or isinstance(self.delta, bool) or not 0.0 < self.delta < 1.0:
-            raise ValueError(f"attack.delta must lie in (0, 1), e.g. 0.2 to stop at a fooling rate of 0.8; got {self.delta!r}")
+            raise ValueError(
+                f"attack.delta must lie in (0, 1), e.g. 0.2 to stop at a fooling rate of 0.8; got {self.delta!r}"
+            )
         if not _is_int(self.max_passes) or self.max_passes < 1:
             raise ValueError(f"attack.max_passes must be an integer >= 1; got {self.max_passes!r}")
         if self.keep not in KEEP_CHOICES:
@@ -79,20 +81,28 @@ class AttackSettings:
             raise ValueError(f"attack.seed must be an integer; got {self.seed!r}")
         if not _is_int(self.eval_batch_size) or self.eval_batch_size < 1:
             raise ValueError(f"attack.eval_batch_size must be an integer >= 1; got {self.eval_batch_size!r}")
-        if (not isinstance(self.input_diversity, numbers.Real) or isinstance(self.input_diversity, bool)
-                or not 0.0 <= self.input_diversity <= 1.0):
-            raise ValueError(f"attack.input_diversity must lie in [0, 1], e.g. 0.5 (the paper's; 0: off); "
-                             f"got {self.input_diversity!r}")
+        if (
+            not isinstance(self.input_diversity, numbers.Real)
+            or isinstance(self.input_diversity, bool)
+            or not 0.0 <= self.input_diversity <= 1.0
+        ):
+            raise ValueError(
+                f"attack.input_diversity must lie in [0, 1], e.g. 0.5 (the paper's; 0: off); "
+                f"got {self.input_diversity!r}"
+            )
         if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 1):
-            raise ValueError(f"attack.resolution must be a positive integer (pixels on a side) or null; "
-                             f"got {self.resolution!r}")
+            raise ValueError(
+                f"attack.resolution must be a positive integer (pixels on a side) or null; got {self.resolution!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"attack.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         object.__setattr__(self, "options", dict(self.options))  # a copy the caller cannot change
         engine = self.engine()  # the method exists and takes these options
         if self.input_diversity > 0 and not engine.averages_loss:
-            raise ValueError(f"attack.input_diversity is for the engines that follow a loss's gradient "
-                             f"({', '.join(ensemble_engines())}); attack.method={self.method} takes none")
+            raise ValueError(
+                f"attack.input_diversity is for the engines that follow a loss's gradient "
+                f"({', '.join(ensemble_engines())}); attack.method={self.method} takes none"
+            )
 
     @property
     def rate_on_x_key(self) -> str:

@@ -72,13 +72,19 @@ class ThreatModel:
 
     @classmethod
     def in_units(
-        cls, eps: Union[float, int, str], p: Union[str, float, int], eps_scale: int,
-        eps_key: str = "attack.eps", scale_key: str = "attack.eps_scale",
+        cls,
+        eps: Union[float, int, str],
+        p: Union[str, float, int],
+        eps_scale: int,
+        eps_key: str = "attack.eps",
+        scale_key: str = "attack.eps_scale",
     ) -> "ThreatModel":
         """:meth:`parse` with ``eps`` in the units ``eps_scale`` says: 255 (0–255 pixel units) or 1
         ([0,1] image scale, converted); ``eps_key`` and ``scale_key`` name the settings in errors."""
         if isinstance(eps_scale, bool) or eps_scale not in EPS_SCALES:
-            raise ValueError(f"{scale_key} must be 255 ({eps_key} in 0–255 pixel units) or 1 ([0,1] scale); got {eps_scale!r}")
+            raise ValueError(
+                f"{scale_key} must be 255 ({eps_key} in 0–255 pixel units) or 1 ([0,1] scale); got {eps_scale!r}"
+            )
         if eps_scale == 1:
             if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
                 raise ValueError(f"{eps_key} must be a number in [0,1] units with {scale_key}=1; got {eps!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict
+from typing import Any, Dict, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,8 @@ def batched_efficiency(model: nn.Module, images: Tensor, engine: BatchedDeepFool
         engine.deepfool(model, chunks[0])  # warm-up
         _forward_backward(model, chunks[0])
         started = time.perf_counter()
-        iterations = sum(int(engine.deepfool(model, chunk).iterations.sum()) for chunk in chunks)
+        # the batched DeepFool counts the iterations of each image: a tensor
+        iterations = sum(int(cast(Tensor, engine.deepfool(model, chunk).iterations).sum()) for chunk in chunks)
         deepfool_seconds = time.perf_counter() - started
         started = time.perf_counter()
         for chunk in chunks:

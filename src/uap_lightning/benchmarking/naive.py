@@ -17,6 +17,7 @@ from uap_lightning.attacks.deepfool import STEP_PAD, DeepFoolOptions
 from uap_lightning.attacks.projections import dual_norm, dual_step, project_lp
 from uap_lightning.attacks.threat import ThreatModel, parse_p
 
+
 def naive_deepfool(
     model: nn.Module, image: Tensor, *, num_candidates: int, overshoot: float, max_iters: int, norm: float
 ) -> Tuple[Tensor, int, bool]:
@@ -31,6 +32,7 @@ def naive_deepfool(
     current, iterations = label, 0
     while current == label and iterations < max_iters:
         logits[order[0]].backward(retain_graph=True)
+        assert x.grad is not None  # filled by the backward pass
         grad_label = x.grad.clone()
         best = float("inf")
         for k in order[1:]:

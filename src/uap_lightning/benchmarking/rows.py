@@ -109,17 +109,27 @@ def _peer(method: str, problem: BenchProblem, art_batch_size: int) -> Tuple[Tens
     """(v, fooling rate on X, passes) of the naive reference or ART with the reference settings."""
     reference = problem.reference
     options = reference.options
-    common = dict(delta=reference.delta, max_passes=reference.max_passes, clip=reference.clip)
+    common: Dict[str, Any] = dict(delta=reference.delta, max_passes=reference.max_passes, clip=reference.clip)
     with frozen_eval(problem.model):
         if method == "naive":
             return naive_uap(
-                problem.model, problem.attack_images, reference.threat, generator=reference.generator(),
-                **common, **options,
+                problem.model,
+                problem.attack_images,
+                reference.threat,
+                generator=reference.generator(),
+                **common,
+                **options,
             )
         return art_uap(
-            problem.model, problem.attack_images, reference.threat, num_classes=problem.num_classes,
-            overshoot=options["overshoot"], num_candidates=options["num_candidates"],
-            max_deepfool_iters=options["max_deepfool_iters"], seed=reference.seed, batch_size=art_batch_size,
+            problem.model,
+            problem.attack_images,
+            reference.threat,
+            num_classes=problem.num_classes,
+            overshoot=options["overshoot"],
+            num_candidates=options["num_candidates"],
+            max_deepfool_iters=options["max_deepfool_iters"],
+            seed=reference.seed,
+            batch_size=art_batch_size,
             **common,
         )
 

@@ -60,7 +60,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
     ``split_seed``); the rest is the fit set used for training and for the attack set.
     """
 
-    name: ClassVar[str]  # data.name
+    name: str  # data.name (a class attribute of each dataset)
     has_training_split: ClassVar[bool] = True  # False: victims cannot be trained on it (pretrained or checkpoint only)
 
     def __init__(self, cfg: Any, *, cache_dir: Optional[str] = None) -> None:
@@ -90,9 +90,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         if self.attack_images <= 0:
             raise ConfigError(f"data.attack_images must be positive, got {self.attack_images}")
         if self.eval_images is not None and self.eval_images <= 0:
-            raise ConfigError(
-                f"data.eval_images must be positive or null (all of test), got {self.eval_images}"
-            )
+            raise ConfigError(f"data.eval_images must be positive or null (all of test), got {self.eval_images}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.batch_size <= 0:
@@ -142,9 +140,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         for key in ("mean", "std"):
             values = config_value(self.cfg, key, [])
             if len(values) not in (0, channels):
-                raise ConfigError(
-                    f"data.{key} has {len(values)} values but the images have {channels} channels"
-                )
+                raise ConfigError(f"data.{key} has {len(values)} values but the images have {channels} channels")
 
     @staticmethod
     def _check_splits(splits: Splits) -> None:
@@ -160,8 +156,8 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
                 raise ConfigError(f"{split} labels must be int64, got {labels.dtype}")
         if len(splits.class_names) < 2:
             raise ConfigError(
-                f"the data has {len(splits.class_names)} class ({', '.join(map(str, splits.class_names))}): a classifier "
-                "and its fooling rate need at least 2; add class folders (or drop data.class_subset)"
+                f"the data has {len(splits.class_names)} class ({', '.join(map(str, splits.class_names))}): "
+                "a classifier and its fooling rate need at least 2; add class folders (or drop data.class_subset)"
             )
         if splits.train_images.shape[1:] != splits.test_images.shape[1:]:
             raise ConfigError(
@@ -200,7 +196,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=keep_batch,
+            collate_fn=keep_batch,  # type: ignore[arg-type]  # batches come from __getitems__, not a list
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
@@ -240,6 +236,7 @@ class UAPDataModule(L.LightningDataModule, abc.ABC):
         splits = self.splits
         count = self.attack_images if count is None else int(count)
         available = self.attack_set_capacity()
+        assert self._fit_index is not None  # set up by attack_set_capacity
         if not 0 < count <= available:
             raise ConfigError(
                 f"the attack set cannot hold {count} images: the training split has {available} "

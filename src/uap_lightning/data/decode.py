@@ -9,9 +9,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
-from torch import Tensor
 
 from uap_lightning.errors import ConfigError, DamagedFileError
 

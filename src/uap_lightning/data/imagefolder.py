@@ -8,10 +8,11 @@ Symbolic links are followed; one that leads back to itself is refused, naming it
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
-import hashlib
 import stat
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +38,12 @@ FileEntry = Tuple[str, str]  # path relative to root, hex digest of the file's b
 def file_digest(path: Path) -> str:
     """Hex BLAKE2b digest (16 bytes) of the file's bytes."""
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        if sys.version_info >= (3, 11):
+            return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        digest = hashlib.blake2b(digest_size=16)  # Python 3.10: no hashlib.file_digest
+        for chunk in iter(lambda: handle.read(1 << 18), b""):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def _shown(names: Sequence[str], limit: int = 100) -> str:
@@ -103,9 +109,7 @@ class ImageFolderDataModule(UAPDataModule):
         resize = config_value(cfg, "resize")
         self.resize: Optional[int] = None if resize is None else int(resize)
         if self.resize is not None and self.resize < self.image_size:
-            raise ConfigError(
-                f"data.resize={self.resize} is smaller than data.image_size={self.image_size}"
-            )
+            raise ConfigError(f"data.resize={self.resize} is smaller than data.image_size={self.image_size}")
         subset = config_value(cfg, "class_subset")
         self.class_subset = None if subset is None else [str(name) for name in subset]
         if self.class_subset is not None and not self.class_subset:
@@ -113,9 +117,7 @@ class ImageFolderDataModule(UAPDataModule):
         per_class = config_value(cfg, "images_per_class")
         self.images_per_class: Optional[int] = None if per_class is None else int(per_class)
         if self.images_per_class is not None and self.images_per_class <= 0:
-            raise ConfigError(
-                f"data.images_per_class must be positive or null, got {self.images_per_class}"
-            )
+            raise ConfigError(f"data.images_per_class must be positive or null, got {self.images_per_class}")
         self.folder_class_indices: Optional[List[int]] = None
 
     # -- listing ------------------------------------------------------------------------
@@ -140,9 +142,7 @@ class ImageFolderDataModule(UAPDataModule):
         for name in ("test", "val"):
             if is_folder(root / name):
                 return train_dir, root / name
-        raise DataNotFoundError(
-            f"data.root {root} has neither a test/ nor a val/ folder; expected {LAYOUT}"
-        )
+        raise DataNotFoundError(f"data.root {root} has neither a test/ nor a val/ folder; expected {LAYOUT}")
 
     def _classes(self, train_dir: Path, test_dir: Path) -> List[str]:
         """The kept class folder names, sorted; sets ``folder_class_indices``."""
@@ -179,9 +179,7 @@ class ImageFolderDataModule(UAPDataModule):
             class_dir = split_dir / name
             names = _image_names(class_dir)
             if not names:
-                raise DataNotFoundError(
-                    f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})"
-                )
+                raise DataNotFoundError(f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += [class_dir / file_name for file_name in names[: self.images_per_class]]
         with ThreadPoolExecutor(max_workers=default_threads()) as pool:
             digests = list(pool.map(file_digest, paths))
@@ -218,7 +216,9 @@ class ImageFolderDataModule(UAPDataModule):
                 log.info("loaded decoded images of %s from %s", root, cache_path)
                 return cached
             if cached is not None:
-                log.warning("the decoded-dataset cache %s holds other images than %s; decoding them again", cache_path, root)
+                log.warning(
+                    "the decoded-dataset cache %s holds other images than %s; decoding them again", cache_path, root
+                )
         label_of = {name: label for label, name in enumerate(classes)}
         tensors: Dict[str, Any] = {"class_names": classes}
         start = time.perf_counter()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -66,7 +66,9 @@ class SampleFolderDataModule(ImageFolderDataModule):
             return list(folders)
         path = root / str(file_name)
         if not path.is_file():
-            raise DataNotFoundError(f"data.class_names_file: {path} does not exist; set it to null to name classes by folder")
+            raise DataNotFoundError(
+                f"data.class_names_file: {path} does not exist; set it to null to name classes by folder"
+            )
         try:
             with open(path, newline="", encoding="utf-8") as handle:
                 rows = list(csv.reader(handle, delimiter="\t"))
@@ -137,7 +139,7 @@ class SampleFolderDataModule(ImageFolderDataModule):
 def _refuse_duplicates(path: Path, ids: List[Tuple[str, int]], what: str) -> None:
     """DamagedFileError naming the first ``what`` (an index or a wnid) that two lines of ``path`` share;
     ``ids`` holds (id, line number) pairs."""
-    first_line = {}
+    first_line: Dict[str, int] = {}
     for value, line in ids:
         if value in first_line:
             raise DamagedFileError(

@@ -40,9 +40,7 @@ class TorchvisionDataModule(UAPDataModule):
     def _root(self) -> Path:
         root = config_value(self.cfg, "root")
         if root is None:
-            raise ConfigError(
-                f"data.root is not set: point it at the folder holding the {self.title} files"
-            )
+            raise ConfigError(f"data.root is not set: point it at the folder holding the {self.title} files")
         return Path(os.path.expanduser(str(root)))
 
     def _missing(self, root: Path) -> List[Path]:
@@ -62,8 +60,10 @@ class TorchvisionDataModule(UAPDataModule):
         name = str(config_value(self.cfg, "name", ""))
         for candidate in (root / f"{name}-jpeg", root / f"{name}-png", root / name):
             if (candidate / "train").is_dir() and any((candidate / split).is_dir() for split in ("test", "val")):
-                return (f"\n{candidate} holds {self.title} as image files: use them with "
-                        f"data=imagefolder data.root={candidate}")
+                return (
+                    f"\n{candidate} holds {self.title} as image files: use them with "
+                    f"data=imagefolder data.root={candidate}"
+                )
         return ""
 
     def prepare_data(self) -> None:
@@ -73,15 +73,14 @@ class TorchvisionDataModule(UAPDataModule):
             return
         if not config_value(self.cfg, "download", False):
             missing = ", ".join(p.name for p in self._missing(root))
-            raise self._not_found(
-                root, f"files not found (missing: {missing}) and data.download=false"
-            )
+            raise self._not_found(root, f"files not found (missing: {missing}) and data.download=false")
         try:
             self.dataset_cls(str(root), train=True, download=True)
         except (OSError, RuntimeError) as err:
             raise self._not_found(root, f"download failed ({err})") from err
         if self._missing(root):
             raise self._not_found(root, "files still missing after the download")
+
 
 class _MNISTFamily(TorchvisionDataModule):
     """28×28 grey images stored as idx files in ``root/<ClassName>/raw/``."""

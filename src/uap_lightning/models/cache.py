@@ -97,8 +97,13 @@ class CachedVictim:
         except Exception as err:  # any failure to read the file means the entry is damaged
             raise DamagedFileError(f"victim weights {self.weights_path} cannot be read: {err}") from None
         expected_shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != expected_shapes:
-            raise DamagedFileError(f"victim weights {self.weights_path} do not fit the {type(net).__name__} built for them")
+        if (
+            not isinstance(state, dict)
+            or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != expected_shapes
+        ):
+            raise DamagedFileError(
+                f"victim weights {self.weights_path} do not fit the {type(net).__name__} built for them"
+            )
         if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
             raise DamagedFileError(f"victim weights {self.weights_path} hold NaN or infinite values")
         net.load_state_dict(state)

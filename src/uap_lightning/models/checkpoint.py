@@ -15,7 +15,7 @@ import pickletools
 import re
 import typing
 import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.fabric.utilities.data import AttributeDict
@@ -41,7 +41,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "1.")
 _SHOWN = 5
 # Types Lightning checkpoints of Hydra projects carry in their hyperparameters; unpickling
 # them only fills containers (interpolations are never resolved here).
-SAFE_CHECKPOINT_GLOBALS = [
+SAFE_CHECKPOINT_GLOBALS: List[Union[Callable[..., Any], Tuple[Callable[..., Any], str]]] = [
     # Lightning's AttributeDict is a dict subclass, which tensors-only loading cannot fill: read it as a dict
     (dict, f"{AttributeDict.__module__}.{AttributeDict.__qualname__}"),
     (dict, "lightning.pytorch.utilities.parsing.AttributeDict"),
@@ -164,17 +164,18 @@ def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if not isinstance(obj, Mapping):
-        raise CheckpointMismatchError(
-            f"model.checkpoint={path} holds a {type(obj).__name__}, not a state dict"
-        )
+        raise CheckpointMismatchError(f"model.checkpoint={path} holds a {type(obj).__name__}, not a state dict")
     for key in _NESTING_KEYS:
         if isinstance(obj.get(key), (Mapping, nn.Module)):
             return _state_dict_of(obj[key], path)
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if tensors:
         return tensors
-    nests = [k for k, v in obj.items() if isinstance(v, nn.Module)
-             or (isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values()))]
+    nests = [
+        k
+        for k, v in obj.items()
+        if isinstance(v, nn.Module) or (isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values()))
+    ]
     if len(nests) == 1:
         log.info("model.checkpoint=%s nests its tensors under %r; reading them from there", path, nests[0])
         return _state_dict_of(obj[nests[0]], path)
@@ -208,7 +209,7 @@ def _strip_wrappers(keys: Iterable[str]) -> Dict[str, str]:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in stripped):
-                stripped = [k[len(prefix):] for k in stripped]
+                stripped = [k[len(prefix) :] for k in stripped]
                 changed = True
     return dict(zip(stripped, keys))
 
@@ -235,9 +236,7 @@ def _shape(t: torch.Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _mismatch_report(
-    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
-) -> List[str]:
+def _mismatch_report(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> List[str]:
     """Lines describing shape mismatches, missing keys and unexpected keys (a few each)."""
     lines = []
     wrong = [k for k in expected if k in found and _shape(expected[k]) != _shape(found[k])]
@@ -245,9 +244,7 @@ def _mismatch_report(
     unexpected = [k for k in found if k not in expected]
     if wrong:
         lines.append(f"{len(wrong)} shape mismatch(es):")
-        lines += [
-            f"  {k}: expected {_shape(expected[k])}, found {_shape(found[k])}" for k in wrong[:_SHOWN]
-        ]
+        lines += [f"  {k}: expected {_shape(expected[k])}, found {_shape(found[k])}" for k in wrong[:_SHOWN]]
     if missing:
         lines.append(f"{len(missing)} missing key(s): {', '.join(missing[:_SHOWN])}")
     if unexpected:
@@ -299,15 +296,9 @@ def load_weights(
     found_keys = _renamed(_strip_wrappers(found_raw), rules, path)
     target_keys = _strip_wrappers(target)
     found = {k: found_raw[full] for k, full in found_keys.items()}
-    expected = {
-        k: target[full]
-        for k, full in target_keys.items()
-        if k in found or not _filled_on_load(module, full)
-    }
+    expected = {k: target[full] for k, full in target_keys.items() if k in found or not _filled_on_load(module, full)}
     problems = _mismatch_report(expected, found)
     if problems:
         name = model_name or type(module).__name__
-        raise CheckpointMismatchError(
-            f"model.checkpoint={path} does not fit model={name}:\n" + "\n".join(problems)
-        )
+        raise CheckpointMismatchError(f"model.checkpoint={path} does not fit model={name}:\n" + "\n".join(problems))
     module.load_state_dict({target_keys[k]: v for k, v in found.items()}, strict=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Tuple, Union, cast
 
 from torch import nn
 
@@ -93,22 +93,32 @@ def standard_convolutions(model: nn.Module) -> nn.Module:
     """``model`` with each "same"-padded convolution of the model code (an ``nn.Conv2d`` subclass
     that pads, then convolves) replaced by ``Sequential(padding, nn.Conv2d)``: the same function
     and weights in standard layers, so that batch norm folds into them (see ``folded_copy``)."""
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d and hasattr(child, "static_padding"):
                 setattr(module, child_name, nn.Sequential(_padding(child.static_padding), _plain_conv(child)))
     return model
 
 
-def _padding(module: nn.Module) -> nn.Module:
+def _padding(module: object) -> nn.Module:
     return module if isinstance(module, nn.ZeroPad2d) else nn.Identity()
+
+
+_Pair = Tuple[int, int]
 
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """An ``nn.Conv2d`` with ``conv``'s settings and (shared) parameters."""
+    # nn.Conv2d types its sizes as tuple[int, ...]; a 2-D convolution's are pairs
     plain = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=tuple(conv.stride), padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        conv.in_channels,
+        conv.out_channels,
+        cast(_Pair, conv.kernel_size),
+        stride=cast(_Pair, tuple(conv.stride)),
+        padding=cast(Union[str, _Pair], conv.padding),
+        dilation=cast(_Pair, conv.dilation),
+        groups=conv.groups,
+        bias=conv.bias is not None,
     )
     plain.weight = conv.weight
     if conv.bias is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, cast
 
 import lightning as L
 import torch
@@ -72,6 +72,8 @@ class GAPModule(L.LightningModule):
             of the rate on X and the times only.
     """
 
+    victim: nn.Module  # in the instance's __dict__, not a registered submodule (see __init__)
+
     def __init__(
         self,
         engine: GAP,
@@ -103,6 +105,7 @@ class GAPModule(L.LightningModule):
         self.aims = self.engine.aims(self.victim, self.images)
 
     def train_dataloader(self) -> DataLoader:
+        assert self.aims is not None  # set in on_fit_start
         return DataLoader(
             TensorDataset(self.images, self.aims),
             batch_size=self.engine.options.batch_size,
@@ -136,12 +139,17 @@ class GAPModule(L.LightningModule):
         self.last_perturbation = v.cpu()
         seconds = time.perf_counter() - self._epoch_started
         elapsed = seconds + (self.history[-1]["attack_seconds"] if self.history else 0.0)
-        report = PassReport(pass_index, v, PassStats(self.trainer.num_training_batches, 0.0), rate, self.kept)
+        batches = cast(int, self.trainer.num_training_batches)  # finite: the loader over X has a length
+        report = PassReport(pass_index, v, PassStats(batches, 0.0), rate, self.kept)
         if self.record_pass is not None:
             record = self.record_pass(report, seconds, elapsed)
         else:
-            record = {"pass": pass_index, self.settings.rate_on_x_key: rate, "seconds": seconds,
-                      "attack_seconds": elapsed}
+            record = {
+                "pass": pass_index,
+                self.settings.rate_on_x_key: rate,
+                "seconds": seconds,
+                "attack_seconds": elapsed,
+            }
         self.history.append(record)
         if rate >= 1.0 - self.settings.delta:
             self.trainer.should_stop = True

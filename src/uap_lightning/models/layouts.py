@@ -45,9 +45,7 @@ def renames(layout: Optional[str], key_map: Sequence[Tuple[str, str]] = ()) -> L
             "(or leave it unset and rename keys with model.key_map)"
         )
     preset = LAYOUTS[layout] if layout is not None else ()
-    return [_compiled(pair, "model.layout") for pair in preset] + [
-        _compiled(pair, "model.key_map") for pair in key_map
-    ]
+    return [_compiled(pair, "model.layout") for pair in preset] + [_compiled(pair, "model.key_map") for pair in key_map]
 
 
 def _compiled(pair: Tuple[str, str], key: str) -> Rename:

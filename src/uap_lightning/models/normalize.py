@@ -16,14 +16,15 @@ class Normalize(nn.Module):
     devices but are not part of its state dict, so checkpoints hold only the weights.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         mean_t = torch.as_tensor([float(m) for m in mean], dtype=torch.float32)
         std_t = torch.as_tensor([float(s) for s in std], dtype=torch.float32)
         if mean_t.numel() == 0 or mean_t.shape != std_t.shape:
-            raise ValueError(
-                f"mean and std need the same non-zero length, got {mean_t.tolist()} and {std_t.tolist()}"
-            )
+            raise ValueError(f"mean and std need the same non-zero length, got {mean_t.tolist()} and {std_t.tolist()}")
         if bool((std_t <= 0).any()):
             raise ValueError(f"std must be positive, got {std_t.tolist()}")
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)

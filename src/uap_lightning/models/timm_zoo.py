@@ -13,7 +13,7 @@ import difflib
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -46,9 +46,7 @@ def check_arch(arch: str) -> str:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown timm model model.arch={arch!r}.{hint} timm.list_models('PATTERN*') lists the names"
-        )
+        raise ConfigError(f"unknown timm model model.arch={arch!r}.{hint} timm.list_models('PATTERN*') lists the names")
     if tag and arch not in timm.list_pretrained(f"{name}.*"):
         tags = timm.list_pretrained(f"{name}.*")
         known = f"its pretrained tags: {', '.join(tags)}" if tags else f"{name} has no pretrained weights in timm"
@@ -210,7 +208,8 @@ def timm_classifier(
         raise CheckpointMismatchError(
             f"{key}={path} does not fit timm model {arch}: " + " ".join(line.strip() for line in lines)
         ) from None
-    model.pretrained_cfg.pop("state_dict", None)  # the loaded copy of the weights is not kept twice
+    pretrained_cfg = cast(Dict[str, Any], model.pretrained_cfg)  # a timm model's settings
+    pretrained_cfg.pop("state_dict", None)  # the loaded copy of the weights is not kept twice
     return model
 
 

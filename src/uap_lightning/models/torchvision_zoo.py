@@ -97,14 +97,9 @@ def torchvision_classifier(
     if arch not in names:
         close = difflib.get_close_matches(str(arch), names, n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown torchvision classifier model.arch={arch!r}.{hint} "
-            f"Known: {', '.join(names)}"
-        )
+        raise ConfigError(f"unknown torchvision classifier model.arch={arch!r}.{hint} Known: {', '.join(names)}")
     if in_channels not in (1, 3):
-        raise ConfigError(
-            f"model=torchvision takes 1- or 3-channel images, the data has {in_channels}"
-        )
+        raise ConfigError(f"model=torchvision takes 1- or 3-channel images, the data has {in_channels}")
     if weights is not None and not pretrained:
         raise ConfigError("model.weights needs model.pretrained=true (or use model.checkpoint for your own weights)")
     if pretrained:

@@ -41,6 +41,8 @@ class VictimClassifier(L.LightningModule):
     (both [0,1] scale). Logs ``train_uat_linf``, the perturbation's ℓ∞ norm in 0–255 units.
     """
 
+    uat_perturbation: torch.Tensor  # the buffer of adversarial="uat", registered in __init__
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -94,14 +96,15 @@ class VictimClassifier(L.LightningModule):
 
     def _step(self, batch: Tuple[torch.Tensor, torch.Tensor], stage: str, acc: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
-        if stage == "train" and self.hparams.augment:
+        hp: Any = self.hparams  # the __init__ arguments, by name
+        if stage == "train" and hp.augment:
             x = random_crop_flip(x, pad=max(1, x.shape[-1] // 8))
-        universal = stage == "train" and self.hparams.adversarial == "uat"
+        universal = stage == "train" and hp.adversarial == "uat"
         if universal:
             perturbation = self.uat_perturbation.clone().requires_grad_(True)
             x = metrics.perturb(x, perturbation)
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
         if universal:
             self._uat_step(loss, perturbation)
         acc(logits, y)
@@ -114,7 +117,7 @@ class VictimClassifier(L.LightningModule):
         """v ← clamp(v + step·sign(∇_v loss), −eps, eps), from the loss of this batch on clip(x + v);
         the graph is kept for the weights' backward."""
         (grad,) = torch.autograd.grad(loss, perturbation, retain_graph=True)
-        hp = self.hparams
+        hp: Any = self.hparams
         with torch.no_grad():
             self.uat_perturbation.add_(grad.sign(), alpha=hp.adversarial_step)
             self.uat_perturbation.clamp_(-hp.adversarial_eps, hp.adversarial_eps)
@@ -130,7 +133,7 @@ class VictimClassifier(L.LightningModule):
         return self._step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams
         params = self.parameters()
         if hp.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -139,7 +142,7 @@ class VictimClassifier(L.LightningModule):
         else:
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(
+            sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
                 opt,
                 max_lr=hp.lr,
                 total_steps=max(1, int(self.trainer.estimated_stepping_batches)),

@@ -54,10 +54,17 @@ _BUILDERS: Dict[str, _Builder] = {
         trust=bool(getattr(cfg, "trust_checkpoint", False)),
     ),
 }
-for _lite in LITE_VARIANTS:
-    _BUILDERS[_lite] = lambda cfg, k, c, s, name=_lite: efficientnet_lite(
+
+
+def _lite_builder(name: str) -> _Builder:
+    """The builder of EfficientNet-Lite variant ``name`` (lite0, lite1, ...)."""
+    return lambda cfg, k, c, s: efficientnet_lite(
         name, num_classes=k, in_channels=c, image_size=s, pretrained=bool(cfg.pretrained)
     )
+
+
+for _lite in LITE_VARIANTS:
+    _BUILDERS[_lite] = _lite_builder(_lite)
 # Models whose pretrained weights are ImageNet classifiers (their 1000-way head is kept).
 IMAGENET_PRETRAINED = ("torchvision", "timm", *LITE_VARIANTS)
 
@@ -89,8 +96,13 @@ def model_preprocessing(cfg: Any) -> Optional[Preprocessing]:
         return timm_preprocessing(_require_arch(cfg))
     if cfg.name in LITE_VARIANTS and bool(cfg.pretrained):
         variant = LITE_VARIANTS[cfg.name]
-        return Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_size=variant.native_size,
-                             crop_pct=variant.crop_pct, interpolation="bilinear")
+        return Preprocessing(
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            image_size=variant.native_size,
+            crop_pct=variant.crop_pct,
+            interpolation="bilinear",
+        )
     return None
 
 

@@ -36,7 +36,6 @@ from uap_lightning.attacks.threat import P_SYMBOLS, parse_p
 from uap_lightning.report.figures import compare_figure, save_figure
 from uap_lightning.rundir import METRICS_FILE
 
-
 TASK_NAME = "compare"
 PLAN_FILE = "compare_plan.json"
 COMPARE_CSV = "compare.csv"
@@ -101,12 +100,17 @@ def compare_table(cells: Sequence[Mapping[str, Any]], order: Sequence[Tuple[str,
     for cell in sorted(cells, key=lambda c: int(c["attack_seed"])):
         groups.setdefault((cell["engine"], cell["source"]), []).append(cell)
     rows = [_row(engine, source, group, victims) for (engine, source), group in groups.items() if group]
-    baseline = {}  # seed → victim → rate: the random noise depends on the victim and the seed only
+    # seed → victim → rate: the random noise depends on the victim and the seed only
+    baseline: Dict[int, Dict[str, float]] = {}
     for cell in cells:
         for victim, scores in cell["victims"].items():
             baseline.setdefault(int(cell["attack_seed"]), {})[victim] = scores["random_fooling_rate"]
-    random_row: Dict[str, Any] = {"engine": RANDOM_ROW, "source": _noise_name(cells), "n": len(baseline),
-                                  "seeds": _seeds_text(baseline)}
+    random_row: Dict[str, Any] = {
+        "engine": RANDOM_ROW,
+        "source": _noise_name(cells),
+        "n": len(baseline),
+        "seeds": _seeds_text(baseline),
+    }
     for victim in victims:
         mean, sd = _mean_sd([rates[victim] for rates in baseline.values() if victim in rates])
         random_row.update({f"{victim}_mean": mean, f"{victim}_sd": sd, f"{victim}_white_box": False})
@@ -115,13 +119,22 @@ def compare_table(cells: Sequence[Mapping[str, Any]], order: Sequence[Tuple[str,
 
 def _row(engine: str, source: str, group: Sequence[Mapping[str, Any]], victims: Sequence[str]) -> Dict[str, Any]:
     """The row of one (engine, source): mean and sd over its cells (one per seed)."""
-    row: Dict[str, Any] = {"engine": engine, "source": source, "n": len(group),
-                           "seeds": _seeds_text(int(c["attack_seed"]) for c in group)}
+    row: Dict[str, Any] = {
+        "engine": engine,
+        "source": source,
+        "n": len(group),
+        "seeds": _seeds_text(int(c["attack_seed"]) for c in group),
+    }
     for victim in victims:
         scores = [c["victims"][victim] for c in group if victim in c["victims"]]
         mean, sd = _mean_sd([s["fooling_rate"] for s in scores])
-        row.update({f"{victim}_mean": mean, f"{victim}_sd": sd,
-                    f"{victim}_white_box": any(bool(s["white_box"]) for s in scores)})
+        row.update(
+            {
+                f"{victim}_mean": mean,
+                f"{victim}_sd": sd,
+                f"{victim}_white_box": any(bool(s["white_box"]) for s in scores),
+            }
+        )
     for key, *_ in CELL_NUMBERS:
         row[f"{key}_mean"], row[f"{key}_sd"] = _mean_sd([c[key] for c in group if c.get(key) is not None])
     return row
@@ -156,23 +169,41 @@ def markdown(table: pd.DataFrame, cells: Sequence[Mapping[str, Any]], plan: Mapp
     still missing and the pairs not run."""
     victims = victim_names(table)
     header = ["engine", "source", *victims, *(title for _, title, _ in CELL_NUMBERS), "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join([":--", ":--", *["--:"] * (len(header) - 3), ":--"]) + " |"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join([":--", ":--", *["--:"] * (len(header) - 3), ":--"]) + " |",
+    ]
     for _, row in table.iterrows():
         random = row["engine"] == RANDOM_ROW
-        fooling = [_cell(row[f"{v}_mean"], row[f"{v}_sd"], ".3f") + (" (white-box)" if row[f"{v}_white_box"] else "")
-                   for v in victims]
+        fooling = [
+            _cell(row[f"{v}_mean"], row[f"{v}_sd"], ".3f") + (" (white-box)" if row[f"{v}_white_box"] else "")
+            for v in victims
+        ]
         numbers = ["" if random else _cell(row[f"{key}_mean"], row[f"{key}_sd"], fmt) for key, _, fmt in CELL_NUMBERS]
-        lines.append("| " + " | ".join([str(row["engine"]), str(row["source"]), *fooling, *numbers, str(row["seeds"]).replace(" ", ", ")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [str(row["engine"]), str(row["source"]), *fooling, *numbers, str(row["seeds"]).replace(" ", ", ")]
+            )
+            + " |"
+        )
     found = {c.get("cell") for c in cells}
     missing = [c["name"] for c in plan.get("cells", []) if c["name"] not in found]
-    text = [f"# Compare: {_settings(cells)}", "",
-            f"{len(cells)} of {len(plan.get('cells') or cells)} cells. Fooling rate of each perturbation on the eval "
-            "images of each victim, mean ± sd over the attack seeds; (white-box): the victim is, or is in, the source "
-            "the perturbation was computed on; the other victims' rates are transfer. Attack seconds and ‖v‖ (0–255 "
-            "units) per cell, mean ± sd; fooling on X: on the source, the attack's own images.", "", *lines]
+    text = [
+        f"# Compare: {_settings(cells)}",
+        "",
+        f"{len(cells)} of {len(plan.get('cells') or cells)} cells. Fooling rate of each perturbation on the eval "
+        "images of each victim, mean ± sd over the attack seeds; (white-box): the victim is, or is in, the source "
+        "the perturbation was computed on; the other victims' rates are transfer. Attack seconds and ‖v‖ (0–255 "
+        "units) per cell, mean ± sd; fooling on X: on the source, the attack's own images.",
+        "",
+        *lines,
+    ]
     if missing:
-        text += ["", f"Missing cells ({len(missing)}; run the same command again to complete them): "
-                 + ", ".join(missing) + "."]
+        text += [
+            "",
+            f"Missing cells ({len(missing)}; run the same command again to complete them): " + ", ".join(missing) + ".",
+        ]
     if plan.get("skipped"):
         text += ["", "Not run: " + "; ".join(plan["skipped"]) + "."]
     return "\n".join(text) + "\n"
@@ -187,13 +218,15 @@ def _cell(mean: float, sd: float, fmt: str) -> str:
 
 def _settings(cells: Sequence[Mapping[str, Any]]) -> str:
     """The cells' data, norm and ε, and sizes of X and of the eval set (each value list when they differ)."""
+
     def values(key: str) -> str:
         return ", ".join(str(v) for v in dict.fromkeys(c.get(key) for c in cells))
 
-    norms = ", ".join(f"{P_SYMBOLS[parse_p(p)]}" for p in dict.fromkeys(c.get("p") for c in cells if c.get("p")))
-    eps = ", ".join(f"{float(e):g}" for e in dict.fromkeys(c.get("eps") for c in cells if c.get("eps") is not None))
-    return (f"{values('data')}, {norms} ε={eps}; X = {values('attack_images')} images, "
-            f"{values('eval_images')} eval images")
+    norms = ", ".join(f"{P_SYMBOLS[parse_p(p)]}" for p in dict.fromkeys(c["p"] for c in cells if c.get("p")))
+    eps = ", ".join(f"{float(e):g}" for e in dict.fromkeys(c["eps"] for c in cells if c.get("eps") is not None))
+    return (
+        f"{values('data')}, {norms} ε={eps}; X = {values('attack_images')} images, {values('eval_images')} eval images"
+    )
 
 
 def heatmap(table: pd.DataFrame, cells: Sequence[Mapping[str, Any]]) -> Any:
@@ -205,14 +238,18 @@ def heatmap(table: pd.DataFrame, cells: Sequence[Mapping[str, Any]]) -> Any:
         if row["engine"] == RANDOM_ROW:
             rows.append(f"random {row['source']}")
             continue
-        rows.append(f"{row['engine']} on {row['source']}\n{row['attack_seconds_mean']:.1f} s, "
-                    f"‖v‖₂ {row['norm_l2_mean']:.0f}, ‖v‖∞ {row['norm_linf_mean']:.0f}")
+        rows.append(
+            f"{row['engine']} on {row['source']}\n{row['attack_seconds_mean']:.1f} s, "
+            f"‖v‖₂ {row['norm_l2_mean']:.0f}, ‖v‖∞ {row['norm_linf_mean']:.0f}"
+        )
     seeds = _seeds_text(int(c["attack_seed"]) for c in cells).replace(" ", ", ")
     return compare_figure(
         table[[f"{v}_mean" for v in victims]].to_numpy(dtype=float),
         table[[f"{v}_sd" for v in victims]].to_numpy(dtype=float),
         table[[f"{v}_white_box" for v in victims]].to_numpy(dtype=bool),
-        rows, victims, f"Fooling rate, mean ± sd over attack seeds {seeds}: {_settings(cells)}",
+        rows,
+        victims,
+        f"Fooling rate, mean ± sd over attack seeds {seeds}: {_settings(cells)}",
     )
 
 
@@ -230,8 +267,11 @@ def write_compare(root: str | os.PathLike, runs: pd.DataFrame) -> Dict[str, Path
     order = [(c["engine"], c["source"]) for c in plan["cells"]]
     table = compare_table(cells, list(dict.fromkeys(order)))
     text = markdown(table, cells, plan)
-    paths = {COMPARE_CSV: root / COMPARE_CSV, COMPARE_MD: root / COMPARE_MD,
-             f"{COMPARE_FIGURE}.png": root / f"{COMPARE_FIGURE}.png"}
+    paths = {
+        COMPARE_CSV: root / COMPARE_CSV,
+        COMPARE_MD: root / COMPARE_MD,
+        f"{COMPARE_FIGURE}.png": root / f"{COMPARE_FIGURE}.png",
+    }
     atomic_write_text(paths[COMPARE_CSV], table.to_csv(index=False))
     atomic_write_text(paths[COMPARE_MD], text)
     figure = heatmap(table, cells)
@@ -267,7 +307,9 @@ def scalars(table: pd.DataFrame) -> Dict[str, float]:
     ``.../norm_linf``; the random baseline's row as ``compare/random <noise>/<victim>``."""
     values = {}
     for _, row in table.iterrows():
-        name = f"{row['engine']} {row['source']}" if row["engine"] == RANDOM_ROW else f"{row['engine']} on {row['source']}"
+        name = (
+            f"{row['engine']} {row['source']}" if row["engine"] == RANDOM_ROW else f"{row['engine']} on {row['source']}"
+        )
         prefix = f"compare/{_tag(name)}"
         for victim in victim_names(table):
             values[f"{prefix}/{_tag(victim)}"] = row[f"{victim}_mean"]

@@ -1,8 +1,9 @@
 """The figures an attack run writes: curve, perturbation, examples and dominant labels.
 
 Pure functions, tensors and lists in, a matplotlib ``Figure`` out (only :func:`save_figure`
-touches files: a PNG at 200 dpi and a PDF of every figure). Images are N×C×H×W float tensors in [0,1]; a perturbation ``v`` is C×H×W in
-[0,1] scale; ε and every norm shown are in 0–255 pixel units.
+touches files: a PNG at 200 dpi and a PDF of every figure). Images are N×C×H×W float tensors in
+[0,1]; a perturbation ``v`` is C×H×W in [0,1] scale; ε and every norm shown are in 0–255 pixel
+units.
 
 Sizes (width × height in inches → pixels at 100 dpi, as TensorBoard shows them; the PNG files
 have twice as many pixels each way):
@@ -26,19 +27,19 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch, Rectangle  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
+from torch import Tensor
 
-from uap_lightning.atomic import atomic_write  # noqa: E402
-from uap_lightning.attacks.threat import P_SYMBOLS, parse_p  # noqa: E402
-from uap_lightning.metrics import norm_255  # noqa: E402
-from uap_lightning.progress import phase  # noqa: E402
-from uap_lightning.units import to_image_scale, to_pixel_units  # noqa: E402
+from uap_lightning.atomic import atomic_write_bytes
+from uap_lightning.attacks.threat import P_SYMBOLS, parse_p
+from uap_lightning.metrics import norm_255
+from uap_lightning.progress import phase
+from uap_lightning.units import to_image_scale, to_pixel_units
 
 DPI = 100  # of the figures as drawn (TensorBoard shows them at this resolution)
 SAVED_DPI = 200  # of the PNG files
@@ -59,8 +60,10 @@ TITLE_CHARS = 64  # about the 12-pt characters of a title that fit across the ba
 TICK_CHARS = 70  # about the characters of 8-pt tick labels that fit across the bar chart unrotated
 
 _CHANGE_COLOURS = {"fooled": "red", "corrected": "tab:blue"}  # of a perturbed prediction's label
-_CHANGE_TEXTS = {"fooled": "red: fooled, the prediction changed to a wrong label",
-                 "corrected": "blue: the prediction changed to the true label"}
+_CHANGE_TEXTS = {
+    "fooled": "red: fooled, the prediction changed to a wrong label",
+    "corrected": "blue: the prediction changed to the true label",
+}
 _RANDOM_STYLES = ("--", (0, (6, 2, 1, 2)), (0, (2, 2)), (0, (8, 3)))
 _RANDOM_GREYS = ("0.45", "0.6", "0.3", "0.7")
 
@@ -85,13 +88,21 @@ def curve_figure(
     ax = fig.add_subplot()
     passes = [int(record["pass"]) for record in history]
     targeted = bool(history) and "targeted_success_rate_attack_set" in history[0]
-    x_key, x_label = (("targeted_success_rate_attack_set", "targeted success on X") if targeted
-                      else ("fooling_rate_attack_set", "fooling rate on X"))
+    x_key, x_label = (
+        ("targeted_success_rate_attack_set", "targeted success on X")
+        if targeted
+        else ("fooling_rate_attack_set", "fooling rate on X")
+    )
     on_x = [float(record[x_key]) for record in history]
     ax.plot(passes, on_x, "o-", color="tab:red", label=x_label)
     if targeted:
-        ax.plot(passes, [float(r["targeted_success_rate"]) for r in history], "D-", color="tab:purple",
-                label="targeted success (eval)")
+        ax.plot(
+            passes,
+            [float(r["targeted_success_rate"]) for r in history],
+            "D-",
+            color="tab:purple",
+            label="targeted success (eval)",
+        )
     ax.plot(passes, [float(r["fooling_rate"]) for r in history], "s-", color="tab:blue", label="fooling rate (eval)")
     ax.plot(
         passes, [float(r["perturbed_accuracy"]) for r in history], "^-", color="tab:green", label="perturbed accuracy"
@@ -140,8 +151,16 @@ def transfer_figure(
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for (i, j), value in np.ndenumerate(values):
         own = i < len(computed_on) and computed_on[i] == victims[j]  # a perturbation scored on its own victim
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, fontweight="bold" if own else "normal",
-                color="white" if value < 0.6 else "black")
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=9,
+            fontweight="bold" if own else "normal",
+            color="white" if value < 0.6 else "black",
+        )
         if own:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     column_labels = [str(v) for v in victims]
@@ -182,21 +201,36 @@ def compare_figure(
             ax.text(j, i, "–", ha="center", va="center", fontsize=9, color="0.4")
             continue
         own = bool(white_box[i][j])
-        text = f"{value:.2f}" + ("" if np.isnan(spread[i, j]) else f"\n± {spread[i, j]:.2f}") + ("\nwhite-box" if own else "")
-        ax.text(j, i, text, ha="center", va="center", fontsize=8, linespacing=1.1,
-                fontweight="bold" if own else "normal", color="white" if value < 0.6 else "black")
+        text = (
+            f"{value:.2f}"
+            + ("" if np.isnan(spread[i, j]) else f"\n± {spread[i, j]:.2f}")
+            + ("\nwhite-box" if own else "")
+        )
+        ax.text(
+            j,
+            i,
+            text,
+            ha="center",
+            va="center",
+            fontsize=8,
+            linespacing=1.1,
+            fontweight="bold" if own else "normal",
+            color="white" if value < 0.6 else "black",
+        )
         if own:
             ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, edgecolor="red", linewidth=2))
     if 0 < baseline_rows < len(rows):
         ax.axhline(len(rows) - baseline_rows - 0.5, color="white", linewidth=4)
     ax.set_xticks(range(len(victims)), [str(v) for v in victims], rotation=30 if len(victims) > 4 else 0, fontsize=8)
     ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8)
-    for label in ax.get_yticklabels()[len(rows) - baseline_rows:]:
+    for label in ax.get_yticklabels()[len(rows) - baseline_rows :]:
         label.set_fontstyle("italic")
     ax.set_xlabel("victim it is scored on")
     ax.set_ylabel("perturbation: engine on source")
-    ax.set_title(textwrap.fill(title, 80) + "\n(red frame: white-box, the victim is the source or in it; "
-                 "other cells: transfer)", fontsize=9)
+    ax.set_title(
+        textwrap.fill(title, 80) + "\n(red frame: white-box, the victim is the source or in it; other cells: transfer)",
+        fontsize=9,
+    )
     fig.colorbar(image, ax=ax, label="fooling rate")
     return fig
 
@@ -215,8 +249,13 @@ def size_curve_figure(
     ax.plot(sizes, fooling_rate, "o-", color="tab:blue", label="fooling rate (eval)")
     ax.plot(sizes, fooling_rate_attack_set, "s:", color="tab:red", label="fooling rate on X")
     for i, (name, rates) in enumerate(random_rates.items()):
-        ax.plot(sizes, rates, linestyle=_RANDOM_STYLES[i % len(_RANDOM_STYLES)],
-                color=_RANDOM_GREYS[i % len(_RANDOM_GREYS)], label=name)
+        ax.plot(
+            sizes,
+            rates,
+            linestyle=_RANDOM_STYLES[i % len(_RANDOM_STYLES)],
+            color=_RANDOM_GREYS[i % len(_RANDOM_GREYS)],
+            label=name,
+        )
     ax.set_xscale("log")
     ax.set_xticks(list(sizes), [str(n) for n in sizes])
     ax.xaxis.set_minor_locator(NullLocator())  # no unlabelled log ticks between the sizes
@@ -310,7 +349,7 @@ def pick_examples(true_labels: Tensor, count: int, seed: int = 0, first_class: O
     for label in classes:
         positions = torch.nonzero(labels == label).flatten()
         pools.append(positions[torch.randperm(positions.numel(), generator=generator)].tolist())
-    picked = []
+    picked: list[int] = []
     for round_ in range(max((len(pool) for pool in pools), default=0)):
         picked.extend(pool[round_] for pool in pools if round_ < len(pool))
         if len(picked) >= count:
@@ -322,9 +361,9 @@ def pick_examples(true_labels: Tensor, count: int, seed: int = 0, first_class: O
 def examples_figure(
     clean: Tensor,
     perturbed: Tensor,
-    true_labels: Sequence[int],
-    clean_pred: Sequence[int],
-    perturbed_pred: Sequence[int],
+    true_labels: Union[Tensor, Sequence[int]],
+    clean_pred: Union[Tensor, Sequence[int]],
+    perturbed_pred: Union[Tensor, Sequence[int]],
     class_names: Sequence[str],
     title: str,
 ) -> Figure:
@@ -351,12 +390,16 @@ def examples_figure(
             for spine in ax.spines.values():
                 spine.set_visible(False)
         axes[0][i].set_title(
-            f"true: {_wrapped(_name(class_names, true_labels[i]))}\npred: {_wrapped(_name(class_names, clean_pred[i]))}",
+            f"true: {_wrapped(_name(class_names, true_labels[i]))}\n"
+            f"pred: {_wrapped(_name(class_names, clean_pred[i]))}",
             fontsize=7,
         )
         change = _change(true_labels[i], clean_pred[i], perturbed_pred[i])
-        axes[1][i].set_xlabel(f"pred: {_wrapped(_name(class_names, perturbed_pred[i]))}", fontsize=7,
-                              color=_CHANGE_COLOURS.get(change, "black"))
+        axes[1][i].set_xlabel(
+            f"pred: {_wrapped(_name(class_names, perturbed_pred[i]))}",
+            fontsize=7,
+            color=_CHANGE_COLOURS.get(change, "black"),
+        )
     axes[0][0].set_ylabel("clean")
     axes[1][0].set_ylabel("x + v")
     changes = {_change(*labels) for labels in zip(true_labels, clean_pred, perturbed_pred)}
@@ -472,7 +515,7 @@ def save_figure(fig: Figure, path: Union[str, os.PathLike], dpi: int = SAVED_DPI
         for suffix, options in ((".png", {"dpi": dpi}), (".pdf", {"metadata": {"CreationDate": None}})):
             buffer = io.BytesIO()
             fig.savefig(buffer, format=suffix[1:], **options)
-            atomic_write(path.with_suffix(suffix), lambda f, data=buffer.getvalue(): f.write(data))
+            atomic_write_bytes(path.with_suffix(suffix), buffer.getvalue())
     finally:
         plt.close(fig)
 

@@ -61,8 +61,15 @@ def geometry_figure(
     left.legend(fontsize=8, loc="best")
 
     ks = list(ks)
-    right.errorbar(ks, subspace_mean, yerr=subspace_std, fmt="o-", color="tab:red", capsize=4,
-                   label="random vector in the span of the normals' top-k singular vectors")
+    right.errorbar(
+        ks,
+        subspace_mean,
+        yerr=subspace_std,
+        fmt="o-",
+        color="tab:red",
+        capsize=4,
+        label="random vector in the span of the normals' top-k singular vectors",
+    )
     span = (min(ks) / 1.5, max(ks) * 1.5) if len(ks) > 1 else (ks[0] / 2, ks[0] * 2)
     right.axhline(whole_mean, color="0.45", linestyle="--", label="random vector from the whole space (band: ± std)")
     right.axhspan(whole_mean - whole_std, whole_mean + whole_std, color="0.45", alpha=0.2, linewidth=0)
@@ -70,8 +77,10 @@ def geometry_figure(
     right.set_xlim(*span)
     right.set_xticks(ks, [str(k) for k in ks])
     right.xaxis.set_minor_locator(NullLocator())  # no unlabelled log ticks between the ks
-    right.set_ylim(0.0, min(1.0, max(max(m + s for m, s in zip(subspace_mean, subspace_std)), whole_mean + whole_std)
-                            * 1.25 + 0.05))
+    right.set_ylim(
+        0.0,
+        min(1.0, max(max(m + s for m, s in zip(subspace_mean, subspace_std)), whole_mean + whole_std) * 1.25 + 0.05),
+    )
     right.set_xlabel("k, dimension of the subspace (log scale)")
     right.set_ylabel("fooling rate on the eval set (share of images)")
     right.set_title(f"fooling rate of {vectors_label}\n(mean ± std of {draws} draws)", fontsize=9)

@@ -56,8 +56,10 @@ def weak_result_advice(m: Dict[str, Any]) -> str:
     if threat.below_one_level:
         fixes.append(threat.unit_advice())
     if not m["converged"] and not m.get("interrupted"):
-        fixes.append(f"more passes (attack.max_passes={max(10, 2 * int(m['passes']))}; it stopped after "
-                     f"{m['passes']} without reaching 1−δ={1 - m['delta']:.2f} on X)")
+        fixes.append(
+            f"more passes (attack.max_passes={max(10, 2 * int(m['passes']))}; it stopped after "
+            f"{m['passes']} without reaching 1−δ={1 - m['delta']:.2f} on X)"
+        )
     fixes.append(f"a larger X (data.attack_images={2 * int(m['attack_images'])})")
     fixes.append(_OTHER_ENGINES.get(m["method"], _OTHER_ENGINES["deepfool_uap"]))
     if used is not None and used >= BUDGET_FULL and not threat.below_one_level:
@@ -65,8 +67,7 @@ def weak_result_advice(m: Dict[str, Any]) -> str:
     return (
         f"the fooling rate {m['fooling_rate']:.3f} does not beat random noise by {MARGIN} (random {threat.symbol} "
         f"noise of norm ε={m['eps']:g}: {m['random_fooling_rate']:.3f}; a random direction with v's ℓ2 norm: "
-        f"{m['random_same_l2_fooling_rate']:.3f}); {_budget_text(m, threat.symbol)}try, in order: "
-        + "; ".join(fixes)
+        f"{m['random_same_l2_fooling_rate']:.3f}); {_budget_text(m, threat.symbol)}try, in order: " + "; ".join(fixes)
     )
 
 
@@ -107,32 +108,43 @@ def threads_text(m: Dict[str, Any]) -> str:
         return ""
     count = int(m["threads"])
     reason = m.get("threads_reason") or thread_reason(count)
-    return f" on {ThreadChoice(count, reason).describe() if reason else f'{count} thread' + ('s' if count != 1 else '')}"
+    return (
+        f" on {ThreadChoice(count, reason).describe() if reason else f'{count} thread' + ('s' if count != 1 else '')}"
+    )
 
 
 def attack_summary(m: Dict[str, Any], output_dir: Path) -> List[str]:
     """The summary lines of an attack run's metrics ``m`` (metrics.json's keys); the warnings are
     :func:`result_warnings`."""
     p = ThreatModel.parse(m["eps"], m["p"]).symbol
-    stopped = "interrupted" if m.get("interrupted") else (
-        f"{'reached' if m['converged'] else 'did not reach'} 1−δ={1 - m['delta']:.2f} on X"
+    stopped = (
+        "interrupted"
+        if m.get("interrupted")
+        else (f"{'reached' if m['converged'] else 'did not reach'} 1−δ={1 - m['delta']:.2f} on X")
     )
     strongest = max(m["random_fooling_rate"], m["random_same_l2_fooling_rate"])
     ratio = f"{m['fooling_rate'] / strongest:.1f}× the stronger" if strongest > 0 else "random noise fools nothing"
     lines = [
         f"victim   {victim_name(m)} on {m['data']} ({m['victim_source']}): accuracy {m['victim_accuracy']:.4f}",
-        f"attack   {m.get('engine', m['method'])} {p} ε={m['eps']:g}: {m['passes']} pass{'es' if m['passes'] != 1 else ''} in "
+        f"attack   {m.get('engine', m['method'])} {p} ε={m['eps']:g}: "
+        f"{m['passes']} pass{'es' if m['passes'] != 1 else ''} in "
         f"{m['attack_seconds']:.1f} s{threads_text(m)}, "
         f"kept pass {m['best_pass']} ({stopped})",
         f"fooling  {m['fooling_rate']:.4f} on {m['eval_images']} eval images ({m['fooling_rate_attack_set']:.4f} on X)",
-        f"random   {m['random_fooling_rate']:.4f} for random {p} noise of norm ε, {m['random_same_l2_fooling_rate']:.4f} "
+        f"random   {m['random_fooling_rate']:.4f} for random {p} noise of norm ε, "
+        f"{m['random_same_l2_fooling_rate']:.4f} "
         f"for a random direction with v's ℓ2 norm (means of {m['random_draws']} draws): {ratio}",
         f"accuracy {m['clean_accuracy']:.4f} clean -> {m['perturbed_accuracy']:.4f} perturbed",
     ]
     if m.get("ensemble"):
-        lines.append("members  " + ", ".join(f"{name} {member['fooling_rate']:.4f} ({member['input_size']} px)"
-                                          for name, member in m["ensemble"].items())
-                     + " fooled on the eval images, each alone; the fooling above is the ensemble's")
+        lines.append(
+            "members  "
+            + ", ".join(
+                f"{name} {member['fooling_rate']:.4f} ({member['input_size']} px)"
+                for name, member in m["ensemble"].items()
+            )
+            + " fooled on the eval images, each alone; the fooling above is the ensemble's"
+        )
     if "targeted_success_rate" in m:
         lines.append(
             f"target   {m['targeted_success_rate']:.4f} of eval images sent to class {m['target_class']} "

@@ -242,8 +242,8 @@ def _read_run(run_dir: Path) -> Dict[str, Any]:
     if metrics_path.is_file():
         try:
             metrics = _read_json_object(metrics_path)
-        except ValueError as error:
-            return {**record, "status": "failed", "error": f"unreadable {METRICS_FILE}: {error}"}
+        except ValueError as exc:
+            return {**record, "status": "failed", "error": f"unreadable {METRICS_FILE}: {exc}"}
         scalars = {k: _number_or_text(v) for k, v in metrics.items() if isinstance(v, (int, float, bool, str))}
         return {**record, "status": "interrupted" if metrics.get("interrupted") is True else "ok", "metrics": scalars}
     if failure_path.is_file():
@@ -287,7 +287,9 @@ def _parse_overrides(texts: List[str]) -> Dict[str, Any]:
         if override.is_delete() or key.startswith("hydra."):
             continue
         value = override.value()
-        scalar = value is None or isinstance(value, (int, bool, str)) or (isinstance(value, float) and math.isfinite(value))
+        scalar = (
+            value is None or isinstance(value, (int, bool, str)) or (isinstance(value, float) and math.isfinite(value))
+        )
         parsed[key] = value if scalar else override.get_value_element_as_str()
     return parsed
 
@@ -351,13 +353,22 @@ def fooling_figure(df: pd.DataFrame, key: str, others: List[str], best: Dict[str
     groups = list(df.groupby(others, sort=False, dropna=False)) if others else [((), df)]
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    handles = []
+    handles: List[Any] = []  # what the legend shows: error bars, lines
     for i, (group_values, group) in enumerate(groups):
         label = ", ".join(f"{k}={v}" for k, v in zip(others, group_values)) or "universal perturbation"
         points = group.groupby(key)["fooling_rate"].agg(["mean", "std", "count"])
         spread = points["std"].where(points["count"] > 1)
-        handles.append(ax.errorbar(points.index, points["mean"], yerr=spread, fmt="-o", color=f"C{i % 10}", capsize=3,
-                                   label=label + (" (mean ± sd)" if spread.notna().any() else "")))
+        handles.append(
+            ax.errorbar(
+                points.index,
+                points["mean"],
+                yerr=spread,
+                fmt="-o",
+                color=f"C{i % 10}",
+                capsize=3,
+                label=label + (" (mean ± sd)" if spread.notna().any() else ""),
+            )
+        )
     handles += _draw_baselines(ax, df, key, others, groups, baselines)
     if "target_fooling_rate" in df and df["target_fooling_rate"].notna().any():
         target = float(df["target_fooling_rate"].dropna().iloc[0])
@@ -365,8 +376,14 @@ def fooling_figure(df: pd.DataFrame, key: str, others: List[str], best: Dict[str
     if key in best:
         trial = df[df[key] == best[key]]
         if not trial.empty:
-            handles += ax.plot(best[key], trial["fooling_rate"].mean(), "*", color="black", markersize=15,
-                               label=f"best trial: {key}={best[key]:.4g}")
+            handles += ax.plot(
+                best[key],
+                trial["fooling_rate"].mean(),
+                "*",
+                color="black",
+                markersize=15,
+                label=f"best trial: {key}={best[key]:.4g}",
+            )
     ax.legend(handles=handles, fontsize=8)
     ax.set_xlabel(_axis_label(df, key))
     ax.set_ylabel("fooling rate (share of eval images)")
@@ -376,8 +393,9 @@ def fooling_figure(df: pd.DataFrame, key: str, others: List[str], best: Dict[str
     return fig
 
 
-def _draw_baselines(ax, df: pd.DataFrame, key: str, others: List[str], groups: List[Any],
-                    baselines: List[Any]) -> List[Line2D]:
+def _draw_baselines(
+    ax, df: pd.DataFrame, key: str, others: List[str], groups: List[Any], baselines: List[Any]
+) -> List[Line2D]:
     """Draw each random baseline once per distinct curve: lines of the same victim and data whose
     baseline has the same points (the noise of norm ε of several engines) share one line, in grey,
     with a legend entry naming what those lines have in common; a baseline of one line alone is
@@ -397,18 +415,22 @@ def _draw_baselines(ax, df: pd.DataFrame, key: str, others: List[str], groups: L
                 ax.plot(xs, ys, linestyle=style, color=f"C{members[0] % 10}")
                 alone = True
                 continue
-            common = [f"{k}={v}" for k, v in zip(others, groups[members[0]][0])
-                      if all(groups[m][0][others.index(k)] == v for m in members)]
+            common = [
+                f"{k}={v}"
+                for k, v in zip(others, groups[members[0]][0])
+                if all(groups[m][0][others.index(k)] == v for m in members)
+            ]
             colour = "C0" if len(groups) == 1 else SHARED_BASELINE_GREYS[shade % len(SHARED_BASELINE_GREYS)]
-            handles += ax.plot(xs, ys, linestyle=style, color=colour,
-                               label=name + (f" ({', '.join(common)})" if common else ""))
+            handles += ax.plot(
+                xs, ys, linestyle=style, color=colour, label=name + (f" ({', '.join(common)})" if common else "")
+            )
         if alone:
             handles.append(Line2D([], [], color="gray", linestyle=style, label=f"{name} (in its line's colour)"))
     return handles
 
 
 def _victims_and_data(df: pd.DataFrame) -> str:
-    """": <victims> on <data>" of the runs in ``df`` (from their metrics, or the ``model`` and ``data``
+    """ ": <victims> on <data>" of the runs in ``df`` (from their metrics, or the ``model`` and ``data``
     overrides), each list in order of appearance; empty when neither is known."""
     names = []
     for setting in ("model", "data"):

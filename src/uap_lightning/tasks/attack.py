@@ -16,14 +16,14 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 from lightning.fabric import Fabric
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -76,6 +76,7 @@ class AttackTaskConfig(TaskConfig):
     selection: str = "attack_set"  # attack_set | holdout: the images the sweepers' objective is measured on
     holdout_fraction: float = 0.2  # selection=holdout: the share of X kept out of the attack
 
+
 # The settings whose change makes an earlier attack state of no use.
 _FINGERPRINT_KEYS = ("data", "model", "trainer", "attack", "task", "seed")
 _NOT_IN_FINGERPRINT = ("resume", "progress", "eval_batch_size", "channels_last", "compile", "devices", "strategy")
@@ -113,8 +114,9 @@ _HISTORY_KEYS = (
 def settings_fingerprint(cfg: DictConfig, data_fingerprint: str, ignored: Tuple[str, ...] = ()) -> str:
     """Hash of everything that determines the attack's result (not paths, loggers, resume), but
     the ``ignored`` attack keys."""
-    settings = {key: OmegaConf.to_container(cfg[key], resolve=True) if key != "seed" else cfg.seed
-                for key in _FINGERPRINT_KEYS}
+    settings: Dict[str, Any] = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if key != "seed" else cfg.seed for key in _FINGERPRINT_KEYS
+    }
     for key in (*_NOT_IN_FINGERPRINT, *ignored):
         settings["attack"].pop(key, None)
     settings["data_fingerprint"] = data_fingerprint
@@ -175,15 +177,19 @@ def _pass_line(settings: AttackSettings) -> PassCallback:
     name = settings.rate_on_x_key.replace("_attack_set", "").replace("_", " ")
 
     def on_pass_end(report: PassReport) -> None:
-        log.info("  pass %d/%d: %s %.4f on X; %.0f s in all", report.pass_index, settings.max_passes, name,
-                 report.fooling_rate, time.perf_counter() - started)
+        log.info(
+            "  pass %d/%d: %s %.4f on X; %.0f s in all",
+            report.pass_index,
+            settings.max_passes,
+            name,
+            report.fooling_rate,
+            time.perf_counter() - started,
+        )
 
     return on_pass_end
 
 
-def eval_fooling_rate(
-    setup: Setup, net: nn.Module, perturbation: Tensor, clean: Optional[Tensor] = None
-) -> float:
+def eval_fooling_rate(setup: Setup, net: nn.Module, perturbation: Tensor, clean: Optional[Tensor] = None) -> float:
     """Fooling rate of ``perturbation`` on the run's eval set for ``net`` (the paper's definition),
     against ``clean``: ``net``'s (N,) predictions on the eval set without perturbation (computed
     when not given)."""
@@ -225,8 +231,11 @@ def _resumable_generator(path: Path, fingerprint: str, resume: bool, max_passes:
         return None
     passes = len(state["history"])
     if passes > max_passes:
-        log.warning("the run folder holds a generator trained for %d passes, more than attack.max_passes=%d; "
-                    "starting afresh", passes, max_passes)
+        log.warning(
+            "the run folder holds a generator trained for %d passes, more than attack.max_passes=%d; starting afresh",
+            passes,
+            max_passes,
+        )
         return None
     log.info("continuing the generator saved after pass %d in %s", passes, path)
     return passes
@@ -260,8 +269,9 @@ def run(setup: Setup) -> Dict[str, Any]:
     if generative:  # more passes continue the same training: max_passes stays out of the fingerprint
         fingerprint = settings_fingerprint(cfg, setup.datamodule.fingerprint(), ignored=("max_passes",))
         state = None
-        resume_passes = _resumable_generator(setup.output_dir / GENERATOR_CHECKPOINT, fingerprint, cfg.attack.resume,
-                                             setup.attack.max_passes)
+        resume_passes = _resumable_generator(
+            setup.output_dir / GENERATOR_CHECKPOINT, fingerprint, cfg.attack.resume, setup.attack.max_passes
+        )
     else:
         fingerprint = settings_fingerprint(cfg, setup.datamodule.fingerprint())
         state = _resumable(setup.output_dir / STATE_FILE, fingerprint, cfg.attack.resume)
@@ -278,8 +288,13 @@ def run(setup: Setup) -> Dict[str, Any]:
     with sigterm_interrupts():
         if generative:
             outcome = loop.train_generator(
-                setup.attack.engine(), net, setup.attack_images, setup.eval_images, eval_labels,
-                trainer_settings=generator_trainer_settings(cfg.trainer), run_dir=setup.output_dir,
+                cast(GAP, setup.attack.engine()),  # generative: a GAP engine
+                net,
+                setup.attack_images,
+                setup.eval_images,
+                eval_labels,
+                trainer_settings=generator_trainer_settings(cfg.trainer),
+                run_dir=setup.output_dir,
                 resume_passes=resume_passes,
             )
         else:
@@ -304,7 +319,9 @@ def run(setup: Setup) -> Dict[str, Any]:
         results["victim_accuracy"] = results["clean_accuracy"]  # the ensemble's own
     selected = fooling_on_x
     if holdout is not None:
-        selected = metrics.fooling_rate(setup.predict(net, holdout), setup.predict(net, holdout, outcome.result.perturbation))
+        selected = metrics.fooling_rate(
+            setup.predict(net, holdout), setup.predict(net, holdout, outcome.result.perturbation)
+        )
         results.update(fooling_rate_holdout=selected, holdout_images=len(holdout))
     results["objective"] = objective(selected, setup.threat.eps, cfg.task.target_fooling_rate)
     run_figures = attack_figures(setup, eval_labels, outcome, results, dominant, label_names)
@@ -410,10 +427,14 @@ def split_holdout(setup: Setup) -> Tuple[Setup, Optional[Tensor]]:
     order = torch.randperm(len(setup.attack_images), generator=torch.Generator().manual_seed(setup.seed))
     held = max(1, int(round(setup.cfg.task.holdout_fraction * len(order))))
     if held >= len(order):
-        raise ConfigError(f"task.holdout_fraction={setup.cfg.task.holdout_fraction} of {len(order)} images leaves none "
-                          "to attack; lower it or raise data.attack_images")
+        raise ConfigError(
+            f"task.holdout_fraction={setup.cfg.task.holdout_fraction} of {len(order)} images leaves none "
+            "to attack; lower it or raise data.attack_images"
+        )
     kept = order[held:].sort().values
-    reduced = dataclasses.replace(setup, attack_images=setup.attack_images[kept], attack_labels=setup.attack_labels[kept])
+    reduced = dataclasses.replace(
+        setup, attack_images=setup.attack_images[kept], attack_labels=setup.attack_labels[kept]
+    )
     return reduced, setup.attack_images[order[:held].sort().values]
 
 
@@ -428,21 +449,30 @@ def objective(fooling_rate: float, eps: float, target: Optional[float]) -> float
 def generator_trainer_settings(trainer_cfg: Any) -> Dict[str, Any]:
     """The run's ``trainer`` settings the Trainer of a generative engine takes: device kind,
     precision and determinism (its epochs are the attack's passes, its devices the attack's one)."""
-    return {"accelerator": trainer_cfg.accelerator, "precision": trainer_cfg.precision,
-            "deterministic": trainer_cfg.deterministic}
+    return {
+        "accelerator": trainer_cfg.accelerator,
+        "precision": trainer_cfg.precision,
+        "deterministic": trainer_cfg.deterministic,
+    }
 
 
 def check_generator(cfg: DictConfig, attack: AttackSettings) -> None:
     """ConfigError for settings a generative engine (``attack=gap``) trained by a Lightning Trainer
     cannot take (several devices, augmentation, compiled predictions), images too small for its
     generator, and ``attack.generator_weights`` of another shape than that generator."""
-    for key, refused in (("devices", cfg.attack.devices != 1), ("augment", attack.augment),
-                         ("compile", attack.compile)):
+    for key, refused in (
+        ("devices", cfg.attack.devices != 1),
+        ("augment", attack.augment),
+        ("compile", attack.compile),
+    ):
         if refused:
-            raise ConfigError(f"attack={attack.method} trains its generator with a Lightning Trainer on one device, "
-                              f"on X as it is; attack.{key}={cfg.attack[key]} is not supported with it")
+            raise ConfigError(
+                f"attack={attack.method} trains its generator with a Lightning Trainer on one device, "
+                f"on X as it is; attack.{key}={cfg.attack[key]} is not supported with it"
+            )
     try:
-        attack.engine().build((cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size))
+        # called for generative engines only: a GAP engine
+        cast(GAP, attack.engine()).build((cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size))
     except UserError:
         raise
     except ValueError as err:  # images too small for the generator
@@ -481,8 +511,10 @@ def attack_figures(
         "curve": figures.curve_figure(
             outcome.history,
             m["best_pass"] or None,
-            {f"random {setup.threat.symbol} noise": m["random_fooling_rate"],
-             "random direction, same ℓ2": m["random_same_l2_fooling_rate"]},
+            {
+                f"random {setup.threat.symbol} noise": m["random_fooling_rate"],
+                "random direction, same ℓ2": m["random_same_l2_fooling_rate"],
+            },
             title=f"{m['method']} {setup.threat.symbol} ε={m['eps']:g} on {victim_name(m)}",
         ),
         "perturbation": figures.perturbation_figure(v, m["eps"], m["p"]),
@@ -502,7 +534,8 @@ def attack_figures(
 def victim_label_names(names: List[str], victim: Victim) -> List[str]:
     """A name for every output of ``victim``: the class names, then indices (an ImageNet head
     predicts beyond the data's classes)."""
-    outputs = int(victim.module.hparams.num_classes)
+    hparams: Any = victim.module.hparams  # the classifier's __init__ arguments, by name
+    outputs = int(hparams.num_classes)
     return [str(n) for n in names[:outputs]] + [str(i) for i in range(len(names), outputs)]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, cast
 
 import pandas as pd
 import torch
@@ -78,7 +78,8 @@ def row_settings(cfg: DictConfig, attack: AttackSettings, method: str) -> Attack
     engine's own default. Rows do not augment X (the peers cannot), unless
     ``task.engines.<method>.augment=true``."""
     node = cfg.task.engines.get(method)
-    overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    # a mapping node's container is a dict
+    overrides = cast(Dict[str, Any], OmegaConf.to_container(node, resolve=True)) if node is not None else {}
     shared = {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(AttackSettings)}}
     own = set(engine_class(method).option_names())
     options = {k: cfg.attack[k] for k in own if cfg.attack.get(k) is not None}
@@ -129,8 +130,13 @@ def run(setup: Setup) -> Dict[str, Any]:
     random_rate = add_random_baselines(setup, problem, rows)
     profiles, batch1_rate = profile_engines(setup, problem)
     efficiency = batched_efficiency(
-        model, setup.attack_images, BatchedDeepFoolUAP.from_settings(row_settings(setup.cfg, setup.attack,
-                                                                                  "deepfool_uap_batched")),
+        model,
+        setup.attack_images,
+        # from_settings builds an engine of the class it is called on
+        cast(
+            BatchedDeepFoolUAP,
+            BatchedDeepFoolUAP.from_settings(row_settings(setup.cfg, setup.attack, "deepfool_uap_batched")),
+        ),
         setup.cfg.task.efficiency_batches,
     )
     report = {
@@ -152,8 +158,9 @@ def run(setup: Setup) -> Dict[str, Any]:
             "max_passes": problem.reference.max_passes,
             "torch_threads": torch.get_num_threads(),
             "device": str(next(model.parameters()).device),
-            "engines": {m: dict(row_settings(setup.cfg, setup.attack, m).options) for m in setup.cfg.task.rows
-                        if m in ENGINES},
+            "engines": {
+                m: dict(row_settings(setup.cfg, setup.attack, m).options) for m in setup.cfg.task.rows if m in ENGINES
+            },
         },
     }
     write_json(setup.output_dir / BENCH_FILE, report)
@@ -162,8 +169,15 @@ def run(setup: Setup) -> Dict[str, Any]:
         "norm); batched DeepFool efficiency %.2f of its limit (%.0f image·iterations/s × %d candidates against %.0f "
         "forward+backward images/s at batch %d); to ref: seconds until a row came within %.2f of %s's final fooling "
         "rate (per-pass scoring not timed)",
-        random_rate, DRAWS, efficiency.efficiency, efficiency.image_iterations_per_second, efficiency.candidates,
-        efficiency.forward_backward_images_per_second, efficiency.batch_size, REACH_TOLERANCE, REFERENCE_METHOD,
+        random_rate,
+        DRAWS,
+        efficiency.efficiency,
+        efficiency.image_iterations_per_second,
+        efficiency.candidates,
+        efficiency.forward_backward_images_per_second,
+        efficiency.batch_size,
+        REACH_TOLERANCE,
+        REFERENCE_METHOD,
     )
     log.info("one pass from v = 0:\n%s", profiles_table(profiles, batch1_rate).to_markdown(floatfmt=".1f"))
     return setup.finish(report, "benchmark (fooling rates on the eval set)", rows_table(rows))
@@ -185,6 +199,7 @@ def compare_rows(setup: Setup, problem: BenchProblem) -> List[BenchRow]:
 def add_random_baselines(setup: Setup, problem: BenchProblem, rows: List[BenchRow]) -> float:
     """Fill each row's same-ℓ2 random baseline (the paper's comparison); return the random ℓp
     baseline of norm ε (means of ``DRAWS`` draws)."""
+
     def noisy_labels(noise):
         return setup.predict(problem.model, problem.eval_images, noise)
 
@@ -202,7 +217,10 @@ def profile_engines(setup: Setup, problem: BenchProblem) -> tuple[Dict[str, Pass
     clean = setup.predict(problem.model, problem.attack_images)
     profiles = {
         method: profile_pass(
-            row_settings(setup.cfg, setup.attack, method).engine(), problem.model, problem.attack_images, clean,
+            row_settings(setup.cfg, setup.attack, method).engine(),
+            problem.model,
+            problem.attack_images,
+            clean,
             setup.seed,
         )
         for method in setup.cfg.task.rows
@@ -217,9 +235,12 @@ def profiles_table(profiles: Dict[str, PassProfile], batch1_rate: float) -> pd.D
     table = pd.DataFrame(
         {
             "seconds": [p.total_seconds for p in profiles.values()],
-            "forward %": [100 * p.forward_seconds / p.total_seconds if p.total_seconds else 0.0 for p in profiles.values()],
-            "gradient %": [100 * p.gradient_seconds / p.total_seconds if p.total_seconds else 0.0
-                           for p in profiles.values()],
+            "forward %": [
+                100 * p.forward_seconds / p.total_seconds if p.total_seconds else 0.0 for p in profiles.values()
+            ],
+            "gradient %": [
+                100 * p.gradient_seconds / p.total_seconds if p.total_seconds else 0.0 for p in profiles.values()
+            ],
             "other %": [100 * p.other_seconds / p.total_seconds if p.total_seconds else 0.0 for p in profiles.values()],
             "images/s": [p.images_per_second for p in profiles.values()],
             "of batch-1 fwd+bwd": [p.images_per_second / batch1_rate for p in profiles.values()],

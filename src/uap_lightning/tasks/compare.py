@@ -15,6 +15,7 @@ again. A cell writes ``perturbation.pt`` (C×H×W, [0,1] scale), ``perturbation.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -52,8 +53,10 @@ log = logging.getLogger(__name__)
 CELL_KEYS = ("attack", "model", "attack.seed", "attack.ensemble")
 # the task's keys that list cells: a cell's result does not depend on them
 LIST_KEYS = ("engines", "sources", "seeds")
-EXAMPLE = ("python -m uap_lightning.run -m task=compare 'task.engines=[sgd_uap,gd_uap]' 'task.sources=[cnn,lenet]' "
-           "'task.seeds=[0,1]' 'task.victims=[cnn,lenet]'")
+EXAMPLE = (
+    "python -m uap_lightning.run -m task=compare 'task.engines=[sgd_uap,gd_uap]' 'task.sources=[cnn,lenet]' "
+    "'task.seeds=[0,1]' 'task.victims=[cnn,lenet]'"
+)
 
 
 @dataclass
@@ -112,7 +115,9 @@ def plan(task: DictConfig, data: DictConfig) -> Plan:
     for engine in engines:
         if engine not in known:
             raise ConfigError(f"task.engines: unknown engine {engine!r}; known: {', '.join(known)}")
-    sources = [_source(entry, data) for entry in _listed(task, "sources", "model presets, e.g. task.sources=[cnn,lenet]")]
+    sources = [
+        _source(entry, data) for entry in _listed(task, "sources", "model presets, e.g. task.sources=[cnn,lenet]")
+    ]
     seeds = _listed(task, "seeds", "integer attack seeds, e.g. task.seeds=[0,1]")
     if any(isinstance(seed, bool) or not isinstance(seed, int) for seed in seeds):
         raise ConfigError(f"task.seeds must list integer attack seeds, e.g. task.seeds=[0,1]; got {seeds}")
@@ -121,8 +126,10 @@ def plan(task: DictConfig, data: DictConfig) -> Plan:
     for engine in engines:
         for source in sources:
             if len(source) > 1 and not engine_class(engine).averages_loss:
-                skipped.append(f"{engine} on {source_label(source)} ({engine} attacks one network; "
-                               f"an ensemble takes {', '.join(ensemble_engines())})")
+                skipped.append(
+                    f"{engine} on {source_label(source)} ({engine} attacks one network; "
+                    f"an ensemble takes {', '.join(ensemble_engines())})"
+                )
                 continue
             cells += [Cell(engine, source, seed) for seed in seeds]
     return Plan(cells, skipped)
@@ -184,7 +191,9 @@ def cell_fingerprint(cfg: DictConfig) -> str:
     """Hash of the settings a cell's result depends on: data, model, trainer, attack (as the attack
     task hashes it), the task but for its lists of cells, and the seed. ``cfg`` as the run sees
     it, its data fitted to a pretrained source's input (:func:`fitted`)."""
-    sections = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("data", "model", "trainer", "attack", "task")}
+    sections: Dict[str, Any] = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("data", "model", "trainer", "attack", "task")
+    }
     for key in LIST_KEYS:
         sections["task"].pop(key, None)
     # the data's files are not read: a sweep decides on a cell before loading anything
@@ -204,8 +213,9 @@ def fitted(cfg: DictConfig, given: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def pending_jobs(config: DictConfig, base: List[str], swept: List[str],
-                 compose: Callable[[List[str]], DictConfig]) -> List[List[str]]:
+def pending_jobs(
+    config: DictConfig, base: List[str], swept: List[str], compose: Callable[[List[str]], DictConfig]
+) -> List[List[str]]:
     """The jobs (override lists) of the compare ``config`` (a multirun's config) whose cell is not
     complete in the sweep folder; writes the plan there. ``base``: the command line's overrides,
     ``swept``: the keys it sweeps (none may be), ``compose``: the config of a job's overrides.
@@ -223,15 +233,23 @@ def pending_jobs(config: DictConfig, base: List[str], swept: List[str],
         )
     planned = plan(config.task, config.data)
     sweep_dir = Path(config.hydra.sweep.dir)
-    write_plan(sweep_dir, [{"name": c.name, "engine": c.engine, "source": c.label, "seed": c.seed}
-                           for c in planned.cells], planned.skipped)
+    write_plan(
+        sweep_dir,
+        [{"name": c.name, "engine": c.engine, "source": c.label, "seed": c.seed} for c in planned.cells],
+        planned.skipped,
+    )
     for reason in planned.skipped:
         log.warning("task=compare does not run %s", reason)
     jobs = [[*base, *cell.overrides()] for cell in planned.cells]
     pending = [job for cell, job in zip(planned.cells, jobs) if not _complete(sweep_dir / cell.name, job, compose)]
     done = len(jobs) - len(pending)
-    state = (f"all {done} complete" if not pending else
-             f"{done} complete, running the other {len(pending)}" if done else f"running all {len(pending)}")
+    state = (
+        f"all {done} complete"
+        if not pending
+        else f"{done} complete, running the other {len(pending)}"
+        if done
+        else f"running all {len(pending)}"
+    )
     log.info("task=compare: %d cells in %s; %s", len(jobs), sweep_dir, state)
     return pending
 
@@ -278,15 +296,20 @@ def run(setup: Setup) -> Dict[str, Any]:
     seconds = time.perf_counter() - started
     v = result.perturbation
     sources = [model_preset(m) for m in cell.source] if len(cell.source) > 1 else [cfg.model]
-    scores = {}
+    scores: Dict[str, Dict[str, Any]] = {}
     for label, config, victim, own in zip(labels, configs, victims, inputs):
         clean = own.predict(victim.net, own.eval_images)
         scores[label] = {
             "fooling_rate": eval_fooling_rate(own, victim.net, fit_to_size(v, own.image_size, threat), clean),
             "white_box": any(_same_model(config, source) for source in sources),
             "random_fooling_rate": mean_fooling_rate(
-                lambda noise, net=victim.net, own=own: own.predict(net, own.eval_images, noise), clean,
-                tuple(own.eval_images.shape[1:]), threat.eps, threat.p, torch.Generator().manual_seed(setup.seed + 1)),
+                functools.partial(own.predict, victim.net, own.eval_images),
+                clean,
+                tuple(own.eval_images.shape[1:]),
+                threat.eps,
+                threat.p,
+                torch.Generator().manual_seed(setup.seed + 1),
+            ),
             "clean_accuracy": metrics.accuracy(clean, own.eval_labels_for(victim)),
             "victim_accuracy": victim.test_accuracy,
             "input_size": own.image_size,
@@ -309,8 +332,10 @@ def run(setup: Setup) -> Dict[str, Any]:
         "victims": scores,
     }
     table = pd.DataFrame(scores).T[["fooling_rate", "white_box", "random_fooling_rate", "clean_accuracy", "input_size"]]
-    title = (f"{cell.engine} {threat.symbol} ε={threat.eps:g} on {cell.label}, attack seed {cell.seed} "
-             f"({seconds:.1f} s, ‖v‖₂ {results['norm_l2']:.1f}): fooling rate on each victim")
+    title = (
+        f"{cell.engine} {threat.symbol} ε={threat.eps:g} on {cell.label}, attack seed {cell.seed} "
+        f"({seconds:.1f} s, ‖v‖₂ {results['norm_l2']:.1f}): fooling rate on each victim"
+    )
     return setup.finish(results, title, table.astype(object), scalars=_scalars(scores))
 
 
@@ -328,8 +353,11 @@ def _write_perturbation(run_dir: Path, v: torch.Tensor) -> None:
 
 def _scalars(scores: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
     """Each victim's rates as the loggers' ``compare/<victim>/fooling_rate`` and ``.../random_fooling_rate``."""
-    return {f"compare/{victim}/{key}": float(s[key]) for victim, s in scores.items()
-            for key in ("fooling_rate", "random_fooling_rate")}
+    return {
+        f"compare/{victim}/{key}": float(s[key])
+        for victim, s in scores.items()
+        for key in ("fooling_rate", "random_fooling_rate")
+    }
 
 
 TASK = Task("compare", CompareTaskConfig, run, check)

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -54,7 +54,10 @@ def run(setup: Setup) -> Dict[str, Any]:
     """Score the perturbation of ``perturbation.path`` on the eval set; write figures and metrics.json."""
     cfg, reading = setup.cfg, setup.cfg.perturbation
     v = read_perturbation_source(
-        reading.path, shape=tuple(setup.eval_images.shape[1:]), layout=reading.layout, scale=reading.scale,
+        reading.path,
+        shape=cast(Tuple[int, int, int], tuple(setup.eval_images.shape[1:])),  # eval images are N×C×H×W
+        layout=reading.layout,
+        scale=reading.scale,
         key=reading.key,
     )
     move_aside(setup.output_dir)
@@ -74,12 +77,24 @@ def run(setup: Setup) -> Dict[str, Any]:
         dominant_label_share=dominant.share,
     )
     table = pd.DataFrame([{key: results[key] for key in _TABLE}])
-    return setup.finish(results, f"perturbation {reading.path} on {cfg.model.name}", table,
-                        figures=_figures(setup, victim, v, clean, perturbed, dominant, names), index=False)
+    return setup.finish(
+        results,
+        f"perturbation {reading.path} on {cfg.model.name}",
+        table,
+        figures=_figures(setup, victim, v, clean, perturbed, dominant, names),
+        index=False,
+    )
 
 
-_TABLE = ("fooling_rate", "random_fooling_rate", "random_same_l2_fooling_rate", "clean_accuracy",
-          "perturbed_accuracy", "norm_l2", "norm_linf")
+_TABLE = (
+    "fooling_rate",
+    "random_fooling_rate",
+    "random_same_l2_fooling_rate",
+    "clean_accuracy",
+    "perturbed_accuracy",
+    "norm_l2",
+    "norm_linf",
+)
 
 
 def _results(

@@ -72,7 +72,9 @@ def check(cfg: DictConfig, attack: AttackSettings) -> None:
     data has a training split to fine-tune on."""
     task = cfg.task
     if not dataset_class(cfg.data.name).has_training_split:
-        raise ConfigError(f"task=finetune fine-tunes on training images, and data={cfg.data.name} has no training split")
+        raise ConfigError(
+            f"task=finetune fine-tunes on training images, and data={cfg.data.name} has no training split"
+        )
     for key in ("rounds", "epochs", "pool_size"):
         if task[key] < 1:
             raise ConfigError(f"task.{key} must be at least 1; got {task[key]}")
@@ -95,7 +97,9 @@ class PoolPerturbation(Callback):
         self.label_map = label_map
         self.clip = clip
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         images, labels = batch  # changed in place: the training step sees these tensors
         count = images.shape[0]
         perturbed = torch.rand(count, generator=self.generator) < self.probability

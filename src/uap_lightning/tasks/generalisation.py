@@ -101,14 +101,24 @@ def run(setup: Setup) -> Dict[str, Any]:
         },
         f"{setup.attack.method} {threat.symbol} ε={threat.eps:g} on {cfg.model.name}: fooling rate against |X|",
     )
-    return setup.finish({"rows": rows}, "fooling rate against |X|", printable(table),
-                        figures={GENERALISATION_FIGURE: figure}, steps=_steps(rows), index=False)
+    return setup.finish(
+        {"rows": rows},
+        "fooling rate against |X|",
+        printable(table),
+        figures={GENERALISATION_FIGURE: figure},
+        steps=_steps(rows),
+        index=False,
+    )
 
 
 def _steps(rows: List[Dict[str, Any]]) -> Dict[int, Dict[str, float]]:
     """Each row's numbers as the loggers' ``generalisation/<column>`` scalars at step |X|."""
-    return {row["attack_images"]: {f"generalisation/{key}": float(value) for key, value in row.items()
-                                   if key != "attack_images"} for row in rows}
+    return {
+        row["attack_images"]: {
+            f"generalisation/{key}": float(value) for key, value in row.items() if key != "attack_images"
+        }
+        for row in rows
+    }
 
 
 def printable(table: pd.DataFrame) -> pd.DataFrame:

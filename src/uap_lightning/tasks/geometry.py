@@ -71,7 +71,9 @@ def check(cfg: DictConfig, attack: AttackSettings) -> None:
     if cfg.task.images is not None and int(cfg.task.images) < 1:
         raise ConfigError(f"task.images must be at least 1, or null for all of X; got {cfg.task.images}")
     if cfg.task.batch_size is not None and int(cfg.task.batch_size) < 1:
-        raise ConfigError(f"task.batch_size must be at least 1, or null for attack.eval_batch_size; got {cfg.task.batch_size}")
+        raise ConfigError(
+            f"task.batch_size must be at least 1, or null for attack.eval_batch_size; got {cfg.task.batch_size}"
+        )
     if attack.target_class is not None:
         raise ConfigError("task=geometry studies the untargeted decision boundaries; unset attack.target_class")
 
@@ -121,14 +123,23 @@ def run(setup: Setup) -> Dict[str, Any]:
     net = setup.victim().net
     deepfool = _deepfool_options(setup.attack)
 
-    log.info("normals  DeepFool (%d candidates, overshoot %g) on %d images of X ...",
-             deepfool["num_candidates"], deepfool["overshoot"], len(images))
+    log.info(
+        "normals  DeepFool (%d candidates, overshoot %g) on %d images of X ...",
+        deepfool["num_candidates"],
+        deepfool["overshoot"],
+        len(images),
+    )
     started = time.perf_counter()
     batch_size = setup.attack.eval_batch_size if cfg.task.batch_size is None else int(cfg.task.batch_size)
     found = boundary_normals(net, images, batch_size=batch_size, **deepfool)
     seconds = time.perf_counter() - started
-    log.info("normals  %d of %d images of X (DeepFool did not converge on %d) in %.1f s",
-             found.count, len(images), found.dropped, seconds)
+    log.info(
+        "normals  %d of %d images of X (DeepFool did not converge on %d) in %.1f s",
+        found.count,
+        len(images),
+        found.dropped,
+        seconds,
+    )
     if found.count < 2:
         raise UserError(
             f"DeepFool converged on {found.count} of {len(images)} images of X, too few to study their normals; "
@@ -143,11 +154,14 @@ def run(setup: Setup) -> Dict[str, Any]:
     if ks != sorted(int(k) for k in cfg.task.ks):
         log.warning("task.ks capped at min(n, d) = %d (n normals in d dimensions): k = %s", min(n, d), ks)
     if threat.p != 2.0:
-        log.info("each random vector is drawn on the unit ℓ2 sphere of its space, then scaled to %s norm ε=%g",
-                 threat.symbol, threat.eps)
+        log.info(
+            "each random vector is drawn on the unit ℓ2 sphere of its space, then scaled to %s norm ε=%g",
+            threat.symbol,
+            threat.eps,
+        )
     clean = setup.predict(net, setup.eval_images)
     whole = _summary(_rates(setup, net, clean, [random_direction(d, generator) for _ in range(draws)]))
-    rows = []
+    rows: List[Dict[str, Any]] = []
     for k in ks:
         basis = principal_subspace(found.normals, k)
         subspace = _summary(_rates(setup, net, clean, [random_direction(d, generator, basis) for _ in range(draws)]))
@@ -195,13 +209,18 @@ def run(setup: Setup) -> Dict[str, Any]:
         "deepfool": deepfool,
         "deepfool_batch_size": batch_size,
         "deepfool_seconds": seconds,
-        "vector_norm": (f"{threat.symbol} norm ε" if threat.p == 2.0 else
-                        f"uniform on the unit ℓ2 sphere of the space, then scaled to {threat.symbol} norm ε"),
+        "vector_norm": (
+            f"{threat.symbol} norm ε"
+            if threat.p == 2.0
+            else f"uniform on the unit ℓ2 sphere of the space, then scaled to {threat.symbol} norm ε"
+        ),
         "clean_accuracy": metrics.accuracy(clean, setup.eval_labels_for(setup.victim())),
     }
-    title = (f"fooling rate on {len(setup.eval_images)} eval images of random {threat.symbol} vectors of norm "
-             f"ε={threat.eps:g} from the top-k singular subspace of {n} boundary normals vs the whole space "
-             f"(mean ± std of {draws} draws)")
+    title = (
+        f"fooling rate on {len(setup.eval_images)} eval images of random {threat.symbol} vectors of norm "
+        f"ε={threat.eps:g} from the top-k singular subspace of {n} boundary normals vs the whole space "
+        f"(mean ± std of {draws} draws)"
+    )
     atomic_write_text(setup.output_dir / GEOMETRY_CSV, table.to_csv())
     return setup.finish(results, title, table, figures={GEOMETRY_FIGURE: figure})
 

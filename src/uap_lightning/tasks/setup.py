@@ -11,13 +11,13 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
-from matplotlib.figure import Figure
 import pandas as pd
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -29,8 +29,8 @@ from uap_lightning.config import model_preset
 from uap_lightning.data import ImageFolderDataModule, build_datamodule, dataset_class
 from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
-from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
+from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.report.outputs import write_figures, write_metrics
 from uap_lightning.training import TrainingLogs, Victim, obtain_victim
 
@@ -109,10 +109,10 @@ class Setup:
         """The run's model settings that are set (``model.adversarial`` and its radius and step
         included), and the training settings unless the victim is pretrained, each under the path a
         command line sets it by (``model.width``, ``trainer.max_epochs``)."""
-        model = OmegaConf.to_container(self.cfg.model, resolve=True)
+        model = cast(Dict[str, Any], OmegaConf.to_container(self.cfg.model, resolve=True))  # a mapping: a dict
         settings = {f"model.{key}": value for key, value in model.items() if value is not None and value != []}
         if not model.get("pretrained"):
-            trainer = OmegaConf.to_container(self.cfg.trainer, resolve=True)
+            trainer = cast(Dict[str, Any], OmegaConf.to_container(self.cfg.trainer, resolve=True))
             settings.update({f"trainer.{key}": value for key, value in trainer.items()})
         return settings
 
@@ -133,8 +133,11 @@ class Setup:
         TensorBoard also gets the figures and the table; log ``table`` under ``title`` and the run
         folder; return what was written."""
         task = self.cfg.task.name
-        final = {f"{task}/{k}": float(v) for k, v in results.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        final = {
+            f"{task}/{k}": float(v)
+            for k, v in results.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         final.update(scalars or {})
         results = {**self.settings(), **results}
         write_figures(self.output_dir, figures or {})
@@ -145,8 +148,14 @@ class Setup:
         log.info("files    %s", self.output_dir.resolve())
         return results
 
-    def _report_to_loggers(self, final: Mapping[str, float], steps: Mapping[int, Mapping[str, float]], title: str,
-                           text: str, figures: Mapping[str, Figure]) -> None:
+    def _report_to_loggers(
+        self,
+        final: Mapping[str, float],
+        steps: Mapping[int, Mapping[str, float]],
+        title: str,
+        text: str,
+        figures: Mapping[str, Figure],
+    ) -> None:
         """The task's numbers to every logger of the run (a run named after the task): ``steps`` at
         their steps, then the run's hparams with the ``final`` numbers; TensorBoard also gets the
         figures and the table (as text)."""
@@ -229,7 +238,9 @@ class Setup:
         if resize is not None:
             cfg.data.resize = int(resize)
         moved = prepare(cfg, self.attack)
-        if not (torch.equal(moved.attack_labels, self.attack_labels) and torch.equal(moved.eval_labels, self.eval_labels)):
+        if not (
+            torch.equal(moved.attack_labels, self.attack_labels) and torch.equal(moved.eval_labels, self.eval_labels)
+        ):
             raise RuntimeError(f"decoding {cfg.data.name} at {image_size} px drew other images; this is a bug")
         moved._victims = self._victims
         return moved

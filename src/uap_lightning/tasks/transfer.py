@@ -4,19 +4,21 @@ victim fools the others.
 Each perturbation (computed on each victim of ``task.victims`` with the run's attack settings,
 or read from the files or run folders of ``task.perturbations``) is scored on every victim's eval-set
 predictions. On image-file data each pretrained victim that declares its input size sees the
-photographs at that size (``task.native_sizes``); a perturbation of another size is resized to it. Writes ``transfer.csv`` (rows: where the perturbation comes from; columns: the
-victim; a last row: each victim's random ℓp baseline), ``transfer.png``, the computed
-perturbations under ``perturbations/`` and ``metrics.json``.
+photographs at that size (``task.native_sizes``); a perturbation of another size is resized to
+it. Writes ``transfer.csv`` (rows: where the perturbation comes from; columns: the victim; a last
+row: each victim's random ℓp baseline), ``transfer.png``, the computed perturbations under
+``perturbations/`` and ``metrics.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import pandas as pd
 import torch
@@ -30,8 +32,8 @@ from uap_lightning.attacks import AttackSettings, ThreatModel, project_lp
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.config import TaskConfig, model_preset
 from uap_lightning.data import ImageFolderDataModule, dataset_class
-from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.errors import ConfigError
+from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report.figures import transfer_figure
 from uap_lightning.rundir import METRICS_FILE, move_aside
@@ -86,7 +88,7 @@ def _labels(names: List[str]) -> List[str]:
     return labels
 
 
-def _read_perturbation(source: Path, shape: Tuple[int, ...], reading: Any) -> Tuple[str, Optional[str], Tensor]:
+def _read_perturbation(source: Path, shape: Tuple[int, int, int], reading: Any) -> Tuple[str, Optional[str], Tensor]:
     """(a name for it, the model it was computed on or None, v C×H×W in [0,1] scale) of a
     perturbation file (read as ``reading``, the ``perturbation`` settings, say) or of an attack's
     run folder (named by its engine and the model it attacked, e.g. ``gd_uap on cnn``)."""
@@ -107,7 +109,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     configs = [model_preset(entry) for entry in cfg.task.victims]
     victim_labels = _labels([c.name for c in configs])
     victims: List[Victim] = [setup.victim(c, log_training=False) for c in configs]
-    shape = tuple(setup.eval_images.shape[1:])
+    shape = cast(Tuple[int, int, int], tuple(setup.eval_images.shape[1:]))  # eval images are N×C×H×W
     inputs = victim_inputs(setup, configs)  # the setup each victim is scored on
 
     if cfg.task.perturbations:
@@ -119,20 +121,24 @@ def run(setup: Setup) -> Dict[str, Any]:
     else:
         source_labels = list(victim_labels)
         computed_on = list(victim_labels)
-        title = f"{setup.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
+        title = (
+            f"{setup.attack.method} {threat.symbol} ε={threat.eps:g}: fooling rate of each perturbation on each victim"
+        )
         perturbations = []
         for label, victim, own in zip(victim_labels, victims, inputs):
             log.info("computing a perturbation on %s (%d px) ...", label, own.image_size)
             perturbations.append(universal_perturbation(own, victim.net).perturbation)
         for label, v in zip(source_labels, perturbations):
             path = setup.output_dir / PERTURBATIONS_DIR / f"{label}.pt"
-            atomic_write(path, lambda f, v=v: torch.save(v.contiguous(), f))
+            atomic_write(path, functools.partial(torch.save, v.contiguous()))
 
     cleans = [own.predict(victim.net, own.eval_images) for victim, own in zip(victims, inputs)]
     table = pd.DataFrame(
         [
-            [eval_fooling_rate(own, victim.net, fit_to_size(v, own.image_size, threat), clean)
-             for victim, own, clean in zip(victims, inputs, cleans)]
+            [
+                eval_fooling_rate(own, victim.net, fit_to_size(v, own.image_size, threat), clean)
+                for victim, own, clean in zip(victims, inputs, cleans)
+            ]
             for v in perturbations
         ],
         index=[f"perturbation from {label}" for label in source_labels],
@@ -142,7 +148,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     for label, victim, own, clean in zip(victim_labels, victims, inputs, cleans):
         accuracies[label] = metrics.accuracy(clean, own.eval_labels_for(victim))
         random_rates[label] = mean_fooling_rate(
-            lambda noise, net=victim.net, own=own: own.predict(net, own.eval_images, noise),
+            functools.partial(own.predict, victim.net, own.eval_images),
             clean,
             tuple(own.eval_images.shape[1:]),
             threat.eps,
@@ -153,8 +159,9 @@ def run(setup: Setup) -> Dict[str, Any]:
     table.index.name = "fooling rate"
 
     atomic_write_text(setup.output_dir / TRANSFER_CSV, table.to_csv())
-    figure = transfer_figure(table.values, list(table.index), victim_labels, title, computed_on,
-                             [own.image_size for own in inputs])
+    figure = transfer_figure(
+        table.values, list(table.index), victim_labels, title, computed_on, [own.image_size for own in inputs]
+    )
     results = {
         "fooling_rate": {row: dict(table.loc[row]) for row in table.index[:-1]},
         "random_fooling_rate": random_rates,
@@ -166,8 +173,13 @@ def run(setup: Setup) -> Dict[str, Any]:
         "sources": source_labels,
         "perturbation_folders": list(cfg.task.perturbations),
     }
-    return setup.finish(results, "fooling rates (rows: perturbation; columns: victim)", table,
-                        figures={TRANSFER_FIGURE: figure}, scalars=_scalars(table, results))
+    return setup.finish(
+        results,
+        "fooling rates (rows: perturbation; columns: victim)",
+        table,
+        figures={TRANSFER_FIGURE: figure},
+        scalars=_scalars(table, results),
+    )
 
 
 def victim_inputs(setup: Setup, configs: List[Any]) -> List[Setup]:
@@ -181,7 +193,9 @@ def victim_inputs(setup: Setup, configs: List[Any]) -> List[Setup]:
         declared = model_preprocessing(config) if native else None
         if declared is not None and declared.image_size not in by_size:
             resize = declared.resize_for(declared.image_size) if setup.cfg.data.get("resize") is not None else None
-            log.info("decoding the photographs at %d px (resize %s) for model=%s", declared.image_size, resize, config.name)
+            log.info(
+                "decoding the photographs at %d px (resize %s) for model=%s", declared.image_size, resize, config.name
+            )
             by_size[declared.image_size] = setup.at_input(declared.image_size, resize)
         inputs.append(by_size[declared.image_size] if declared is not None else setup)
     return inputs
@@ -193,8 +207,9 @@ def fit_to_size(v: Tensor, size: int, threat: ThreatModel) -> Tensor:
     grows with the pixel count)."""
     if tuple(v.shape[-2:]) == (size, size):
         return v
-    resized = F.interpolate(v.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=size < v.shape[-1])[0]
+    resized = F.interpolate(
+        v.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False, antialias=size < v.shape[-1]
+    )[0]
     return project_lp(resized, threat.radius, threat.p)
 
 
@@ -204,11 +219,19 @@ def _scalars(table: pd.DataFrame, results: Dict[str, Any]) -> Dict[str, float]:
     (``random_noise`` as the random baseline's source), ``transfer/clean_accuracy/<victim>``,
     ``transfer/victim_accuracy/<victim>``."""
     sources = [*results["sources"], "random_noise"]
-    scalars = {f"transfer/{_tag(source)}/{_tag(victim)}/fooling_rate": float(rate)
-               for source, (_, row) in zip(sources, table.iterrows()) for victim, rate in row.items()}
+    scalars = {
+        f"transfer/{_tag(source)}/{_tag(victim)}/fooling_rate": float(rate)
+        for source, (_, row) in zip(sources, table.iterrows())
+        for victim, rate in row.items()
+    }
     for key in ("clean_accuracy", "victim_accuracy"):
-        scalars.update({f"transfer/{key}/{_tag(victim)}": float(value)
-                        for victim, value in results[key].items() if value is not None})
+        scalars.update(
+            {
+                f"transfer/{key}/{_tag(victim)}": float(value)
+                for victim, value in results[key].items()
+                if value is not None
+            }
+        )
     return scalars
 
 

@@ -130,8 +130,11 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            ReflectPad(1), *_conv_norm_relu(nn.Conv2d(width, width, 3, bias=False), width),
-            ReflectPad(1), nn.Conv2d(width, width, 3, bias=False), nn.InstanceNorm2d(width, affine=True),
+            ReflectPad(1),
+            *_conv_norm_relu(nn.Conv2d(width, width, 3, bias=False), width),
+            ReflectPad(1),
+            nn.Conv2d(width, width, 3, bias=False),
+            nn.InstanceNorm2d(width, affine=True),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -241,8 +244,13 @@ class GAP(UniversalAttack):
     @classmethod
     def from_settings(cls, settings: AttackSettings) -> "GAP":
         """The engine for ``settings``, its noise and initial weights drawn from ``settings.seed``."""
-        return cls(settings.threat, clip=settings.clip, target_class=settings.target_class, seed=settings.seed,
-                   **settings.options)
+        return cls(
+            settings.threat,
+            clip=settings.clip,
+            target_class=settings.target_class,
+            seed=settings.seed,
+            **settings.options,
+        )
 
     def build(
         self, image_shape: Sequence[int], device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
@@ -286,8 +294,9 @@ class GAP(UniversalAttack):
             return torch.full((images.shape[0],), self.target_class, dtype=torch.long)
         device = model_device(model)
         with torch.no_grad():
-            return torch.cat([model(chunk.to(device)).argmin(dim=1).cpu()
-                              for chunk in torch.split(images, self.options.batch_size)])
+            return torch.cat(
+                [model(chunk.to(device)).argmin(dim=1).cpu() for chunk in torch.split(images, self.options.batch_size)]
+            )
 
     def fooling_loss(self, model: nn.Module, images: Tensor, aims: Tensor) -> Tensor:
         """log H(f(clip(x + δ)), 1_aim): the log of the batch's mean cross-entropy of ``model`` on
@@ -359,6 +368,9 @@ def _differences(expected: Dict[str, Tensor], found: Dict[str, Tensor], shown: i
     """Up to ``shown`` lines on how ``found``'s entries differ from ``expected``'s (names, shapes)."""
     lines = [f"{name} is missing" for name in expected if name not in found]
     lines += [f"{name} is not a generator entry" for name in found if name not in expected]
-    lines += [f"{name} has shape {tuple(found[name].shape)} in the file, {tuple(tensor.shape)} here"
-              for name, tensor in expected.items() if name in found and found[name].shape != tensor.shape]
+    lines += [
+        f"{name} has shape {tuple(found[name].shape)} in the file, {tuple(tensor.shape)} here"
+        for name, tensor in expected.items()
+        if name in found and found[name].shape != tensor.shape
+    ]
     return lines[:shown] + ([f"{len(lines) - shown} more"] if len(lines) > shown else [])

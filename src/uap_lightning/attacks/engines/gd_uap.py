@@ -49,8 +49,10 @@ class GDUAPOptions:
 
     def __post_init__(self) -> None:
         layers = self.layers
-        if not (layers == "conv" or (not isinstance(layers, str) and len(layers) > 0
-                                     and all(isinstance(name, str) for name in layers))):
+        if not (
+            layers == "conv"
+            or (not isinstance(layers, str) and len(layers) > 0 and all(isinstance(name, str) for name in layers))
+        ):
             raise ValueError(f"attack.layers must be conv or a list of module names; got {layers!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"attack.prior must be one of {', '.join(PRIORS)}; got {self.prior!r}")
@@ -128,8 +130,12 @@ class GDUAP(UniversalAttack):
             for _ in range(self.options.steps):
                 outputs.clear()
                 model(perturb(self._inputs(v, images, generator), v, self.clip))
-                loss = -cast(Tensor, sum(torch.log(output.flatten(1).norm(dim=1) + NORM_FLOOR).mean()
-                                         for output in outputs)) / members
+                loss = (
+                    -cast(
+                        Tensor, sum(torch.log(output.flatten(1).norm(dim=1) + NORM_FLOOR).mean() for output in outputs)
+                    )
+                    / members
+                )
                 adam.zero_grad()
                 torch.autograd.backward(loss)
                 adam.step()
@@ -149,4 +155,3 @@ class GDUAP(UniversalAttack):
         data = cast(Tensor, images)  # prior "data": run_pass has refused a pass without images
         chosen = torch.randint(data.shape[0], (batch,), generator=generator)
         return data[chosen].to(device=v.device, dtype=v.dtype)
-

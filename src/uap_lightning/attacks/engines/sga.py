@@ -58,7 +58,9 @@ class SGAOptions(LossOptions):
         if self.inner_steps < 1:
             raise ValueError(f"attack.inner_steps (K) must be at least 1; got {self.inner_steps}")
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
-            raise ValueError(f"attack.step_size must be a positive number in 0-255 units or null; got {self.step_size!r}")
+            raise ValueError(
+                f"attack.step_size must be a positive number in 0-255 units or null; got {self.step_size!r}"
+            )
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"attack.momentum must lie in [0, 1), e.g. 0.9 (0: off); got {self.momentum}")
 
@@ -120,9 +122,9 @@ class SGA(UniversalAttack):
         for batch in torch.split(order, self.options.batch_size):
             aggregated, inner = self._aggregated_gradient(model, v, images, clean_labels, batch, generator, reducer)
             if self.options.momentum > 0:
-                velocity = self.options.momentum * velocity + aggregated / lp_norm(aggregated.unsqueeze(0), 1.0).clamp_min(
-                    torch.finfo(aggregated.dtype).tiny
-                )
+                velocity = self.options.momentum * velocity + aggregated / lp_norm(
+                    aggregated.unsqueeze(0), 1.0
+                ).clamp_min(torch.finfo(aggregated.dtype).tiny)
                 aggregated = velocity
             v = self.project(v - self.step * unit_direction(self.low_pass(aggregated), self.threat.p))
             outer_steps += 1
@@ -146,9 +148,18 @@ class SGA(UniversalAttack):
         inner_v = v.clone()
         total = torch.zeros_like(v)
         for _ in range(steps):
-            chosen = batch if size == batch.numel() else batch[torch.randperm(batch.numel(), generator=generator)[:size]]
+            chosen = (
+                batch if size == batch.numel() else batch[torch.randperm(batch.numel(), generator=generator)[:size]]
+            )
             grad = sharded_gradient(
-                model, inner_v, images, clean_labels, chosen, self.options, reducer, target_class=self.target_class,
+                model,
+                inner_v,
+                images,
+                clean_labels,
+                chosen,
+                self.options,
+                reducer,
+                target_class=self.target_class,
                 clip=self.clip,
             )
             total += grad

@@ -52,7 +52,9 @@ class SGDOptions(LossOptions):
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"attack.lr_schedule must be one of {', '.join(SCHEDULES)}; got {self.lr_schedule!r}")
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
-            raise ValueError(f"attack.step_size must be a positive number in 0-255 units or null; got {self.step_size!r}")
+            raise ValueError(
+                f"attack.step_size must be a positive number in 0-255 units or null; got {self.step_size!r}"
+            )
 
 
 @register_engine
@@ -107,8 +109,11 @@ class SGDUAP(UniversalAttack):
     def from_settings(cls, settings: AttackSettings) -> "SGDUAP":
         """The engine for ``settings``, its schedule spanning ``settings.max_passes`` passes."""
         return cls(
-            settings.threat, clip=settings.clip, target_class=settings.target_class,
-            max_passes=settings.max_passes, **settings.options,
+            settings.threat,
+            clip=settings.clip,
+            target_class=settings.target_class,
+            max_passes=settings.max_passes,
+            **settings.options,
         )
 
     def step_at(self, step: int, total_steps: int) -> float:
@@ -143,7 +148,14 @@ class SGDUAP(UniversalAttack):
             batch = order[b * self.options.batch_size : (b + 1) * self.options.batch_size]
             lr = self.step_at(index * batches + b, total)
             grad = sharded_gradient(
-                model, v, images, clean_labels, batch, self.options, reducer, target_class=self.target_class,
+                model,
+                v,
+                images,
+                clean_labels,
+                batch,
+                self.options,
+                reducer,
+                target_class=self.target_class,
                 clip=self.clip,
             )
             with torch.no_grad():
@@ -156,4 +168,3 @@ class SGDUAP(UniversalAttack):
                     adam.step()
                     v.copy_(self.project(v))
         return v.detach(), PassStats(updates=batches, mean_iterations=0.0)
-

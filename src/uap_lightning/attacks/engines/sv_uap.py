@@ -63,7 +63,11 @@ class SVUAPOptions:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"attack.{key} must be an integer >= 1; got {value!r}")
-        if isinstance(self.q, bool) or not isinstance(self.q, numbers.Real) or not (math.isfinite(self.q) and self.q > 1):
+        if (
+            isinstance(self.q, bool)
+            or not isinstance(self.q, numbers.Real)
+            or not (math.isfinite(self.q) and self.q > 1)
+        ):
             raise ValueError(f"attack.q must be > 1 and finite; got {self.q!r}")
 
 
@@ -127,8 +131,11 @@ class SVUAP(UniversalAttack):
     def from_settings(cls, settings: AttackSettings) -> "SVUAP":
         """The engine for ``settings``, choosing the sign with ``settings.eval_batch_size`` images a batch."""
         return cls(
-            settings.threat, clip=settings.clip, target_class=settings.target_class,
-            eval_batch_size=settings.eval_batch_size, **settings.options,
+            settings.threat,
+            clip=settings.clip,
+            target_class=settings.target_class,
+            eval_batch_size=settings.eval_batch_size,
+            **settings.options,
         )
 
     def run_pass(

@@ -47,10 +47,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple, cast
 import torch
 from torch import Tensor, nn
 
-from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
-from uap_lightning.attacks.distributed import Reducer
 from uap_lightning.attacks.activations import GREY, activations
+from uap_lightning.attacks.base import PassStats, UniversalAttack, register_engine
 from uap_lightning.attacks.data_free import saturation_of, uniform_start
+from uap_lightning.attacks.distributed import Reducer
 from uap_lightning.errors import ConfigError
 from uap_lightning.metrics import perturb
 from uap_lightning.units import to_image_scale
@@ -174,10 +174,17 @@ def truncated_ratio(outputs: Sequence[Tensor], p_rate: float, n_rate: float, lam
             "activations; TRM-UAP needs a convolutional victim (attack=gd_uap takes attack.layers=[NAME, ...])"
         )
     # p_rate > 0 keeps a layer or more, so the positive sum is a tensor (n_rate = 0 leaves the negative one 0)
-    positive = cast(Tensor, sum(torch.log(out.clamp(min=0).square().sum() / 2 + LOG_FLOOR)
-                                for out in outputs[:_truncation(len(outputs), p_rate)]))
-    negative = sum(torch.log(torch.linalg.vector_norm(out.clamp(max=0)) / 2 + LOG_FLOOR)
-                   for out in outputs[:_truncation(len(outputs), n_rate)])
+    positive = cast(
+        Tensor,
+        sum(
+            torch.log(out.clamp(min=0).square().sum() / 2 + LOG_FLOOR)
+            for out in outputs[: _truncation(len(outputs), p_rate)]
+        ),
+    )
+    negative = sum(
+        torch.log(torch.linalg.vector_norm(out.clamp(max=0)) / 2 + LOG_FLOOR)
+        for out in outputs[: _truncation(len(outputs), n_rate)]
+    )
     return positive - lam * negative
 
 

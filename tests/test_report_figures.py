@@ -82,7 +82,7 @@ def test_curve_figure_renders_640x400(tmp_path, best_pass, random_rates, clean):
     assert ("clean accuracy" in labels) == clean
     assert fig.axes[0].get_ylim() == (0.0, 1.04)  # room above 1: an accuracy near 1 stays visible
     assert fig.axes[0].get_ylabel() == "share of images"
-    assert _png_shape(fig, tmp_path / "curve.png") == (400, 640, 4)
+    assert _png_shape(fig, tmp_path / "curve.png") == (460, 640, 4)
 
 
 @pytest.mark.parametrize("p", ["inf", "2", "1", math.inf, 2.0, 1.0])
@@ -221,7 +221,7 @@ def test_examples_figure_renders(tmp_path, channels):
     reds = [ax.xaxis.label.get_color() == "red" for ax in axes[count:]]
     assert reds == [False, True, True, False, False, True, False, False]
     assert fig.get_suptitle() == title
-    assert _png_shape(fig, tmp_path / "examples.png") == (450, 1250, 4)
+    assert _png_shape(fig, tmp_path / "examples.png") == (450, 1490, 4)
 
 
 def test_examples_figure_has_minimum_width(tmp_path):
@@ -233,9 +233,9 @@ def test_examples_figure_has_minimum_width(tmp_path):
 def test_figure_image_and_dpi(tmp_path):
     fig = curve_figure(_history(), 2)
     array = figure_image(fig)
-    assert array.shape == (400, 640, 3) and array.dtype == np.uint8
+    assert array.shape == (460, 640, 3) and array.dtype == np.uint8
     save_figure(fig, tmp_path / "curve.png", dpi=50)
-    assert mpimg.imread(tmp_path / "curve.png").shape[:2] == (200, 320)
+    assert mpimg.imread(tmp_path / "curve.png").shape[:2] == (230, 320)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.pdf", "curve.png"]  # no temporary file left behind
 
 
@@ -295,7 +295,7 @@ def test_curve_figure_of_one_pass_shows_every_series_its_legend_lists():
         for line in ax.lines
         if len(line.get_xdata()) > 1 or line.get_marker() not in ("None", "", " ", None)
     }
-    listed = [text.get_text() for text in ax.get_legend().get_texts()]
+    listed = [text.get_text() for legend in fig.legends for text in legend.get_texts()]
     assert "clean accuracy" in listed
     assert set(listed) <= visible
     on_x = next(line for line in ax.lines if line.get_label() == "fooling rate on X")
@@ -329,15 +329,48 @@ def test_examples_figure_tells_a_corrected_prediction_from_a_fooled_one():
     images = torch.rand(count, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     true = [0, 1, 2, 4]
     clean_pred = [0, 5, 2, 5]  # right, wrong, right, wrong
-    perturbed_pred = [3, 1, 2, 6]  # fooled, corrected, unchanged, fooled (one wrong label to another)
+    perturbed_pred = [3, 1, 2, 6]  # fooled, corrected, unchanged, changed (one wrong label to another)
     fig = examples_figure(images, images, true, clean_pred, perturbed_pred, CIFAR_NAMES, "t")
     colours = [ax.xaxis.label.get_color() for ax in fig.axes[count:]]
-    assert colours[0] == colours[3] == "red"
+    assert colours[0] == "red" and colours[3] not in ("red", "black", colours[1])  # already wrong: not "fooled"
     assert colours[1] not in ("red", "black") and colours[2] == "black"
     legend = [text.get_text() for legend in fig.legends for text in legend.get_texts()]
-    assert len(legend) == 2 and any("wrong" in t for t in legend) and any("true" in t for t in legend)
+    assert len(legend) == 3 and any("already wrong" in t for t in legend) and any("true" in t for t in legend)
 
     only_fooled = examples_figure(images[:1], images[:1], [0], [0], [3], CIFAR_NAMES, "t")
     assert [text.get_text() for legend in only_fooled.legends for text in legend.get_texts()] == [
         next(t for t in legend if "wrong" in t)
     ]
+
+
+def test_examples_show_the_fooling_rate_and_tell_an_already_wrong_prediction_apart():
+    import torch
+
+    from uap_lightning.report import figures
+
+    labels = torch.arange(100) % 10
+    fooled = torch.zeros(100, dtype=torch.bool)
+    fooled[:41] = True  # 41% fooled
+    chosen = figures.pick_examples(labels, 10, seed=0, fooled=fooled)
+    assert len(set(chosen.tolist())) == 10 and int(fooled[chosen].sum()) == 4
+    one = torch.arange(100) == 7  # a single fooled image is still shown
+    assert int(one[figures.pick_examples(labels, 10, seed=0, fooled=one)].sum()) == 1
+    assert figures._change(true=3, clean=3, perturbed=5) == "fooled"
+    assert figures._change(true=3, clean=4, perturbed=5) == "changed"  # it was wrong before v
+    assert figures._change(true=3, clean=4, perturbed=3) == "corrected"
+    assert "4 of 10 shown" in figures.examples_caption(fooled[chosen])
+
+
+def test_transfer_cells_no_better_than_noise_are_marked():
+    from uap_lightning.report.figures import transfer_figure
+
+    fig = transfer_figure(
+        [[0.5, 0.1], [0.3, 0.6], [0.12, 0.2]],
+        ["from a", "from b", "random"],
+        ["a", "b"],
+        "t",
+        computed_on=["a", "b"],
+        baseline=[0.12, 0.2],
+    )
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts.count("0.10\n≤ noise") == 1 and "0.30" in texts and "0.12" in texts  # the baseline row unmarked

@@ -8,10 +8,10 @@ units.
 Sizes (width × height in inches → pixels at 100 dpi, as TensorBoard shows them; the PNG files
 have twice as many pixels each way):
 
-- :func:`curve_figure` and :func:`labels_figure`: 6.4 × 4.0 → 640 × 400;
+- :func:`curve_figure`: 6.4 × 4.6 → 640 × 460 (its legend below the axes); :func:`labels_figure`: 6.4 × 4.0 → 640 × 400;
 - :func:`perturbation_figure`: (2.5·panels + 1.0) × 3.0, panels = C (+1 RGB panel when C = 3):
   1 channel → 350 × 300, 3 channels → 1100 × 300;
-- :func:`examples_figure`: max(4.0, 1.5·count + 0.5) × 4.5: 8 images → 1250 × 450.
+- :func:`examples_figure`: max(4.0, 1.8·count + 0.5) × 4.5: 8 images → 1490 × 450.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ from uap_lightning.units import to_image_scale, to_pixel_units
 
 DPI = 100  # of the figures as drawn (TensorBoard shows them at this resolution)
 SAVED_DPI = 200  # of the PNG files
-CURVE_SIZE = (6.4, 4.0)
+CURVE_SIZE = (6.4, 4.6)
 LABELS_SIZE = (6.4, 4.0)
 PANEL_WIDTH = 2.5  # inches per perturbation panel
 COLORBAR_WIDTH = 1.0
 PERTURBATION_HEIGHT = 3.0
-EXAMPLE_WIDTH = 1.5  # inches per example column
+EXAMPLE_WIDTH = 1.8  # inches per example column
 EXAMPLES_MARGIN = 0.5  # room for the row labels
 EXAMPLES_MIN_WIDTH = 4.0
 EXAMPLES_HEIGHT = 4.5
@@ -59,9 +59,11 @@ MIN_BAR_SLOTS = 5  # the bar chart is at least this many bars wide, so that a si
 TITLE_CHARS = 64  # about the 12-pt characters of a title that fit across the bar chart
 TICK_CHARS = 70  # about the characters of 8-pt tick labels that fit across the bar chart unrotated
 
-_CHANGE_COLOURS = {"fooled": "red", "corrected": "tab:blue"}  # of a perturbed prediction's label
+# of a perturbed prediction's label
+_CHANGE_COLOURS = {"fooled": "red", "changed": "tab:orange", "corrected": "tab:blue"}
 _CHANGE_TEXTS = {
-    "fooled": "red: fooled, the prediction changed to a wrong label",
+    "fooled": "red: fooled, a correct prediction changed to a wrong label",
+    "changed": "orange: changed, but it was already wrong",
     "corrected": "blue: the prediction changed to the true label",
 }
 _RANDOM_STYLES = ("--", (0, (6, 2, 1, 2)), (0, (2, 2)), (0, (8, 3)))
@@ -75,7 +77,7 @@ def curve_figure(
     random_rates: Optional[Mapping[str, float]] = None,
     title: str = "universal perturbation",
 ) -> Figure:
-    """Fooling rate on X and on the eval set, and clean and perturbed accuracy, per pass (6.4×4.0 in).
+    """Fooling rate on X and on the eval set, and clean and perturbed accuracy, per pass (6.4×4.6 in).
 
     ``history``: one dict per pass with ``pass`` (1-based), ``fooling_rate`` (eval set),
     ``fooling_rate_attack_set`` (X) or, targeted, ``targeted_success_rate_attack_set`` (X) and
@@ -126,7 +128,7 @@ def curve_figure(
     ax.set_ylabel("share of images")
     ax.set_title(f"{title}: rates per pass", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    fig.legend(fontsize=7, loc="outside lower center", ncols=3, frameon=False)  # never over the last passes
     return fig
 
 
@@ -137,12 +139,14 @@ def transfer_figure(
     title: str,
     computed_on: Sequence[Optional[str]] = (),
     input_sizes: Sequence[int] = (),
+    baseline: Sequence[float] = (),
 ) -> Figure:
     """A heatmap of fooling rates: row i is the perturbation ``sources[i]``, column j the victim
     ``victims[j]`` it is scored on; each cell annotated (the paper's Table 2). ``computed_on[i]``
     names the victim row i was computed on (None: unknown); that cell is framed in red.
     ``input_sizes[j]`` (pixels), when the victims are scored at different sizes, goes under
-    column j's name."""
+    column j's name. ``baseline[j]``, victim j's random-noise rate (the last row of ``matrix``): a
+    perturbation's cell at or below it is hatched and marked "≤ noise"."""
     values = np.asarray(matrix, dtype=float)
     label_inches = 0.075 * max(map(len, map(str, sources)), default=4)  # 8-pt characters of the row labels
     width = max(5.5, 2.6 + label_inches + 1.2 * len(victims))
@@ -151,10 +155,13 @@ def transfer_figure(
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for (i, j), value in np.ndenumerate(values):
         own = i < len(computed_on) and computed_on[i] == victims[j]  # a perturbation scored on its own victim
+        weak = i < len(values) - 1 and j < len(baseline) and value <= baseline[j]
+        if weak:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="0.75", linewidth=0))
         ax.text(
             j,
             i,
-            f"{value:.2f}",
+            f"{value:.2f}" + ("\n≤ noise" if weak else ""),
             ha="center",
             va="center",
             fontsize=9,
@@ -170,7 +177,8 @@ def transfer_figure(
     ax.set_yticks(range(len(sources)), [str(v) for v in sources], fontsize=8)
     ax.set_xlabel("victim it is scored on")
     ax.set_ylabel("perturbation")
-    ax.set_title(textwrap.fill(title, 70) + "\n(red: a perturbation on its own victim)", fontsize=9)
+    note = "red: a perturbation on its own victim" + ("; hatched: no better than random noise" if len(baseline) else "")
+    ax.set_title(textwrap.fill(title, 70) + f"\n({note})", fontsize=9)
     fig.colorbar(image, ax=ax, label="fooling rate")
     return fig
 
@@ -328,8 +336,18 @@ def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
     return fig
 
 
-def pick_examples(true_labels: Tensor, count: int, seed: int = 0, first_class: Optional[int] = None) -> Tensor:
+def pick_examples(
+    true_labels: Tensor,
+    count: int,
+    seed: int = 0,
+    first_class: Optional[int] = None,
+    fooled: Optional[Tensor] = None,
+) -> Tensor:
     """Positions (int64, at most ``min(count, N)``) of images spread over the classes in ``true_labels`` (N,).
+
+    With ``fooled`` (a bool mask, N), round(count × its share) of the positions, at least one
+    when any image is fooled, are fooled images and the others not, so that the examples show
+    the fooling rate; each part is picked as below, the fooled ones first.
 
     Round-robin over the classes present: ``first_class`` (say, the dominant label) first when
     present, then the others in label order, or, when there are more classes than ``count``, in a
@@ -338,6 +356,16 @@ def pick_examples(true_labels: Tensor, count: int, seed: int = 0, first_class: O
     """
     labels = true_labels.detach().cpu().flatten()
     count = max(0, min(int(count), labels.numel()))
+    if fooled is not None:
+        mask = torch.as_tensor(fooled).detach().cpu().flatten().bool()
+        wanted = round(count * float(mask.float().mean())) if mask.numel() else 0
+        wanted = min(int(mask.sum()), max(wanted, 1 if bool(mask.any()) else 0))
+        wanted = max(wanted, count - int((~mask).sum()))  # too few unfooled images: more fooled ones
+        parts = []
+        for part, size in ((mask, wanted), (~mask, count - wanted)):
+            positions = torch.nonzero(part).flatten()
+            parts.append(positions[pick_examples(labels[positions], size, seed, first_class)])
+        return torch.cat(parts)
     generator = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels).tolist()  # sorted
     if len(classes) > count:
@@ -357,6 +385,16 @@ def pick_examples(true_labels: Tensor, count: int, seed: int = 0, first_class: O
     return torch.tensor(picked[:count], dtype=torch.int64)
 
 
+def examples_caption(fooled: Tensor) -> str:
+    """How the examples were chosen, for a title: "3 of 8 shown changed by v, as in the eval set ..."."""
+    shown = int(torch.as_tensor(fooled).numel())
+    changed = int(torch.as_tensor(fooled).sum())
+    return (
+        f"{changed} of {shown} shown have their prediction changed by v, in the proportion of the eval set; "
+        "picked at random, spread over the classes"
+    )
+
+
 @phase("drawing the examples figure")
 def examples_figure(
     clean: Tensor,
@@ -371,7 +409,7 @@ def examples_figure(
 
     A perturbed prediction that differs from the clean one is written in red when it is wrong
     (fooled), in blue when it is the true label (v corrected a mistake); a legend below explains
-    the colours shown. Size max(4.0, 1.5·N + 0.5) × 4.5 in.
+    the colours shown. Size max(4.0, 1.8·N + 0.5) × 4.5 in.
     """
     count = clean.shape[0]
     true_labels, clean_pred, perturbed_pred = (_ints(x) for x in (true_labels, clean_pred, perturbed_pred))
@@ -390,14 +428,14 @@ def examples_figure(
             for spine in ax.spines.values():
                 spine.set_visible(False)
         axes[0][i].set_title(
-            f"true: {_wrapped(_name(class_names, true_labels[i]))}\n"
-            f"pred: {_wrapped(_name(class_names, clean_pred[i]))}",
-            fontsize=7,
+            f"true: {_wrapped(_short(_name(class_names, true_labels[i])))}\n"
+            f"pred: {_wrapped(_short(_name(class_names, clean_pred[i])))}",
+            fontsize=8,
         )
         change = _change(true_labels[i], clean_pred[i], perturbed_pred[i])
         axes[1][i].set_xlabel(
-            f"pred: {_wrapped(_name(class_names, perturbed_pred[i]))}",
-            fontsize=7,
+            f"pred: {_wrapped(_short(_name(class_names, perturbed_pred[i])))}",
+            fontsize=8,
             color=_CHANGE_COLOURS.get(change, "black"),
         )
     axes[0][0].set_ylabel("clean")
@@ -426,10 +464,13 @@ def _change_legend(fig: Figure, shown: Sequence[str]) -> None:
 
 
 def _change(true: int, clean: int, perturbed: int) -> str:
-    """How v changed a prediction: "fooled" (to a wrong label), "corrected" (to the true label) or "unchanged"."""
+    """How v changed a prediction: "fooled" (a correct one to a wrong label), "changed" (a wrong one
+    to another wrong label), "corrected" (to the true label) or "unchanged"."""
     if perturbed == clean:
         return "unchanged"
-    return "corrected" if perturbed == true else "fooled"
+    if perturbed == true:
+        return "corrected"
+    return "fooled" if clean == true else "changed"
 
 
 @dataclass(frozen=True)
@@ -532,6 +573,11 @@ def _ints(values: Union[Tensor, Sequence[int]]) -> list[int]:
 def _wrapped(text: str, width: int = 16) -> str:
     """``text`` on lines of at most ``width`` characters, underscores as spaces."""
     return "\n".join(textwrap.wrap(text.replace("_", " "), width)) or text
+
+
+def _short(name: str) -> str:
+    """A class name's first form (ImageNet's "tabby, tabby cat" → "tabby"), for narrow columns."""
+    return name.split(",")[0].strip() or name
 
 
 def _name(class_names: Sequence[str], label: int) -> str:

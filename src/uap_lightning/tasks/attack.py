@@ -504,9 +504,13 @@ def attack_figures(
     """curve, perturbation, examples and labels figures of an attack run."""
     v = outcome.result.perturbation
     count = max(1, min(setup.cfg.extras.example_images, len(setup.eval_images)))
-    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed, first_class=dominant.label)
+    fooled = outcome.clean_eval_labels.cpu() != outcome.perturbed_eval_labels.cpu()
+    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed, first_class=dominant.label, fooled=fooled)
     clean = setup.eval_images[chosen]
-    title = f"{m['method']} {setup.threat.symbol} ε={m['eps']:g}: fooling rate {m['fooling_rate']:.2f}"
+    title = (
+        f"{m.get('engine', m['method'])} {setup.threat.symbol} ε={m['eps']:g}: fooling rate {m['fooling_rate']:.2f}"
+        f"\n{figures.examples_caption(fooled[chosen])}"
+    )
     return {
         "curve": figures.curve_figure(
             outcome.history,

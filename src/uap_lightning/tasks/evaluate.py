@@ -136,10 +136,14 @@ def _figures(
 ) -> Dict[str, Figure]:
     """perturbation, examples and labels figures of the scored perturbation."""
     count = max(1, min(setup.cfg.extras.example_images, len(setup.eval_images)))
-    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed, first_class=dominant.label)
+    fooled = clean.cpu() != perturbed.cpu()
+    chosen = figures.pick_examples(setup.eval_labels, count, seed=setup.seed, first_class=dominant.label, fooled=fooled)
     shown = setup.eval_images[chosen]
     fooling = metrics.fooling_rate(clean, perturbed)
-    title = f"{Path(setup.cfg.perturbation.path).name} on {setup.cfg.model.name}: fooling rate {fooling:.2f}"
+    title = (
+        f"{Path(setup.cfg.perturbation.path).name} on {setup.cfg.model.name}: fooling rate {fooling:.2f}"
+        f"\n{figures.examples_caption(fooled[chosen])}"
+    )
     eval_labels = setup.eval_labels_for(victim)
     norm = metrics.norm_255(v, setup.threat.p)
     return {

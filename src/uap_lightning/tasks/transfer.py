@@ -160,7 +160,13 @@ def run(setup: Setup) -> Dict[str, Any]:
 
     atomic_write_text(setup.output_dir / TRANSFER_CSV, table.to_csv())
     figure = transfer_figure(
-        table.values, list(table.index), victim_labels, title, computed_on, [own.image_size for own in inputs]
+        table.values,
+        list(table.index),
+        victim_labels,
+        title,
+        computed_on,
+        [own.image_size for own in inputs],
+        baseline=[random_rates[label] for label in victim_labels],
     )
     results = {
         "fooling_rate": {row: dict(table.loc[row]) for row in table.index[:-1]},

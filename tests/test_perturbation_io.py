@@ -339,3 +339,20 @@ def test_a_run_folder_perturbation_is_read_as_the_attack_made_it(tmp_path: Path)
     v[0, 0, 0] = 1.5
     torch.save(v, tmp_path / "perturbation.pt")
     assert torch.equal(read_perturbation_source(tmp_path), v)
+
+
+def test_an_archive_of_another_size_is_refused_before_it_is_decompressed(tmp_path, monkeypatch):
+    import numpy as np
+
+    from uap_lightning.errors import ConfigError
+    from uap_lightning.perturbation_io import read_perturbation_source
+
+    path = tmp_path / "big.npz"
+    np.savez_compressed(path, v=np.zeros((2000, 2000), dtype=np.float32))  # 16 MB of zeros in a few KB
+
+    def never(self, key):
+        raise AssertionError("the array was decompressed")
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", never)
+    with pytest.raises(ConfigError, match=r"shape 2000×2000 \(4000000 values\), but a perturbation of 192 values"):
+        read_perturbation_source(path, shape=(3, 8, 8), layout=None, scale=None, key=None)

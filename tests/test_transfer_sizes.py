@@ -134,3 +134,20 @@ def test_a_published_file_is_resized_to_each_victims_own_size(tmp_path):
         )
     )
     assert alone["fooling_rate"] == pytest.approx(rate, abs=1e-6)
+
+
+def test_a_file_above_eps_is_scored_projected_with_a_warning(caplog):
+    import logging
+
+    import torch
+
+    from uap_lightning.attacks import ThreatModel
+    from uap_lightning.tasks.transfer import within_budget
+
+    threat = ThreatModel.parse(64, "inf")
+    inside = torch.full((3, 8, 8), 60 / 255)
+    assert within_budget(inside, "a.npy", threat) is inside
+    with caplog.at_level(logging.WARNING):
+        out = within_budget(torch.full((3, 8, 8), 128 / 255), "b.npy", threat)
+    assert abs(float(out.max()) * 255 - 64) < 1e-3
+    assert "b.npy has ℓ∞ norm 128, above attack.eps=64" in caplog.text

@@ -122,7 +122,7 @@ def _read(
         raise NotFoundError(
             f"perturbation file {path} does not exist or is not a file; set perturbation.path to a file"
         )
-    array, source = _load(path, key)
+    array, source = _load(path, key, None if shape is None else math.prod(shape))
     v, used = _as_chw(_as_float32(array, source), source, layout)
     if shape is not None and tuple(v.shape) != tuple(shape):
         raise ConfigError(
@@ -174,21 +174,24 @@ def _check_settings(path: Path, layout: Optional[str], scale: Optional[float]) -
         raise ConfigError(f"perturbation.scale={scale} is not supported; use one of {', '.join(map(str, SCALES))}")
 
 
-def _load(path: Path, key: Optional[str]) -> Tuple[Any, str]:
-    """(the array or tensor ``path`` holds, a label naming the file and key for messages)."""
+def _load(path: Path, key: Optional[str], values: Optional[int] = None) -> Tuple[Any, str]:
+    """(the array or tensor ``path`` holds, a label naming the file and key for messages); an array
+    of a ``.npz`` archive whose header declares another number of values than ``values`` (None:
+    any) is refused before it is decompressed (a few kilobytes can hold gigabytes of zeros)."""
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
-        return _load_numpy(path, key)
+        return _load_numpy(path, key, values)
     if suffix == ".mat":
         return _pick(_load_mat(path), key, path, "variable")
     return _load_torch(path, key)
 
 
-def _load_numpy(path: Path, key: Optional[str]) -> Tuple[np.ndarray, str]:
+def _load_numpy(path: Path, key: Optional[str], values: Optional[int] = None) -> Tuple[np.ndarray, str]:
     """The array of a ``.npy`` file, or the one ``key`` picks from a ``.npz`` archive; each header
-    is checked against the bytes that follow it before the array is read."""
+    is checked against the bytes that follow it, and against ``values`` (see :func:`_load`), before
+    the array is read (or, in an archive, decompressed)."""
     with _numpy_errors(path):
-        with open(path, "rb") as handle:
+        with open(path, "rb") as handle:  # a .npy holds its data on disk: its size is checked after reading
             _check_data_size(handle, path.stat().st_size, str(path))
         loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -199,20 +202,27 @@ def _load_numpy(path: Path, key: Optional[str]) -> Tuple[np.ndarray, str]:
         member = f"{name}.npy" if f"{name}.npy" in archive.namelist() else name
         with _numpy_errors(path):
             with archive.open(member) as handle:
-                _check_data_size(handle, archive.getinfo(member).file_size, source)
+                _check_data_size(handle, archive.getinfo(member).file_size, source, values)
             return loaded[name], source
 
 
-def _check_data_size(handle: IO[bytes], size: int, source: str) -> None:
+def _check_data_size(handle: IO[bytes], size: int, source: str, values: Optional[int] = None) -> None:
     """DamagedFileError when the ``.npy`` header at the start of ``handle`` (``size`` bytes in all)
-    declares more data than follows it, so that a forged header allocates nothing; anything but a
-    ``.npy`` is left to numpy."""
+    declares more data than follows it, so that a forged header allocates nothing; ConfigError when
+    it declares another number of values than ``values`` (None: any), so that an array of the wrong
+    size is never decompressed; anything but a ``.npy`` is left to numpy."""
     if handle.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
         return
     handle.seek(0)
     version = np.lib.format.read_magic(handle)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _, dtype = read_header(handle)
+    if values is not None and math.prod(shape) != values:
+        raise ConfigError(
+            f"{source} holds an array of shape {_shape(shape)} ({math.prod(shape)} values), but a perturbation of "
+            f"{values} values is expected (C×H×W of the images); use a perturbation of that size (nothing is "
+            "resized); its data was not read"
+        )
     needed = math.prod(shape) * dtype.itemsize
     if not dtype.hasobject and needed > size - handle.tell():
         raise DamagedFileError(

@@ -116,7 +116,7 @@ def run(setup: Setup) -> Dict[str, Any]:
         read = [_read_perturbation(Path(source), shape, cfg.perturbation) for source in cfg.task.perturbations]
         source_labels = _labels([name for name, _, _ in read])
         computed_on = [model for _, model, _ in read]
-        perturbations = [v for _, _, v in read]
+        perturbations = [within_budget(v, label, threat) for (_, _, v), label in zip(read, source_labels)]
         title = f"fooling rate of each perturbation on each victim (random: {threat.symbol} noise, ε={threat.eps:g})"
     else:
         source_labels = list(victim_labels)
@@ -205,6 +205,24 @@ def victim_inputs(setup: Setup, configs: List[Any]) -> List[Setup]:
             by_size[declared.image_size] = setup.at_input(declared.image_size, resize)
         inputs.append(by_size[declared.image_size] if declared is not None else setup)
     return inputs
+
+
+def within_budget(v: Tensor, label: str, threat: ThreatModel) -> Tensor:
+    """``v`` (C×H×W, [0,1] scale) projected onto ``threat``'s ℓp ball, with a warning naming its norm
+    when it lay outside: every perturbation is scored within the run's ε, at every size (the rule
+    :func:`fit_to_size` applies after resizing)."""
+    norm = metrics.norm_255(v, threat.p)
+    if norm <= threat.eps * (1 + 1e-6):
+        return v
+    log.warning(
+        "%s has %s norm %.4g, above attack.eps=%g: it is scored projected onto the ε-ball (set attack.eps "
+        "to its norm to score it as it is)",
+        label,
+        threat.symbol,
+        norm,
+        threat.eps,
+    )
+    return project_lp(v, threat.radius, threat.p)
 
 
 def fit_to_size(v: Tensor, size: int, threat: ThreatModel) -> Tensor:

@@ -312,3 +312,19 @@ def test_inner_keys_in_the_config(make_cfg):
 def test_every_engine_class_is_exported():
     for engine in attacks.ENGINES.values():
         assert getattr(attacks, engine.__name__) is engine
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"inner": "fgsm", "inner_step": 1e9}, "a step beyond 255.0 moves past any image"),
+        ({"inner": "deepfool", "inner_step": 2.0}, "DeepFool finds its own minimal step"),
+        ({"inner": "fgsm", "inner_steps": 5}, "attack.inner_steps=5 is read by inner=pgd only"),
+    ],
+)
+def test_inner_settings_the_inner_attack_would_ignore_or_cannot_use_are_refused(options, message):
+    from uap_lightning.attacks.inner import InnerOptions
+
+    with pytest.raises(ValueError, match=message):
+        InnerOptions(**options)
+    InnerOptions(inner="pgd", inner_steps=5, inner_step=2.0)  # pgd reads both

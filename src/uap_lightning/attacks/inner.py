@@ -36,6 +36,8 @@ from uap_lightning.units import to_image_scale
 # Every registered inner attack class, by name, in the order they were registered.
 INNER_ATTACKS: Dict[str, Type["InnerAttack"]] = {}
 
+MAX_STEP = 255.0  # the largest inner step that can still change a pixel, 0–255 units
+PGD_STEPS = 10  # inner_steps' default
 DEFAULT_STEP_SHARE = 1 / 4  # fgsm and pgd steps of ε/4 when attack.inner_step is null
 
 # A forward pass already run on x: (x as a leaf tensor requiring grad, model(x), N×classes, with its graph).
@@ -65,7 +67,7 @@ class InnerOptions:
 
     inner: str = "deepfool"
     inner_step: Optional[float] = None
-    inner_steps: int = 10
+    inner_steps: int = PGD_STEPS
 
     def __post_init__(self) -> None:
         inner_class(self.inner)
@@ -74,6 +76,21 @@ class InnerOptions:
             isinstance(step, bool) or not isinstance(step, numbers.Real) or not (math.isfinite(step) and step > 0)
         ):
             raise ValueError(f"attack.inner_step must be a positive number in 0-255 units or null; got {step!r}")
+        if step is not None and step > MAX_STEP:
+            raise ValueError(
+                f"attack.inner_step={step:g} is in 0-255 units: a step beyond {MAX_STEP} moves past any image; "
+                "e.g. a quarter of attack.eps, or null for that"
+            )
+        if step is not None and self.inner == "deepfool":
+            raise ValueError(
+                "attack.inner_step sets the step of inner=fgsm or inner=pgd; DeepFool finds its own minimal step: "
+                "leave attack.inner_step null with inner=deepfool"
+            )
+        if self.inner_steps != PGD_STEPS and self.inner != "pgd":
+            raise ValueError(
+                f"attack.inner_steps={self.inner_steps} is read by inner=pgd only (inner={self.inner} takes "
+                f"{'one step' if self.inner == 'fgsm' else 'its own iterations, attack.max_deepfool_iters'})"
+            )
         if (
             isinstance(self.inner_steps, bool)
             or not isinstance(self.inner_steps, numbers.Integral)

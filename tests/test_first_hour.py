@@ -281,7 +281,7 @@ def test_sweep_plugins_settings_lines_stay_out_of_the_console(caplog):
 
 def test_tasks_log_a_line_per_pass_of_each_perturbation(make_cfg, caplog):
     """generalisation (like transfer and finetune) logs the passes of every perturbation it computes."""
-    with caplog.at_level(logging.INFO, logger="uap_lightning.tasks.attack"):
+    with caplog.at_level(logging.INFO, logger="uap_lightning.tasks.setup"):
         run_task(make_cfg(*SMALL, "task=generalisation", "task.sizes=[20,40]", "attack.delta=0.01"))
     lines = [r.getMessage().strip() for r in caplog.records if r.getMessage().strip().startswith("pass ")]
     assert [line.split(":")[0] for line in lines] == ["pass 1/2", "pass 2/2"] * 2

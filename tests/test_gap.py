@@ -19,7 +19,7 @@ from uap_lightning.attacks import AttackSettings, ThreatModel, folded_copy, run_
 from uap_lightning.attacks.engines.gap import GAP, default_blocks, default_ngf, generator_state, reflect_pad
 from uap_lightning.errors import ConfigError, DamagedFileError
 from uap_lightning.tasks import prepare, run_task
-from uap_lightning.tasks.attack import universal_perturbation
+from uap_lightning.tasks.setup import universal_perturbation
 from uap_lightning.validation import validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

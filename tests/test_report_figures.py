@@ -184,7 +184,7 @@ def test_labels_figure_renders_640x400(tmp_path):
     dominant = dominant_labels(torch.zeros(16, dtype=torch.long), torch.tensor([3] * 8 + [1, 2, 4, 5, 6, 7, 8, 9]), 10)
     fig = labels_figure(dominant, CIFAR_NAMES)
     assert fig.axes[0].get_title() == "where fooled images go: 50% to 'cat' (n=16 fooled images)"
-    assert len(fig.axes[0].patches) == 9  # no bar for the class nothing went to
+    assert len(fig.axes[0].patches) == 10  # ten classes fit: the one nothing went to has its (empty) place
     assert fig.axes[0].get_xticklabels()[0].get_rotation() > 0  # nine CIFAR names would overlap
     digits = labels_figure(dominant, [str(k) for k in range(10)])
     assert digits.axes[0].get_xticklabels()[0].get_rotation() == 0
@@ -303,7 +303,7 @@ def test_curve_figure_of_one_pass_shows_every_series_its_legend_lists():
     assert star.get_zorder() < on_x.get_zorder()
 
 
-def test_labels_figure_draws_only_classes_that_fooled_images_went_to():
+def test_labels_figure_draws_only_classes_that_fooled_images_went_to_when_all_do_not_fit():
     names = [f"class {k}" for k in range(1000)]
     one = labels_figure(dominant_labels(torch.tensor([0]), torch.tensor([7]), 1000), names)
     ax = one.axes[0]
@@ -317,8 +317,8 @@ def test_labels_figure_draws_only_classes_that_fooled_images_went_to():
     few = labels_figure(
         dominant_labels(torch.zeros(6, dtype=torch.long), torch.tensor([3, 3, 1, 3, 2, 1]), 10), CIFAR_NAMES
     )
-    assert [t.get_text() for t in few.axes[0].get_xticklabels()] == ["automobile", "bird", "cat"]  # class order
-    assert len(few.axes[0].patches) == 3
+    assert [t.get_text() for t in few.axes[0].get_xticklabels()] == list(CIFAR_NAMES)  # all ten, class order
+    assert len(few.axes[0].patches) == 10
     assert "(the 30 most frequent)" not in few.axes[0].get_xlabel()
 
 
@@ -374,3 +374,14 @@ def test_transfer_cells_no_better_than_noise_are_marked():
     )
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts.count("0.10\n≤ noise") == 1 and "0.30" in texts and "0.12" in texts  # the baseline row unmarked
+
+
+def test_labels_show_every_class_when_they_fit_and_only_the_receiving_ones_beyond():
+    from uap_lightning.report.figures import DominantLabels, labels_figure
+
+    few = labels_figure(DominantLabels(counts=[0, 3, 0, 10], fooled=13, label=3, share=10 / 13), list("abcd"))
+    assert [t.get_text() for t in few.axes[0].get_xticklabels()] == list("abcd")
+    counts = [0] * 1000
+    counts[7], counts[9] = 4, 1
+    many = labels_figure(DominantLabels(counts=counts, fooled=5, label=7, share=0.8), [str(i) for i in range(1000)])
+    assert [t.get_text() for t in many.axes[0].get_xticklabels()] == ["7", "9"]

@@ -75,7 +75,7 @@ def test_generalisation_curve_over_the_size_of_x(make_cfg):
         table
     )
     assert [row["attack_images"] for row in m["rows"]] == [20, 50, 100]
-    assert png_shape(run_dir / "generalisation.png") == (800, 1280)  # 6.4×4 in at 200 dpi
+    assert png_shape(run_dir / "generalisation.png") == (920, 1280)  # 6.4×4.6 in at 200 dpi
     assert (run_dir / "generalisation.pdf").is_file()
     with pytest.raises(ConfigError, match="task.sizes"):
         run_task(make_cfg("task=generalisation", "task.sizes=[20,20]"))
@@ -87,10 +87,10 @@ def test_attack_run_writes_its_figures(make_cfg):
     cfg = make_cfg(*SMALL)
     m = run_task(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    assert png_shape(run_dir / "curve.png") == (800, 1280)  # 6.4×4 in at 200 dpi
+    assert png_shape(run_dir / "curve.png") == (920, 1280)  # 6.4×4.6 in at 200 dpi
     assert png_shape(run_dir / "labels.png") == (800, 1280)
     assert png_shape(run_dir / "perturbation.png") == (600, 700)
-    assert png_shape(run_dir / "examples.png") == (900, 3100)  # 10 examples: 15.5×4.5 in
+    assert png_shape(run_dir / "examples.png") == (900, 3700)  # 10 examples: 15.5×4.5 in
     assert all((run_dir / f"{name}.pdf").is_file() for name in ("curve", "labels", "perturbation", "examples"))
     assert 0 <= m["dominant_label"] < 10 and 0 < m["dominant_label_share"] <= 1
     assert m["dominant_label_name"] == str(m["dominant_label"])

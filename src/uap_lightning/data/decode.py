@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
@@ -14,15 +13,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from uap_lightning.errors import ConfigError, DamagedFileError
+from uap_lightning.threads import available_cores
 
 
 def default_threads() -> int:
     """Decoding threads: the CPUs this process may use, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(8, available_cores()))
 
 
 def load_rgb(path: str, image_size: int, resize: Optional[int], max_pixels: Optional[int] = None) -> np.ndarray:

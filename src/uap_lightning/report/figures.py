@@ -508,12 +508,15 @@ def labels_figure(dominant: DominantLabels, class_names: Sequence[str]) -> Figur
     """Bar chart of the share of fooled images sent to each class they were sent to, the dominant
     label in red (6.4×4.0 in).
 
-    Up to 30 such classes in class order; more: the 30 largest shares, largest first. The chart is
+    Every class when there are at most 30 (those that received nothing at 0), else the classes
+    that received some: up to 30 in class order; more: the 30 largest shares, largest first. The chart is
     at least 5 bars wide (a lone bar stays narrow); class names are rotated when they would overlap.
     """
     fig = _new_figure(LABELS_SIZE)
     ax = fig.add_subplot()
-    classes = [k for k, count in enumerate(dominant.counts) if count > 0]
+    # every class when they fit (a class that received nothing is part of the picture), else those that received some
+    few = len(dominant.counts) <= MAX_BARS
+    classes = [k for k, count in enumerate(dominant.counts) if few or count > 0]
     truncated = len(classes) > MAX_BARS
     if truncated:
         classes = sorted(classes, key=lambda k: -dominant.counts[k])[:MAX_BARS]

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
@@ -26,18 +25,14 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 
 from uap_lightning import metrics
 from uap_lightning.attacks import (
     AttackSettings,
     Ensemble,
-    PassReport,
-    UAPResult,
     engine_class,
-    run_passes,
 )
-from uap_lightning.attacks.driver import PassCallback
 from uap_lightning.attacks.engines.gap import GAP
 from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.config import TaskConfig
@@ -56,7 +51,7 @@ from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_run_outputs
 from uap_lightning.report.summary import attack_summary, result_warnings, victim_name
 from uap_lightning.rundir import GENERATOR_CHECKPOINT, METRICS_FILE, STATE_FILE, move_aside
-from uap_lightning.tasks.setup import Setup, Task, progress_bars
+from uap_lightning.tasks.setup import Setup, Task, progress_bars, victim_label_names
 from uap_lightning.training import Victim
 
 log = logging.getLogger(__name__)
@@ -156,46 +151,6 @@ def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLo
         state_path=setup.output_dir / STATE_FILE,
         fingerprint=fingerprint,
     )
-
-
-def universal_perturbation(
-    setup: Setup, net: nn.Module, attack_images: Optional[Tensor] = None, seed: Optional[int] = None
-) -> UAPResult:
-    """A universal perturbation of ``net`` with the run's attack settings, as the attack task
-    computes it (same engine, order, seed and kept pass, so the same v), on ``attack_images``
-    (default: the run's X) with ``seed`` (default: the attack seed). No files; a log line per pass
-    unless ``attack.progress=false``."""
-    settings = setup.attack if seed is None else setup.attack.replace(seed=int(seed))
-    images = setup.attack_images if attack_images is None else attack_images
-    on_pass_end = _pass_line(settings) if setup.cfg.attack.progress else None
-    return run_passes(net, settings, images, setup.predict(net, images), on_pass_end=on_pass_end)
-
-
-def _pass_line(settings: AttackSettings) -> PassCallback:
-    """A pass callback logging the pass, the rate on X the attack steers by and the time so far."""
-    started = time.perf_counter()
-    name = settings.rate_on_x_key.replace("_attack_set", "").replace("_", " ")
-
-    def on_pass_end(report: PassReport) -> None:
-        log.info(
-            "  pass %d/%d: %s %.4f on X; %.0f s in all",
-            report.pass_index,
-            settings.max_passes,
-            name,
-            report.fooling_rate,
-            time.perf_counter() - started,
-        )
-
-    return on_pass_end
-
-
-def eval_fooling_rate(setup: Setup, net: nn.Module, perturbation: Tensor, clean: Optional[Tensor] = None) -> float:
-    """Fooling rate of ``perturbation`` on the run's eval set for ``net`` (the paper's definition),
-    against ``clean``: ``net``'s (N,) predictions on the eval set without perturbation (computed
-    when not given)."""
-    if clean is None:
-        clean = setup.predict(net, setup.eval_images)
-    return metrics.fooling_rate(clean, setup.predict(net, setup.eval_images, perturbation))
 
 
 def _resumable(state_path: Path, fingerprint: str, resume: bool) -> Optional[AttackState]:
@@ -533,14 +488,6 @@ def attack_figures(
         ),
         "labels": figures.labels_figure(dominant, label_names),
     }
-
-
-def victim_label_names(names: List[str], victim: Victim) -> List[str]:
-    """A name for every output of ``victim``: the class names, then indices (an ImageNet head
-    predicts beyond the data's classes)."""
-    hparams: Any = victim.module.hparams  # the classifier's __init__ arguments, by name
-    outputs = int(hparams.num_classes)
-    return [str(n) for n in names[:outputs]] + [str(i) for i in range(len(names), outputs)]
 
 
 TASK = Task("attack", AttackTaskConfig, run, check, objective="objective")

@@ -41,8 +41,8 @@ from uap_lightning.perturbation_io import write_perturbation_npy
 from uap_lightning.report.compare import TASK_NAME, cell_name, source_label, write_plan
 from uap_lightning.report.outputs import PERTURBATION_FILE, PERTURBATION_NPY
 from uap_lightning.rundir import METRICS_FILE, move_aside
-from uap_lightning.tasks.attack import eval_fooling_rate, settings_fingerprint, universal_perturbation
-from uap_lightning.tasks.setup import Setup, Task, ensemble_labels
+from uap_lightning.tasks.attack import settings_fingerprint
+from uap_lightning.tasks.setup import Setup, Task, ensemble_labels, eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.transfer import fit_to_size, victim_inputs
 from uap_lightning.validation import check_victim_source
 from uap_lightning.victim_input import fit_data_to_victim

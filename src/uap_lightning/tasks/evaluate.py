@@ -28,8 +28,7 @@ from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report import figures
 from uap_lightning.rundir import move_aside
-from uap_lightning.tasks.attack import victim_label_names
-from uap_lightning.tasks.setup import Setup, Task
+from uap_lightning.tasks.setup import Setup, Task, victim_label_names
 from uap_lightning.training import Victim
 
 log = logging.getLogger(__name__)

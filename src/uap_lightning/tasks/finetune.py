@@ -45,8 +45,7 @@ from uap_lightning.errors import ConfigError
 from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers
 from uap_lightning.models import VictimClassifier
 from uap_lightning.rundir import move_aside
-from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
-from uap_lightning.tasks.setup import Setup, Task, progress_bars
+from uap_lightning.tasks.setup import Setup, Task, eval_fooling_rate, progress_bars, universal_perturbation
 from uap_lightning.training import TrainingLogs, lightning_trainer
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,7 @@ from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
 from uap_lightning.report.figures import size_curve_figure
 from uap_lightning.rundir import move_aside
-from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
-from uap_lightning.tasks.setup import Setup, Task
+from uap_lightning.tasks.setup import Setup, Task, eval_fooling_rate, universal_perturbation
 
 log = logging.getLogger(__name__)
 

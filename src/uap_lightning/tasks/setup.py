@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
@@ -23,7 +24,18 @@ from torch import Tensor, nn
 
 from uap_lightning import metrics
 from uap_lightning.api import check_logits
-from uap_lightning.attacks import AttackSettings, Ensemble, ThreatModel, checked_target_class, folded_copy, frozen_eval
+from uap_lightning.attacks import (
+    AttackSettings,
+    Ensemble,
+    PassReport,
+    ThreatModel,
+    UAPResult,
+    checked_target_class,
+    folded_copy,
+    frozen_eval,
+    run_passes,
+)
+from uap_lightning.attacks.driver import PassCallback
 from uap_lightning.attacks.projections import check_resolution
 from uap_lightning.config import model_preset
 from uap_lightning.data import ImageFolderDataModule, build_datamodule, dataset_class
@@ -261,6 +273,54 @@ class Setup:
     def eval_labels_for(self, victim: Victim) -> Tensor:
         """The eval labels in ``victim``'s output indices (see :meth:`labels_for`)."""
         return self.labels_for(victim, self.eval_labels)
+
+
+def universal_perturbation(
+    setup: "Setup", net: nn.Module, attack_images: Optional[Tensor] = None, seed: Optional[int] = None
+) -> UAPResult:
+    """A universal perturbation of ``net`` with the run's attack settings, as the attack task
+    computes it (same engine, order, seed and kept pass, so the same v), on ``attack_images``
+    (default: the run's X) with ``seed`` (default: the attack seed). No files; a log line per pass
+    unless ``attack.progress=false``."""
+    settings = setup.attack if seed is None else setup.attack.replace(seed=int(seed))
+    images = setup.attack_images if attack_images is None else attack_images
+    on_pass_end = _pass_line(settings) if setup.cfg.attack.progress else None
+    return run_passes(net, settings, images, setup.predict(net, images), on_pass_end=on_pass_end)
+
+
+def _pass_line(settings: AttackSettings) -> PassCallback:
+    """A pass callback logging the pass, the rate on X the attack steers by and the time so far."""
+    started = time.perf_counter()
+    name = settings.rate_on_x_key.replace("_attack_set", "").replace("_", " ")
+
+    def on_pass_end(report: PassReport) -> None:
+        log.info(
+            "  pass %d/%d: %s %.4f on X; %.0f s in all",
+            report.pass_index,
+            settings.max_passes,
+            name,
+            report.fooling_rate,
+            time.perf_counter() - started,
+        )
+
+    return on_pass_end
+
+
+def eval_fooling_rate(setup: "Setup", net: nn.Module, perturbation: Tensor, clean: Optional[Tensor] = None) -> float:
+    """Fooling rate of ``perturbation`` on the run's eval set for ``net`` (the paper's definition),
+    against ``clean``: ``net``'s (N,) predictions on the eval set without perturbation (computed
+    when not given)."""
+    if clean is None:
+        clean = setup.predict(net, setup.eval_images)
+    return metrics.fooling_rate(clean, setup.predict(net, setup.eval_images, perturbation))
+
+
+def victim_label_names(names: List[str], victim: Victim) -> List[str]:
+    """A name for every output of ``victim``: the class names, then indices (an ImageNet head
+    predicts beyond the data's classes)."""
+    hparams: Any = victim.module.hparams  # the classifier's __init__ arguments, by name
+    outputs = int(hparams.num_classes)
+    return [str(n) for n in names[:outputs]] + [str(i) for i in range(len(names), outputs)]
 
 
 def ensemble_labels(configs: List[Any]) -> List[str]:

@@ -37,8 +37,7 @@ from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report.figures import transfer_figure
 from uap_lightning.rundir import METRICS_FILE, move_aside
-from uap_lightning.tasks.attack import eval_fooling_rate, universal_perturbation
-from uap_lightning.tasks.setup import Setup, Task
+from uap_lightning.tasks.setup import Setup, Task, eval_fooling_rate, universal_perturbation
 from uap_lightning.training import Victim
 from uap_lightning.validation import check_victim_source
 

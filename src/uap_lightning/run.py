@@ -243,7 +243,9 @@ def entry(config_name: str) -> Any:
         if not _Composing.active:
             raise
         _refuse(composition_error_message(err, sys.argv[1:]))  # the settings could not be composed
-    except UserError as err:  # refused by the sweeper before any job (task=compare's lists)
+    except UserError as err:  # refused by the sweeper before any job (task=compare's lists), or by the task
+        if _full_error() and not _Composing.active:  # HYDRA_FULL_ERROR=1 of the user's: the traceback
+            raise
         _refuse(str(err))
     finally:
         _Composing.stop()

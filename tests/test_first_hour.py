@@ -285,4 +285,4 @@ def test_tasks_log_a_line_per_pass_of_each_perturbation(make_cfg, caplog):
         run_task(make_cfg(*SMALL, "task=generalisation", "task.sizes=[20,40]", "attack.delta=0.01"))
     lines = [r.getMessage().strip() for r in caplog.records if r.getMessage().strip().startswith("pass ")]
     assert [line.split(":")[0] for line in lines] == ["pass 1/2", "pass 2/2"] * 2
-    assert "fooling rate" in lines[0] and "on X" in lines[0]
+    assert "fooling on X" in lines[0] and "s in all" in lines[0]

@@ -17,11 +17,10 @@ from typing import Any, Iterator, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from uap_lightning import metrics
 from uap_lightning.attacks.base import checked_target_class
-from uap_lightning.attacks.driver import PassCallback, PassReport, UAPResult, check_takes, run_passes
+from uap_lightning.attacks.driver import PassCallback, UAPResult, check_takes, run_passes
 from uap_lightning.attacks.ensemble import Ensemble, resized
 from uap_lightning.attacks.model_state import frozen_eval, model_device
 from uap_lightning.attacks.projections import check_resolution
@@ -29,6 +28,7 @@ from uap_lightning.attacks.settings import AttackSettings
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.baselines import MARGIN, random_baselines
 from uap_lightning.errors import NonFiniteError
+from uap_lightning.progress import PassProgress
 from uap_lightning.report.summary import BUDGET_FULL
 
 Images = Union[Tensor, Iterable]
@@ -208,21 +208,14 @@ def threat_of(eps: Any, p: Union[str, float], eps_scale: int) -> ThreatModel:
 
 @contextlib.contextmanager
 def pass_bar(settings: AttackSettings, verbose: bool) -> Iterator[Optional[PassCallback]]:
-    """Inside, a pass callback drawing a tqdm bar over passes with the rate on X (None when not ``verbose``)."""
+    """Inside, a pass callback drawing the project's pass display as a bar with the rate on X
+    (:class:`~uap_lightning.progress.PassProgress`; None when not ``verbose``)."""
     if not verbose:
         yield None
         return
-    bar = tqdm(total=settings.max_passes, desc=f"{settings.method} passes", unit="pass")
-
-    def on_pass_end(report: PassReport) -> None:
-        bar.update(1)
-        name = settings.rate_on_x_key.replace("_attack_set", " on X").replace("_", " ")
-        bar.set_postfix({name: f"{report.fooling_rate:.3f}"})
-
-    try:
-        yield on_pass_end
-    finally:
-        bar.close()
+    label = f"{settings.method} passes"
+    with PassProgress(label, settings.max_passes, bar=True, rate_name=settings.rate_on_x_name) as display:
+        yield display.on_pass_end
 
 
 def _data_free(

@@ -1,5 +1,7 @@
-"""Log lines for the long steps after an attack (random baselines, figures), so that a run never
-goes quiet for long without saying what it does.
+"""Progress shown while the project works, so that a run never goes quiet for long without
+saying what it does: over an attack's passes (:class:`PassProgress`, the one display of the
+Python API, the attack loop and the tasks) and through the long steps around it (:class:`Phase`:
+predictions, random baselines, figures).
 
 A :class:`Phase` names a step and, as it goes, the part it works on. While a phase runs and the
 project has logged nothing for :data:`PHASE_HEARTBEAT_SECONDS` (any ``uap_lightning`` line counts,
@@ -13,9 +15,12 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, Protocol, TypeVar
+
+from tqdm.auto import tqdm
 
 PHASE_HEARTBEAT_SECONDS = 5.0  # the longest quiet while a phase runs
+PASS_HEARTBEAT_SECONDS = 60.0  # a line this often while a pass runs, when lines are shown
 PROJECT_LOGGER = "uap_lightning"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -117,3 +122,99 @@ def phase(name: str, logger: Optional[logging.Logger] = None) -> Callable[[F], F
         return run  # type: ignore[return-value]
 
     return wrap
+
+
+class RateOnX(Protocol):
+    """What a pass reports to :meth:`PassProgress.on_pass_end` (an attack's ``PassReport``)."""
+
+    pass_index: int  # 1-based
+    fooling_rate: float  # the rate on X the attack steers by
+
+
+class PassProgress:
+    """Progress over an attack's ``total`` passes (``done`` already run), named ``label``: with
+    ``bar`` a tqdm bar over passes showing each pass's rates; otherwise, with ``lines``, a line
+    to ``logger`` per pass (its rates, its seconds, the seconds so far and at most how many are
+    left) and, while a pass runs longer than ``heartbeat`` seconds, a line every ``heartbeat``
+    seconds; neither: nothing. ``rate_name`` names the rate on X of :meth:`on_pass_end`. A
+    context manager::
+
+        with PassProgress("sgd_uap passes", 10, bar=False, logger=log) as progress:
+            progress.pass_done(1, {"fooling on X": "0.4120"}, seconds=3.1, elapsed=3.1)
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        done: int = 0,
+        bar: bool = False,
+        lines: bool = True,
+        heartbeat: float = PASS_HEARTBEAT_SECONDS,
+        logger: Optional[logging.Logger] = None,
+        rate_name: str = "fooling on X",
+    ) -> None:
+        self.label = label
+        self.rate_name = rate_name
+        self.total = total
+        self.passes = done
+        self.bar = bar
+        self.lines = lines and not bar
+        self.heartbeat = heartbeat
+        self.logger = logger or logging.getLogger(__name__)
+        self._tqdm: Optional[tqdm] = None
+        self._started = 0.0
+        self._pass_started = 0.0
+        self._stop: Optional[threading.Event] = None
+
+    def __enter__(self) -> "PassProgress":
+        self._started = self._pass_started = time.perf_counter()
+        if self.bar:
+            self._tqdm = tqdm(total=self.total, initial=self.passes, desc=self.label, unit="pass", dynamic_ncols=True)
+        elif self.lines:
+            self._stop = threading.Event()
+            threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="pass-heartbeat").start()
+        return self
+
+    def _beat(self, stop: threading.Event) -> None:
+        """While the passes run: a line each ``heartbeat`` seconds that a pass has been running."""
+        while not stop.wait(self.heartbeat):
+            running = time.perf_counter() - self._pass_started
+            if running >= self.heartbeat:
+                self.logger.info("pass %d/%d running for %.0f s", self.passes + 1, self.total, running)
+
+    def pass_done(self, pass_index: int, rates: Mapping[str, str], seconds: float, elapsed: float) -> None:
+        """Pass ``pass_index`` (1-based) ended after ``seconds``, ``elapsed`` seconds of passes in
+        all, with ``rates`` (name → formatted value)."""
+        self.passes, self._pass_started = pass_index, time.perf_counter()
+        if self._tqdm is not None:
+            self._tqdm.update(1)
+            self._tqdm.set_postfix(dict(rates))
+        elif self.lines:
+            left = elapsed / pass_index * (self.total - pass_index) if pass_index else 0.0
+            self.logger.info(
+                "pass %d/%d: %s; %.1f s, %.0f s in all, at most ~%.0f s to go",
+                pass_index,
+                self.total,
+                ", ".join(f"{name} {value}" for name, value in rates.items()),
+                seconds,
+                elapsed,
+                left,
+            )
+
+    def on_pass_end(self, report: RateOnX) -> None:
+        """A pass callback: the pass and its rate on X (named ``rate_name``), timed here (the
+        seconds since the last pass ended, or since the start)."""
+        now = time.perf_counter()
+        rates = {self.rate_name: f"{report.fooling_rate:.4f}"}
+        self.pass_done(report.pass_index, rates, seconds=now - self._pass_started, elapsed=now - self._started)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+            shown()  # the bar showed the passes to their end: the quiet after it starts now

@@ -110,6 +110,11 @@ class AttackSettings:
         the targeted success rate (the share of non-target images sent to the target)."""
         return "fooling_rate_attack_set" if self.target_class is None else "targeted_success_rate_attack_set"
 
+    @property
+    def rate_on_x_name(self) -> str:
+        """The rate the attack steers by on X, as progress displays name it."""
+        return "fooling on X" if self.target_class is None else "targeted success on X"
+
     def engine(self) -> UniversalAttack:
         """A new engine of ``method`` with these settings."""
         return engine_class(self.method).from_settings(self).at_resolution(self.resolution)

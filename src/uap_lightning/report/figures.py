@@ -39,7 +39,8 @@ from uap_lightning.atomic import atomic_write_bytes
 from uap_lightning.attacks.threat import P_SYMBOLS, parse_p
 from uap_lightning.metrics import norm_255
 from uap_lightning.progress import phase
-from uap_lightning.units import to_image_scale, to_pixel_units
+from uap_lightning.report.colour_scale import perturbation_scale
+from uap_lightning.units import to_pixel_units
 
 DPI = 100  # of the figures as drawn (TensorBoard shows them at this resolution)
 SAVED_DPI = 200  # of the PNG files
@@ -274,29 +275,6 @@ def size_curve_figure(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return fig
-
-
-def perturbation_image(v: Tensor, eps: float, p: Union[str, float]) -> Tensor:
-    """``v`` (C×H×W, [0,1] scale) as a per-pass image on the fixed scale ±s of
-    :func:`perturbation_scale`: 0.5 is no change, 0 and 1 are −s and +s (clipped beyond), so the
-    images of successive passes compare."""
-    scale = to_image_scale(perturbation_scale(eps, p, v.shape))
-    return (v / (2 * scale) + 0.5).clamp(0, 1)
-
-
-def perturbation_scale(eps: float, p: Union[str, float], shape: Sequence[int]) -> float:
-    """Half-width s (0–255 units) of the fixed colour range ±s for a norm-ε perturbation of C×H×W ``shape``.
-
-    ℓ∞: s = ε; ℓ2: s = min(255, 3ε/√(C·H·W)) (three times the per-pixel RMS); ℓ1: s = min(255, ε).
-    """
-    norm = parse_p(p)
-    if not eps > 0:
-        raise ValueError(f"eps must be positive (0–255 units); got {eps!r}")
-    if norm == math.inf:
-        return float(eps)
-    if norm == 2.0:
-        return min(255.0, 3.0 * float(eps) / math.sqrt(math.prod(shape)))
-    return min(255.0, float(eps))
 
 
 @phase("drawing the perturbation figure")

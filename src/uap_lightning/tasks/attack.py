@@ -45,6 +45,7 @@ from uap_lightning.loop import (
     AttackProgressBar,
     AttackState,
     EvaluationSettings,
+    train_generator,
 )
 from uap_lightning.models.gap_module import read_training_state
 from uap_lightning.report import figures
@@ -242,7 +243,8 @@ def run(setup: Setup) -> Dict[str, Any]:
     eval_labels = setup.eval_labels_for(victim)
     with sigterm_interrupts():
         if generative:
-            outcome = loop.train_generator(
+            outcome = train_generator(
+                loop,
                 cast(GAP, setup.attack.engine()),  # generative: a GAP engine
                 net,
                 setup.attack_images,

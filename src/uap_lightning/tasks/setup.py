@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
@@ -27,7 +26,6 @@ from uap_lightning.api import check_logits
 from uap_lightning.attacks import (
     AttackSettings,
     Ensemble,
-    PassReport,
     ThreatModel,
     UAPResult,
     checked_target_class,
@@ -35,7 +33,6 @@ from uap_lightning.attacks import (
     frozen_eval,
     run_passes,
 )
-from uap_lightning.attacks.driver import PassCallback
 from uap_lightning.attacks.projections import check_resolution
 from uap_lightning.config import model_preset
 from uap_lightning.data import ImageFolderDataModule, build_datamodule, dataset_class
@@ -43,6 +40,7 @@ from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
 from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
 from uap_lightning.models.zoo import model_preprocessing
+from uap_lightning.progress import PassProgress
 from uap_lightning.report.outputs import write_figures, write_metrics
 from uap_lightning.training import TrainingLogs, Victim, obtain_victim
 
@@ -284,26 +282,15 @@ def universal_perturbation(
     unless ``attack.progress=false``."""
     settings = setup.attack if seed is None else setup.attack.replace(seed=int(seed))
     images = setup.attack_images if attack_images is None else attack_images
-    on_pass_end = _pass_line(settings) if setup.cfg.attack.progress else None
-    return run_passes(net, settings, images, setup.predict(net, images), on_pass_end=on_pass_end)
-
-
-def _pass_line(settings: AttackSettings) -> PassCallback:
-    """A pass callback logging the pass, the rate on X the attack steers by and the time so far."""
-    started = time.perf_counter()
-    name = settings.rate_on_x_key.replace("_attack_set", "").replace("_", " ")
-
-    def on_pass_end(report: PassReport) -> None:
-        log.info(
-            "  pass %d/%d: %s %.4f on X; %.0f s in all",
-            report.pass_index,
-            settings.max_passes,
-            name,
-            report.fooling_rate,
-            time.perf_counter() - started,
-        )
-
-    return on_pass_end
+    display = PassProgress(
+        f"{settings.method} passes",
+        settings.max_passes,
+        lines=bool(setup.cfg.attack.progress),
+        logger=log,
+        rate_name=settings.rate_on_x_name,
+    )
+    with display:
+        return run_passes(net, settings, images, setup.predict(net, images), on_pass_end=display.on_pass_end)
 
 
 def eval_fooling_rate(setup: "Setup", net: nn.Module, perturbation: Tensor, clean: Optional[Tensor] = None) -> float:

@@ -278,6 +278,143 @@ def test_a_full_disk_ends_in_one_message(tmp_path):
     assert "the disk is full" in done.stdout + done.stderr and "Traceback" not in done.stderr
 
 
+def _limited_file_size(limit: int):
+    """For ``preexec_fn``: files of the child may grow to ``limit`` bytes (``ulimit -f``); past it
+    a write fails with EFBIG rather than killing the child with SIGXFSZ."""
+
+    def limit_size() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_size
+
+
+def error_lines(output: str) -> list:
+    return [line for line in output.splitlines() if line.startswith("ERROR")]
+
+
+# Hydra's record written up to ``.hydra/hydra.yaml``, which is cut off by a full disk.
+HYDRA_RECORD_ON_A_FULL_DISK = (
+    "import errno, sys\n"
+    "import hydra.core.utils as utils\n"
+    "save = utils._save_config\n"
+    "def cut(cfg, filename, output_dir):\n"
+    "    if filename != 'hydra.yaml':\n"
+    "        return save(cfg, filename, output_dir)\n"
+    "    with open(output_dir / filename, 'w', encoding='utf-8') as file:\n"
+    "        file.write('hydra:\\n  run:\\n')\n"
+    "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+    "utils._save_config = cut\n"
+    "from uap_lightning.run import main\n"
+    "sys.argv = ['run', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="resource limits of a child need POSIX")
+@pytest.mark.parametrize("cause", ["file size limit", "full disk"])
+def test_a_full_disk_before_the_run_ends_in_one_message_naming_the_file(tmp_path, cause):
+    """Hydra's own record (``.hydra/hydra.yaml``) failing under ``ulimit -f`` or on a full disk: one
+    ERROR line naming the file and what to do, exit status 2, no traceback, and no run folder with a
+    cut-off record."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache"), "PYTHONDONTWRITEBYTECODE": "1"}
+    limited = cause == "file size limit"
+    done = subprocess.run(
+        [sys.executable, *(["-m", "uap_lightning.run"] if limited else ["-c", HYDRA_RECORD_ON_A_FULL_DISK])]
+        + [*SMALL, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_limited_file_size(4096) if limited else None,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = error_lines(output)
+    assert len(errors) == 1, output[-3000:]
+    assert f"writing {run_dir / '.hydra' / 'hydra.yaml'} " in errors[0], errors[0]
+    if limited:
+        assert "file size limit" in errors[0] and "ulimit -f" in errors[0], errors[0]
+    else:
+        assert "the disk is full" in errors[0] and "free some space or set hydra.run.dir" in errors[0], errors[0]
+    assert not (run_dir / ".hydra" / "hydra.yaml").exists()  # no cut-off record that looks complete
+    assert not run_dir.exists()  # the folder held nothing else: removed
+
+
+def test_a_run_log_on_a_full_disk_is_reported_once_and_the_run_ends_naming_the_file(tmp_path):
+    """The run log failing for want of space: no "--- Logging error ---" tracebacks, one warning naming
+    the log, and a later write that fails ends the run with one ERROR line naming its file."""
+    script = (
+        "import errno, logging, sys\n"
+        "class Full:\n"
+        "    def write(self, text):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    def flush(self):\n"
+        "        pass\n"
+        "    def close(self):\n"
+        "        pass\n"
+        "logging.FileHandler._open = lambda self: Full()\n"
+        "def full(*a, **k):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "import uap_lightning.atomic as atomic\n"
+        "write = atomic.atomic_write\n"
+        "def failing(path, fill):\n"
+        "    return write(path, full if str(path).endswith('metrics.json') else fill)\n"
+        "atomic.atomic_write = failing\n"
+        "import uap_lightning.report.outputs as outputs; outputs.atomic_write = failing\n"
+        "from uap_lightning.run import main\n"
+        "sys.argv = ['run', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *SMALL, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "Logging error" not in output and "Traceback" not in output, output[-3000:]
+    warnings = [line for line in output.splitlines() if line.startswith("WARNING") and "run.log" in line]
+    assert len(warnings) == 1, output[-3000:]
+    errors = error_lines(output)
+    assert len(errors) == 1 and str(run_dir / "metrics.json") in errors[0], output[-3000:]
+    assert "the disk is full" in errors[0]
+
+
+def test_a_full_disk_names_the_file_being_written_not_the_source_of_a_copy():
+    """An OSError of a copy onto a full disk names the source and the destination: the message names
+    the destination (under its final name when it is a temporary file beside it); a write with no file
+    name names the file that was open for writing."""
+    import errno
+
+    from uap_lightning.run import disk_full_message
+
+    copy = OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpab12", None, "/runs/a/.attack_state.ckpt.1.tmp")
+    message = disk_full_message(copy)
+    assert "/runs/a/attack_state.ckpt" in message and "/tmp/tmpab12" not in message, message
+
+    def write_into(handle):
+        raise OSError(errno.EFBIG, "File too large")
+
+    try:
+        with open(os.devnull, "w") as handle:
+            write_into(handle)
+    except OSError as err:
+        message = disk_full_message(err)
+    assert os.devnull in message and "file size limit" in message, message
+
+
 def test_a_lightning_checkpoint_with_attribute_dict_hyperparameters_loads_tensors_only(tmp_path):
     """A checkpoint Lightning writes with save_hyperparameters of an AttributeDict loads without unpickling code."""
     from lightning.fabric.utilities.data import AttributeDict

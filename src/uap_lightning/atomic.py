@@ -15,7 +15,7 @@ from typing import BinaryIO, Callable
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write`` on a temporary binary file beside ``path``, then rename it to ``path``; the
-    temporary file is removed if anything fails."""
+    temporary file is removed if anything fails, and an OSError that names no file names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -24,8 +24,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # a write into the open file names none: the file it was for
         raise
 
 

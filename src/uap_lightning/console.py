@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
+from uap_lightning.errors import DISK_FULL, DISK_FULL_CAUSES
+
 # Library warnings about their own internals or about settings this project chooses on purpose.
 _QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # a deprecation inside Lightning
@@ -35,6 +37,37 @@ def quiet_libraries() -> None:
     """Ignore the library warnings listed in ``_QUIET_WARNINGS`` for this process."""
     for pattern in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+class RunLogHandler(logging.FileHandler):
+    """The run's log file (``conf/hydra/job_logging/uap.yaml``). When a line cannot be written for want
+    of space, one warning naming the file goes to the console (instead of logging's traceback for every
+    line) and the file gets no more lines; the console keeps showing them. Other errors are logging's."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        err = sys.exc_info()[1]
+        if not (isinstance(err, OSError) and err.errno in DISK_FULL):
+            super().handleError(record)
+            return
+        self.failed = True
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                stream.close()  # flushing what is left fails the same way
+            except OSError:
+                pass
+        print(
+            f"WARNING: {DISK_FULL_CAUSES[err.errno]} writing the run's log {self.baseFilename} ({err.strerror}): "
+            "it gets no more lines; the console shows them",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # Sweep plugins' lines that restate settings the sweep folder already records, by logger.

@@ -6,6 +6,16 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
+# The errors of a write that failed for want of space, and how the console words each.
+DISK_FULL_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file size limit (ulimit -f) is reached",
+}
+DISK_FULL = tuple(DISK_FULL_CAUSES)
+
 
 class UserError(Exception):
     """Bad input found by a check; the message names the key or file and how to fix it."""

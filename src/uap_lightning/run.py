@@ -14,6 +14,7 @@ failed exits with 3 after writing its summary.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any, List, Optional
 
 import hydra
@@ -34,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from uap_lightning.config import CONF_DIR, register_configs
 from uap_lightning.console import print_config_tree, quiet_libraries
-from uap_lightning.errors import ConfigError, UserError
+from uap_lightning.errors import DISK_FULL, DISK_FULL_CAUSES, ConfigError, UserError
 from uap_lightning.report.sweep import SweepSummaryCallback
 from uap_lightning.rundir import discard_outputs_since, make_folder, remove_if_only_hydra, write_failure
 from uap_lightning.tasks import TASKS, run_task, task_schemas
@@ -45,7 +47,6 @@ log = logging.getLogger("uap_lightning")
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED_JOBS = 3  # a sweep in which some job failed (the summary is written)
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file size limit (ulimit -f)
 
 
 class DiskFullError(UserError, OSError):
@@ -105,9 +106,8 @@ def execute(cfg: DictConfig) -> Optional[float]:
                 raise
             discard_outputs_since(run_dir, started)
             raise DiskFullError(
-                f"the disk is full (or the file size limit reached) writing {err.filename or 'a file'}: "
-                f"{err.strerror}; free some space and run the same command again "
-                "(the outputs this run had written were removed)"
+                f"{disk_full_message(err, _folder_setting(err, cfg, run_dir, multirun))}, then run the "
+                "command again (the outputs this run had written were removed)"
             ) from None
     except UserError as err:
         log.error("%s", err)
@@ -140,6 +140,94 @@ def _disk_full(error: Optional[BaseException]) -> Optional[OSError]:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+# A temporary file written beside its target: ``.NAME.<pid>.<hex>.tmp`` (uap_lightning.atomic) or
+# ``.NAME.<pid>.tmp`` (the attack state).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+(\.[0-9a-f]+)?\.tmp$")
+
+
+def disk_full_message(err: OSError, setting: Optional[str] = None) -> str:
+    """What failed and what to do, for the OSError of a full disk (or quota, or file size limit):
+    "the disk is full writing FILE (strerror); free some space or set SETTING to a folder on another
+    disk", where SETTING is the setting (``hydra.run.dir``, ``paths.cache_dir``) whose folder holds FILE."""
+    file = _written_file(err)
+    cause = DISK_FULL_CAUSES.get(err.errno or 0, "the disk is full")
+    if err.errno == errno.EFBIG:
+        remedy = "raise the limit (ulimit -f)"  # per process: another folder would not help
+    else:
+        remedy = "free some space" + (f" or set {setting} to a folder on another disk" if setting else "")
+    return f"{cause} writing {file or 'a file'} ({err.strerror}); {remedy}"
+
+
+def _written_file(err: OSError) -> Optional[Path]:
+    """The file a failed write was for: the destination of a copy or move, else the file the error
+    names, else the file open for writing nearest to where the error was raised (a write into an
+    open file names none); a temporary file beside its target by the target's name."""
+    name = err.filename2 if err.filename2 is not None else err.filename
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        name = _open_for_writing(err.__traceback__)
+    if name is None:
+        return None
+    path = Path(os.fsdecode(name))
+    temporary = _TEMPORARY.match(path.name)
+    return path.with_name(temporary["name"]) if temporary else path
+
+
+def _open_for_writing(traceback: Optional[TracebackType]) -> Optional[str]:
+    frames = []
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    for frame in reversed(frames):  # the innermost first
+        for value in frame.f_locals.values():
+            name, mode = getattr(value, "name", None), getattr(value, "mode", "")
+            if isinstance(value, io.IOBase) and isinstance(name, str) and set(str(mode)) & set("wax+"):
+                return name
+    return None
+
+
+def _folder_setting(err: OSError, cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[str]:
+    """The setting whose folder holds the file ``err`` failed to write, or None."""
+    file = _written_file(err)
+    if file is None:
+        return None
+    folders = {"hydra.sweep.dir" if multirun else "hydra.run.dir": run_dir}
+    cache = cfg.get("paths", {}).get("cache_dir")
+    if cache:
+        folders["paths.cache_dir"] = Path(cache)
+    file = file.absolute()
+    for setting, folder in folders.items():
+        if file.is_relative_to(folder.absolute()):
+            return setting
+    return None
+
+
+def _discard_hydra_record(err: OSError, since: float) -> str:
+    """After a write that failed for want of space before the task started: remove Hydra's record
+    (``.hydra/``) written since ``since`` when the failing file is part of it (so that no cut-off
+    record is taken for a run's), and the run folder when nothing else is left in it; what was done,
+    for the message ("" when nothing)."""
+    file = _written_file(err)
+    if file is None or file.parent.name != ".hydra":
+        return ""
+    record, run_dir = file.parent, file.parent.parent
+    since = float(int(since))  # file systems that keep whole seconds
+    try:
+        for path in record.iterdir():
+            if path.is_file() and path.lstat().st_mtime >= since:
+                path.unlink()
+        if not any(record.iterdir()):
+            record.rmdir()
+        left = list(run_dir.iterdir())
+        if all(p.suffix == ".log" and p.is_file() and p.lstat().st_mtime >= since for p in left):
+            for path in left:
+                path.unlink()
+            run_dir.rmdir()
+            return f" (the run folder {run_dir}, which held nothing else, was removed)"
+    except OSError:
+        return ""
+    return f" (Hydra's record in {record} was removed)"
 
 
 def _quiet_disk_full_in_threads() -> None:
@@ -229,6 +317,7 @@ def entry(config_name: str) -> Any:
     except ConfigError as err:
         _refuse(str(err))
     task_function = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(execute)
+    started = time.time()
     _Composing.start()
     try:
         result = task_function()
@@ -247,6 +336,12 @@ def entry(config_name: str) -> Any:
         if _full_error() and not _Composing.active:  # HYDRA_FULL_ERROR=1 of the user's: the traceback
             raise
         _refuse(str(err))
+    except Exception as failure:  # a write of Hydra's own (.hydra/*.yaml, the log) on a full disk
+        full = _disk_full(failure)
+        if full is None or (_full_error() and not _Composing.active):
+            raise
+        setting = "hydra.sweep.dir" if {"-m", "--multirun"} & set(sys.argv[1:]) else "hydra.run.dir"
+        _refuse(disk_full_message(full, setting) + _discard_hydra_record(full, started))
     finally:
         _Composing.stop()
     if SweepSummaryCallback.failed:

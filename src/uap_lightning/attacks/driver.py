@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -174,26 +174,18 @@ def run_passes(
     data_free = images is None
     if data_free and engine.reads_images:
         raise ValueError(f"attack.method={settings.method} reads the attack set X with these options; give images")
-    shape = tuple(cast(Sequence[int], image_shape)) if images is None else tuple(images.shape[1:])
-    check_resolution(settings.resolution, shape)
     generator = settings.generator() if generator is None else generator
     reducer = reducer or SINGLE_PROCESS
     shared = {} if reducer.world_size == 1 else {"reducer": reducer}
-    device = model_device(model)
-    dtype = torch.float32 if images is None else images.dtype
-    if initial is None:
-        v = torch.zeros(shape, dtype=dtype, device=device)
-    else:
-        if tuple(initial.shape) != shape:
-            raise ValueError(f"initial perturbation has shape {tuple(initial.shape)}; expected {shape}")
-        v = initial.detach().to(device=device, dtype=dtype).clone()
+    v = starting_perturbation(images, image_shape, initial, model_device(model))
+    check_resolution(settings.resolution, tuple(v.shape))
+    stop = StopRule(engine, settings.delta, data_free)
     history: List[Dict[str, Any]] = []
     passes = start_pass
     with frozen_eval(model):
         model = folded_copy(model)
         if settings.compile:
             model = compiled_predictions(model)
-
         attacked = with_input_diversity(model, settings.input_diversity, generator)
 
         def rate_on_x(v: Tensor) -> float:
@@ -201,35 +193,19 @@ def run_passes(
                 return math.nan
             return attack_set_rate(model, images, cast(Tensor, clean_labels), v, settings, reducer)
 
-        def done(rate: float, stats: Optional[PassStats]) -> bool:
-            if engine.one_pass and stats is not None:
-                return True
-            if data_free:
-                return stats is not None and stats.converged
-            return rate >= 1.0 - settings.delta
-
         rate, stats = rate_on_x(v), None
         if kept is None:
             kept = KeptPerturbation(v.detach().cpu(), rate, passes)
-        while not done(rate, stats) and passes < settings.max_passes:
+        while not stop(rate, stats) and passes < settings.max_passes:
             started = time.perf_counter()
-            seen, seen_labels = images, clean_labels
-            if settings.augment and images is not None:
-                seen = crop_flip(images, generator)
-                seen_labels = distributed.predict(
-                    model, seen, reducer=reducer, batch_size=settings.eval_batch_size, precision=settings.precision
-                )
-            with metrics.precision_context(settings.precision, device):
+            seen, seen_labels = pass_images(model, images, clean_labels, settings, generator, reducer)
+            with metrics.precision_context(settings.precision, v.device):
                 # without X both are None, given to an engine that reads no images
                 v, stats = engine.run_pass(
                     attacked, v, cast(Tensor, seen), cast(Tensor, seen_labels), generator, pass_index=passes, **shared
                 )
             v = reducer.broadcast(v)
-            if not bool(torch.isfinite(v).all()):
-                raise NonFiniteError(
-                    f"attack.method={settings.method} produced a perturbation with NaN or infinite values in pass "
-                    f"{passes + 1}: the victim's outputs or gradients are not finite"
-                )
+            check_finite(v, settings.method, passes + 1)
             rate = rate_on_x(v)
             passes += 1
             if settings.keep == "last" or data_free or rate > kept.fooling_rate or kept.pass_index == 0:
@@ -250,7 +226,67 @@ def run_passes(
         fooling_rate=kept.fooling_rate,
         history=history,
         passes=passes,
-        converged=done(rate, stats),
+        converged=stop(rate, stats),
         best_pass=kept.pass_index,
         last_perturbation=v.detach().cpu(),
     )
+
+
+def starting_perturbation(
+    images: Optional[Tensor], image_shape: Optional[Sequence[int]], initial: Optional[Tensor], device: torch.device
+) -> Tensor:
+    """v before the first pass, on ``device``: ``initial`` (C×H×W) or zeros, of X's image shape
+    (``image_shape`` without X) and dtype (float32 without X); ValueError for another shape."""
+    shape = tuple(cast(Sequence[int], image_shape)) if images is None else tuple(images.shape[1:])
+    dtype = torch.float32 if images is None else images.dtype
+    if initial is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if tuple(initial.shape) != shape:
+        raise ValueError(f"initial perturbation has shape {tuple(initial.shape)}; expected {shape}")
+    return initial.detach().to(device=device, dtype=dtype).clone()
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When the passes stop: after the first pass of a ``one_pass`` engine; without X (data-free)
+    when a pass reports ``PassStats.converged``; otherwise when the rate on X reaches 1 − ``delta``."""
+
+    engine: UniversalAttack
+    delta: float
+    data_free: bool
+
+    def __call__(self, rate: float, stats: Optional[PassStats]) -> bool:
+        if self.engine.one_pass and stats is not None:
+            return True
+        if self.data_free:
+            return stats is not None and stats.converged
+        return rate >= 1.0 - self.delta
+
+
+def pass_images(
+    model: nn.Module,
+    images: Optional[Tensor],
+    clean_labels: Optional[Tensor],
+    settings: AttackSettings,
+    generator: torch.Generator,
+    reducer: Reducer,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The images a pass works on and the model's clean labels on them: X itself, or with
+    ``settings.augment`` a new random crop and flip of every image of X drawn from ``generator``
+    (:func:`~uap_lightning.attacks.augment.crop_flip`) with the model's predictions on them."""
+    if not settings.augment or images is None:
+        return images, clean_labels
+    seen = crop_flip(images, generator)
+    labels = distributed.predict(
+        model, seen, reducer=reducer, batch_size=settings.eval_batch_size, precision=settings.precision
+    )
+    return seen, labels
+
+
+def check_finite(v: Tensor, method: str, pass_index: int) -> None:
+    """NonFiniteError when ``v`` after pass ``pass_index`` (1-based) holds NaN or infinite values."""
+    if not bool(torch.isfinite(v).all()):
+        raise NonFiniteError(
+            f"attack.method={method} produced a perturbation with NaN or infinite values in pass "
+            f"{pass_index}: the victim's outputs or gradients are not finite"
+        )

@@ -12,6 +12,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.patches import Rectangle
 
+from uap_lightning.attacks import ThreatModel
 from uap_lightning.report.figures import (
     DominantLabels,
     curve_figure,
@@ -89,34 +90,39 @@ def test_curve_figure_renders_640x400(tmp_path, best_pass, random_rates, clean):
 @pytest.mark.parametrize("channels, width", [(1, 350), (3, 1100)])
 def test_perturbation_figure_renders(tmp_path, p, channels, width):
     v = 8 / 255 * _sign_pattern(channels)
-    fig = perturbation_figure(v, 8, p)
+    fig = perturbation_figure(v, ThreatModel.parse(8, p))
     assert len(fig.axes) == channels + (1 if channels == 3 else 0) + 1  # panels and one colorbar
     assert fig.axes[-1].get_ylabel() == "v (0–255 units)"
     assert _png_shape(fig, tmp_path / "perturbation.png") == (300, width, 4)
 
 
 def test_perturbation_scale():
-    assert perturbation_scale(8, "inf", (3, 32, 32)) == 8
-    assert perturbation_scale(300, math.inf, (3, 32, 32)) == 300
-    assert perturbation_scale(1000, "2", (3, 32, 32)) == pytest.approx(3 * 1000 / math.sqrt(3 * 32 * 32))
-    assert perturbation_scale(1e6, 2.0, (1, 8, 8)) == 255
-    assert perturbation_scale(40, "1", (1, 8, 8)) == 40
-    assert perturbation_scale(4000, 1.0, (1, 8, 8)) == 255
+    def scale(eps, p, shape):
+        return perturbation_scale(ThreatModel.parse(eps, p), shape)
+
+    assert scale(8, "inf", (3, 32, 32)) == 8
+    assert scale(300, math.inf, (3, 32, 32)) == 300
+    assert scale(1000, "2", (3, 32, 32)) == pytest.approx(3 * 1000 / math.sqrt(3 * 32 * 32))
+    assert scale(1e6, 2.0, (1, 8, 8)) == 255
+    assert scale(40, "1", (1, 8, 8)) == 40
+    assert scale(4000, 1.0, (1, 8, 8)) == 255
     with pytest.raises(ValueError):
-        perturbation_scale(0, "inf", (1, 8, 8))
+        scale(0, "inf", (1, 8, 8))
 
 
 def test_perturbation_colour_range_is_fixed_by_eps():
     """The colours are ±s from ε, not from the peak of v: two runs with different ε differ."""
     for channels in (1, 3):
         pattern = _sign_pattern(channels)
-        low, high, again = (figure_image(perturbation_figure(e / 255 * pattern, e, "inf")) for e in (32, 96, 32))
+        low, high, again = (
+            figure_image(perturbation_figure(e / 255 * pattern, ThreatModel.parse(e, "inf"))) for e in (32, 96, 32)
+        )
         assert low.shape == high.shape
         assert not np.array_equal(low, high)
         assert np.array_equal(low, again)
         # Same ε, v at a third of it: a peak-normalised picture would be identical; this one is not.
-        fig_full = perturbation_figure(96 / 255 * pattern, 96, "inf")
-        fig_third = perturbation_figure(32 / 255 * pattern, 96, "inf")
+        fig_full = perturbation_figure(96 / 255 * pattern, ThreatModel.parse(96, "inf"))
+        fig_third = perturbation_figure(32 / 255 * pattern, ThreatModel.parse(96, "inf"))
         for fig in (fig_full, fig_third):
             assert fig.axes[0].images[0].get_clim() == (-96, 96)
         full, third = figure_image(fig_full), figure_image(fig_third)
@@ -126,7 +132,7 @@ def test_perturbation_colour_range_is_fixed_by_eps():
 
 
 def test_perturbation_rgb_panel_is_grey_for_zero():
-    fig = perturbation_figure(torch.zeros(3, 8, 8), 10, "inf")
+    fig = perturbation_figure(torch.zeros(3, 8, 8), ThreatModel.parse(10, "inf"))
     rgb = fig.axes[3].images[0].get_array()
     assert np.allclose(rgb, 0.5)
 

@@ -9,7 +9,6 @@ when its fooling rate exceeds the stronger baseline by at least ``MARGIN``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -48,27 +47,41 @@ def mean_fooling_rate(
     perturbed_labels: Callable[[Tensor], Tensor],
     clean_labels: Tensor,
     shape: Sequence[int],
-    eps: float,
-    p: float,
+    threat: ThreatModel,
     generator: torch.Generator,
     draws: int = DRAWS,
     on_draw: Optional[Callable[[int], None]] = None,
 ) -> float:
-    """Mean fooling rate of ``draws`` random perturbations of ℓp norm ``eps`` (0–255 units).
+    """Mean fooling rate of ``draws`` random perturbations on the sphere of ``threat``'s norm and ε.
 
     ``perturbed_labels(noise)`` predicts the evaluation images with ``noise`` (C×H×W) added;
     ``clean_labels`` (N,) are their clean predictions; ``on_draw(i)`` is called before draw i
-    (from 0). 0 when ``eps`` is 0.
+    (from 0).
     """
-    if not eps > 0 or not math.isfinite(eps):
-        return 0.0
     rates = []
     for index in range(draws):
         if on_draw is not None:
             on_draw(index)
-        noise = random_perturbation(shape, eps, p, generator)
+        noise = random_perturbation(shape, threat.eps, threat.p, generator)
         rates.append(metrics.fooling_rate(clean_labels, perturbed_labels(noise).cpu()))
     return sum(rates) / len(rates)
+
+
+def same_l2_fooling_rate(
+    perturbed_labels: Callable[[Tensor], Tensor],
+    clean_labels: Tensor,
+    shape: Sequence[int],
+    norm_l2: float,
+    generator: torch.Generator,
+    draws: int = DRAWS,
+    on_draw: Optional[Callable[[int], None]] = None,
+) -> float:
+    """:func:`mean_fooling_rate` of random directions of ℓ2 norm ``norm_l2`` (0–255 units; a
+    perturbation's own), 0 when it is 0 (a zero perturbation has no direction to compare)."""
+    if not norm_l2 > 0:
+        return 0.0
+    threat = ThreatModel(float(norm_l2), 2.0)
+    return mean_fooling_rate(perturbed_labels, clean_labels, shape, threat, generator, draws, on_draw)
 
 
 def random_baselines(
@@ -92,8 +105,6 @@ def random_baselines(
         def on_draw(kind: int) -> Callable[[int], None]:
             return lambda index: phase.part(f"draw {kind * draws + index + 1} of {2 * draws}, {kinds[kind]}")
 
-        same_norm = mean_fooling_rate(
-            perturbed_labels, clean_labels, shape, threat.eps, threat.p, generator, draws, on_draw(0)
-        )
-        same_l2 = mean_fooling_rate(perturbed_labels, clean_labels, shape, l2, 2.0, generator, draws, on_draw(1))
+        same_norm = mean_fooling_rate(perturbed_labels, clean_labels, shape, threat, generator, draws, on_draw(0))
+        same_l2 = same_l2_fooling_rate(perturbed_labels, clean_labels, shape, l2, generator, draws, on_draw(1))
     return RandomBaselines(same_norm=same_norm, same_l2=same_l2, draws=draws)

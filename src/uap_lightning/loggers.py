@@ -35,10 +35,9 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogg
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from uap_lightning.attacks import AttackSettings
+from uap_lightning.attacks import AttackSettings, ThreatModel
 from uap_lightning.config import safe_folder_name
 from uap_lightning.errors import ConfigError
-from uap_lightning.units import to_pixel_units
 
 # Packages whose classes a ``_target_`` in a logger or callback config may name.
 ALLOWED_TARGET_PACKAGES = (
@@ -63,20 +62,32 @@ HParam = Union[bool, int, float, str]
 _ABSENT = object()  # what OmegaConf.select returns for a key the config lacks
 
 
+def _eps_in_pixel_units(attack: DictConfig) -> Optional[float]:
+    """The run's ε in 0–255 units (the threat model's unit rule), None when it has none or it is
+    not a valid ε (the checks before the run say so); an ε that interpolates the data preset's
+    default is in 0–255 units already."""
+    eps = attack.get("eps")
+    if eps is None:
+        return None
+    scale = 255 if OmegaConf.is_interpolation(attack, "eps") else attack.get("eps_scale", 255)
+    try:
+        return ThreatModel.in_units(eps, attack.get("p", "inf"), scale).eps
+    except (TypeError, ValueError):
+        return None
+
+
 def run_name(*, _root_: DictConfig) -> str:
     """What a run computes, as one folder name (the ``uap_run_name`` resolver): engine (with its inner
     attack, loss or prior when not the default), norm, ε in 0–255 units, victim (its architecture
     when the preset names one; the members of an ensemble) and data, e.g.
     ``deepfool_uap-linf-eps10-cnn-digits``, ``deepfool_uap-inner_fgsm-linf-eps64-cnn-digits``."""
     attack, model = _root_.attack, _root_.model
-    eps = attack.get("eps")
-    if eps is not None and attack.get("eps_scale") == 1 and not OmegaConf.is_interpolation(attack, "eps"):
-        eps = to_pixel_units(eps)  # given in [0,1] units (the data preset's default is in 0–255 units)
+    eps = _eps_in_pixel_units(attack)
     victim = model.get("arch") or model.name
     ensemble = attack.get("ensemble") or []
     if ensemble:
         victim = "+".join(str(entry if isinstance(entry, str) else entry.get("preset")) for entry in ensemble)
-    eps_part = "" if eps is None else f"-eps{float(eps):g}"
+    eps_part = "" if eps is None else f"-eps{eps:g}"
     return safe_folder_name(f"{engine_label(attack)}-l{attack.p}{eps_part}-{victim}-{_root_.data.name}")
 
 

@@ -24,5 +24,5 @@ def log_pass(fabric: Fabric, threat: ThreatModel, record: Dict[str, Any], v: Ten
         experiment: Any = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             if image is None:
-                image = perturbation_image(v.detach().cpu(), threat.eps, threat.p)
+                image = perturbation_image(v.detach().cpu(), threat)
             experiment.add_image("attack/perturbation", image, step)

@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
 from torch import Tensor
 
 from uap_lightning.atomic import atomic_write_bytes
-from uap_lightning.attacks.threat import P_SYMBOLS, parse_p
+from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.metrics import norm_255
 from uap_lightning.progress import phase
 from uap_lightning.report.colour_scale import perturbation_scale
@@ -278,18 +278,17 @@ def size_curve_figure(
 
 
 @phase("drawing the perturbation figure")
-def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
+def perturbation_figure(v: Tensor, threat: ThreatModel) -> Figure:
     """Each channel of ``v`` (C×H×W, [0,1] scale) in 0–255 units on the fixed scale ±s of
     :func:`perturbation_scale` (ℓ2 and ℓ1: at least ‖v‖∞, so that no pixel saturates).
 
-    ``p``: "inf"/"2"/"1" or 1.0/2.0/``math.inf``; ``eps`` in 0–255 units. For 3 channels an
-    RGB panel shows 0.5 + v·255/(2s), clipped (grey = no change). Size (2.5·panels + 1.0)×3.0 in.
+    For 3 channels an RGB panel shows 0.5 + v·255/(2s), clipped (grey = no change). Size
+    (2.5·panels + 1.0)×3.0 in.
     """
-    norm = parse_p(p)
     v = v.detach().cpu().double()
     channels = v.shape[0]
-    scale = perturbation_scale(eps, norm, v.shape)
-    if norm != math.inf:  # an ℓ2 or ℓ1 perturbation can peak beyond the fixed scale: show its peak
+    scale = perturbation_scale(threat, v.shape)
+    if threat.p != math.inf:  # an ℓ2 or ℓ1 perturbation can peak beyond the fixed scale: show its peak
         scale = max(scale, norm_255(v, math.inf))
     values = to_pixel_units(v).numpy()
     panels = channels + (1 if channels == 3 else 0)
@@ -307,7 +306,7 @@ def perturbation_figure(v: Tensor, eps: float, p: Union[str, float]) -> Figure:
         axes[-1].set_axis_off()
     fig.colorbar(image, ax=list(axes[:channels]), label="v (0–255 units)", shrink=0.8)
     fig.suptitle(
-        f"{P_SYMBOLS[norm]} ε={float(eps):g} (colour scale ±{scale:.3g})\n"
+        f"{threat.symbol} ε={threat.eps:g} (colour scale ±{scale:.3g})\n"
         f"‖v‖∞={norm_255(v, math.inf):.1f}  ‖v‖₂={norm_255(v, 2.0):.1f}",
         fontsize=9,
     )

@@ -478,7 +478,7 @@ def attack_figures(
             },
             title=f"{m['method']} {setup.threat.symbol} ε={m['eps']:g} on {victim_name(m)}",
         ),
-        "perturbation": figures.perturbation_figure(v, m["eps"], m["p"]),
+        "perturbation": figures.perturbation_figure(v, setup.threat),
         "examples": figures.examples_figure(
             clean,
             metrics.perturb(clean, v.to(clean.device)),

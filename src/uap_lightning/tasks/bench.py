@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from uap_lightning.attacks import ENGINES, AttackSettings, BatchedDeepFoolUAP, engine_class, folded_copy
 from uap_lightning.attacks.deepfool import DeepFoolOptions
-from uap_lightning.baselines import DRAWS, mean_fooling_rate
+from uap_lightning.baselines import DRAWS, mean_fooling_rate, same_l2_fooling_rate
 from uap_lightning.benchmarking.art_peer import require_art
 from uap_lightning.benchmarking.efficiency import batched_efficiency
 from uap_lightning.benchmarking.profile import PassProfile, forward_backward_rate, profile_pass
@@ -206,9 +206,9 @@ def add_random_baselines(setup: Setup, problem: BenchProblem, rows: List[BenchRo
     shape, threat, clean = problem.eval_images.shape[1:], setup.threat, problem.clean_eval_labels
     for row in rows:
         generator = torch.Generator().manual_seed(setup.seed + 2)
-        row.random_same_l2_fooling_rate = mean_fooling_rate(noisy_labels, clean, shape, row.norm_l2, 2.0, generator)
+        row.random_same_l2_fooling_rate = same_l2_fooling_rate(noisy_labels, clean, shape, row.norm_l2, generator)
     generator = torch.Generator().manual_seed(setup.seed + 1)
-    return mean_fooling_rate(noisy_labels, clean, shape, threat.eps, threat.p, generator)
+    return mean_fooling_rate(noisy_labels, clean, shape, threat, generator)
 
 
 def profile_engines(setup: Setup, problem: BenchProblem) -> tuple[Dict[str, PassProfile], float]:

@@ -146,7 +146,8 @@ def _figures(
     eval_labels = setup.eval_labels_for(victim)
     norm = metrics.norm_255(v, setup.threat.p)
     return {
-        "perturbation": figures.perturbation_figure(v, norm or setup.threat.eps, setup.threat.p_name),
+        # on the scale of its own norm (the threat model's ε for v = 0)
+        "perturbation": figures.perturbation_figure(v, ThreatModel(norm, setup.threat.p) if norm else setup.threat),
         "examples": figures.examples_figure(
             shown, metrics.perturb(shown, v), eval_labels[chosen], clean[chosen], perturbed[chosen], names, title
         ),

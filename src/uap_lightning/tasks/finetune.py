@@ -161,8 +161,7 @@ def evaluate_stage(setup: Setup, net: nn.Module, eval_labels: Tensor, stage: str
         lambda noise: setup.predict(net, setup.eval_images, noise),
         clean,
         setup.eval_images.shape[1:],
-        threat.eps,
-        threat.p,
+        threat,
         torch.Generator().manual_seed(setup.seed + 1),
     )
     return {

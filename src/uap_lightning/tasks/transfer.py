@@ -150,8 +150,7 @@ def run(setup: Setup) -> Dict[str, Any]:
             functools.partial(own.predict, victim.net, own.eval_images),
             clean,
             tuple(own.eval_images.shape[1:]),
-            threat.eps,
-            threat.p,
+            threat,
             torch.Generator().manual_seed(setup.seed + 1),
         )
     table.loc[f"random {threat.symbol} noise"] = [random_rates[label] for label in victim_labels]

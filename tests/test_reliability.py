@@ -463,8 +463,8 @@ def test_no_message_advises_loading_with_weights_only_false(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_under_tensorboard_ends_in_one_message_and_leaves_no_outputs(tmp_path):
     """TensorBoard's writer thread meeting a full disk during the attack: one message, exit status 2,
-    no thread traceback; the run's incomplete outputs are removed, the attack state after pass 1 is
-    kept so that the same command continues."""
+    no thread traceback; the run's incomplete outputs are removed, the attack state after pass 1 (and
+    the settings record beside it) is kept so that the same command continues."""
     script = (
         "import errno, sys\n"
         "from tensorboard.summary.writer import record_writer\n"
@@ -493,7 +493,7 @@ def test_a_full_disk_under_tensorboard_ends_in_one_message_and_leaves_no_outputs
     assert "the disk is full" in done.stdout
     assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr[-2000:]
     left = {p.name for p in run_dir.iterdir()}
-    assert left <= {".hydra", "run.log", "attack_state.ckpt"}, left
+    assert left <= {".hydra", "run.log", "attack_state.ckpt", "attack_settings.json"}, left
     assert "attack_state.ckpt" in left
 
 

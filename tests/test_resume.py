@@ -79,7 +79,9 @@ def read_after(returned, run_dir: Path):
     return read(run_dir)
 
 
-def test_other_settings_start_afresh_and_move_the_old_outputs_aside(tmp_path, monkeypatch):
+def test_other_settings_start_afresh_and_move_the_old_outputs_aside(tmp_path, monkeypatch, caplog):
+    """A changed setting: the warning names it with its old and new values, the attack starts
+    afresh, and the earlier run's outputs (its settings record included) are moved aside."""
     from conftest import compose_config
 
     cfg = compose_config(SETTINGS, tmp_path)
@@ -88,14 +90,45 @@ def test_other_settings_start_afresh_and_move_the_old_outputs_aside(tmp_path, mo
         with pytest.raises(KeyboardInterrupt):
             run_task(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    assert json.loads((run_dir / "attack_settings.json").read_text())["settings"]["attack.eps"] == 64
     cfg.attack.eps = 48.0
-    metrics = run_task(cfg)
+    with caplog.at_level(logging.WARNING):
+        metrics = run_task(cfg)
+    assert "attack.eps changed 64 → 48 since the saved state" in caplog.text, caplog.text
+    assert "starting afresh" in caplog.text
     assert metrics["passes"] == 4 and metrics["eps"] == 48
     stale = list((run_dir / "stale").iterdir())
     assert len(stale) == 1
     old = json.loads((stale[0] / "metrics.json").read_text())
     assert old["interrupted"] is True and old["eps"] == 64
-    assert {"perturbation.pt", "attack_state.ckpt"} <= {p.name for p in stale[0].iterdir()}
+    assert {"perturbation.pt", "attack_state.ckpt", "attack_settings.json"} <= {p.name for p in stale[0].iterdir()}
+    assert json.loads((run_dir / "attack_settings.json").read_text())["settings"]["attack.eps"] == 48
+
+
+def test_a_generator_checkpoint_of_other_settings_names_the_changed_keys(tmp_path, caplog):
+    """attack=gap: a last.ckpt saved with other settings is not continued, and the warning names
+    each changed key with its old and new values (max_passes is not one: more passes continue)."""
+    from uap_lightning.models.gap_module import STATE_KEY
+    from uap_lightning.tasks.attack import _resumable_generator, record_settings
+
+    saved = {"attack.eps": 10.0, "attack.p": float("inf"), "attack.lr": 0.0002, "seed": 0}
+    record_settings(tmp_path, "before", saved)
+    torch.save({STATE_KEY: {"fingerprint": "before", "history": [{"pass": 1}]}}, tmp_path / "last.ckpt")
+    now = {**saved, "attack.eps": 8.0, "attack.p": 2.0}
+    with caplog.at_level(logging.WARNING):
+        assert _resumable_generator(tmp_path / "last.ckpt", "after", True, 5, settings=now) is None
+    assert "attack.eps changed 10 → 8, attack.p changed inf → 2 since the saved state" in caplog.text, caplog.text
+    assert "starting afresh" in caplog.text
+
+
+def test_a_state_without_a_settings_record_still_says_the_settings_changed(tmp_path, caplog):
+    """A state saved before runs recorded their settings: the warning says the settings changed, naming none."""
+    from uap_lightning.tasks.attack import _resumable
+
+    saved_state(tmp_path / "attack_state.ckpt")
+    with caplog.at_level(logging.WARNING):
+        assert _resumable(tmp_path / "attack_state.ckpt", "other", True, settings={"attack.eps": 8.0}) is None
+    assert "other settings; starting afresh" in caplog.text and "changed" not in caplog.text
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 STALE_DIR = "stale"
 STATE_FILE = "attack_state.ckpt"
+SETTINGS_FILE = "attack_settings.json"  # the settings the attack state (or last.ckpt) was saved under
 GENERATOR_CHECKPOINT = "last.ckpt"  # attack=gap: the Trainer's checkpoint, the generator's training to resume
 GENERATOR_WEIGHTS = "generator.pt"  # attack=gap: the kept pass's generator weights (a state dict of tensors)
 FAILURE_FILE = "failure.json"
@@ -34,6 +35,7 @@ RUN_OUTPUTS = (
     METRICS_FILE,
     FAILURE_FILE,
     STATE_FILE,
+    SETTINGS_FILE,
     GENERATOR_CHECKPOINT,
     GENERATOR_WEIGHTS,
     "perturbation.pt",
@@ -84,12 +86,12 @@ def discard_outputs_since(run_dir: Path, since: float) -> None:
     """Remove the outputs (files of :data:`RUN_OUTPUTS`, recursively) that a failed job wrote into
     ``run_dir`` at or after ``since`` (``time.time()``, whole seconds count), so that none is taken
     for a finished run's, and the folders this leaves empty. The attack state (complete by
-    construction, checksummed) stays so that the same command continues; outputs of earlier runs
-    stay too. Best effort: a file that cannot be removed is left."""
+    construction, checksummed) and the settings it was saved under stay so that the same command
+    continues; outputs of earlier runs stay too. Best effort: a file that cannot be removed is left."""
     since = float(int(since))  # file systems that keep whole seconds
     for name in RUN_OUTPUTS:
         path = run_dir / name
-        if name == STATE_FILE or not path.exists():
+        if name in (STATE_FILE, SETTINGS_FILE) or not path.exists():
             continue
         if path.is_dir() and not path.is_symlink():
             for folder, _, files in os.walk(path, topdown=False):

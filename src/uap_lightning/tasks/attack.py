@@ -6,13 +6,17 @@ state after each pass (``attack_state.ckpt``) lets the same command continue an 
 attack in the same folder. A generative engine (``attack=gap``) is trained by a Lightning Trainer
 instead: its checkpoint (``last.ckpt``) plays the attack state's part, also when
 ``attack.max_passes`` is raised, and ``generator.pt`` holds the generator of the kept pass.
+``attack_settings.json`` records the settings either was saved under, so that a run with other
+settings can say which changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import math
 import signal
 import threading
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from uap_lightning import metrics
+from uap_lightning.atomic import atomic_write_text
 from uap_lightning.attacks import (
     AttackSettings,
     Ensemble,
@@ -51,7 +56,7 @@ from uap_lightning.models.gap_module import read_training_state
 from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_run_outputs
 from uap_lightning.report.summary import attack_summary, result_warnings, victim_name
-from uap_lightning.rundir import GENERATOR_CHECKPOINT, METRICS_FILE, STATE_FILE, move_aside
+from uap_lightning.rundir import GENERATOR_CHECKPOINT, METRICS_FILE, SETTINGS_FILE, STATE_FILE, move_aside
 from uap_lightning.tasks.setup import Setup, Task, progress_bars, victim_label_names
 from uap_lightning.training import Victim
 
@@ -107,16 +112,90 @@ _HISTORY_KEYS = (
 )
 
 
-def settings_fingerprint(cfg: DictConfig, data_fingerprint: str, ignored: Tuple[str, ...] = ()) -> str:
-    """Hash of everything that determines the attack's result (not paths, loggers, resume), but
-    the ``ignored`` attack keys."""
+def fingerprinted_settings(cfg: DictConfig, data_fingerprint: str, ignored: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Everything that determines the attack's result (not paths, loggers, resume), but the
+    ``ignored`` attack keys: the groups of ``_FINGERPRINT_KEYS`` and the data's fingerprint."""
     settings: Dict[str, Any] = {
         key: OmegaConf.to_container(cfg[key], resolve=True) if key != "seed" else cfg.seed for key in _FINGERPRINT_KEYS
     }
     for key in (*_NOT_IN_FINGERPRINT, *ignored):
         settings["attack"].pop(key, None)
     settings["data_fingerprint"] = data_fingerprint
-    return keyed_hash(settings)
+    return settings
+
+
+def settings_fingerprint(cfg: DictConfig, data_fingerprint: str, ignored: Tuple[str, ...] = ()) -> str:
+    """Hash of :func:`fingerprinted_settings`."""
+    return keyed_hash(fingerprinted_settings(cfg, data_fingerprint, ignored))
+
+
+def flat_settings(settings: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``settings`` as one level of dotted keys (``attack.eps``) with JSON values, as the settings
+    record keeps them."""
+    flat: Dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
+    return flat
+
+
+def record_settings(run_dir: Path, fingerprint: str, settings: Dict[str, Any]) -> None:
+    """Write the settings record (``attack_settings.json``): the flat ``settings`` the attack state
+    or generator checkpoint of ``run_dir`` is saved under, with their ``fingerprint``."""
+    record = {"fingerprint": fingerprint, "settings": settings}
+    atomic_write_text(run_dir / SETTINGS_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _changed_settings(run_dir: Path, saved_fingerprint: str, settings: Optional[Dict[str, Any]]) -> str:
+    """ "attack.eps changed 10 → 8, ... since the saved state: " for the keys whose values differ
+    between ``settings`` and the record of the state saved under ``saved_fingerprint``; "" when no
+    such record is found (a state saved before runs recorded their settings) or no key differs."""
+    if settings is None:
+        return ""
+    try:
+        record = json.loads((run_dir / SETTINGS_FILE).read_text(encoding="utf-8"))
+        saved = record["settings"] if record["fingerprint"] == saved_fingerprint else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if not isinstance(saved, dict):
+        return ""
+    settings = flat_settings(settings)
+    changed = [
+        key for key in sorted({*saved, *settings}) if not _same(saved.get(key, _ABSENT), settings.get(key, _ABSENT))
+    ]
+    if not changed:
+        return ""
+    shown = [
+        "the data's images changed"
+        if key == "data_fingerprint"
+        else f"{key} changed {_shown(saved.get(key, _ABSENT))} → {_shown(settings.get(key, _ABSENT))}"
+        for key in changed[:_MAX_CHANGES]
+    ]
+    more = f" and {len(changed) - _MAX_CHANGES} more" if len(changed) > _MAX_CHANGES else ""
+    return f"{', '.join(shown)}{more} since the saved state: "
+
+
+_ABSENT = object()
+_MAX_CHANGES = 8  # changed keys named in one warning
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a command line would set it: 10 (not 10.0), inf, true, null."""
+    if value is _ABSENT:
+        return "(absent)"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:g}" if math.isinf(value) or math.isnan(value) or value != int(value) else str(int(value))
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str)
 
 
 def make_fabric(cfg: DictConfig, setup: Setup, name: str = "attack") -> Fabric:
@@ -154,9 +233,12 @@ def attack_loop(setup: Setup, fabric: Fabric, fingerprint: str = "") -> AttackLo
     )
 
 
-def _resumable(state_path: Path, fingerprint: str, resume: bool) -> Optional[AttackState]:
+def _resumable(
+    state_path: Path, fingerprint: str, resume: bool, settings: Optional[Dict[str, Any]] = None
+) -> Optional[AttackState]:
     """The state saved at ``state_path`` to continue from, when resuming is on and the state was
-    saved with these settings (``fingerprint``)."""
+    saved with these settings (``fingerprint``, the hash of ``settings``: those that changed are
+    named when the run folder's settings record tells)."""
     try:
         state = AttackState.load(state_path)
     except DamagedFileError as err:
@@ -165,16 +247,20 @@ def _resumable(state_path: Path, fingerprint: str, resume: bool) -> Optional[Att
     if state is None or not resume:
         return None
     if state.fingerprint != fingerprint:
-        log.warning("the run folder holds an attack with other settings; starting afresh")
+        changes = _changed_settings(state_path.parent, state.fingerprint, settings)
+        log.warning("%sthe run folder holds an attack with other settings; starting afresh", changes)
         return None
     log.info("continuing the attack saved after pass %d in %s", state.passes, state_path)
     return state
 
 
-def _resumable_generator(path: Path, fingerprint: str, resume: bool, max_passes: int) -> Optional[int]:
+def _resumable_generator(
+    path: Path, fingerprint: str, resume: bool, max_passes: int, settings: Optional[Dict[str, Any]] = None
+) -> Optional[int]:
     """The passes of the generator checkpoint at ``path`` (``attack=gap``) to continue from, when
-    resuming is on, the checkpoint was saved with these settings (``fingerprint``, which leaves out
-    ``attack.max_passes``) and holds at most ``max_passes`` passes."""
+    resuming is on, the checkpoint was saved with these settings (``fingerprint``, the hash of
+    ``settings``, which leave out ``attack.max_passes``; those that changed are named when the run
+    folder's settings record tells) and holds at most ``max_passes`` passes."""
     try:
         state = read_training_state(path)
     except DamagedFileError as err:
@@ -183,7 +269,8 @@ def _resumable_generator(path: Path, fingerprint: str, resume: bool, max_passes:
     if state is None or not resume:
         return None
     if state.get("fingerprint") != fingerprint:
-        log.warning("the run folder holds a generator trained with other settings; starting afresh")
+        changes = _changed_settings(path.parent, str(state.get("fingerprint")), settings)
+        log.warning("%sthe run folder holds a generator trained with other settings; starting afresh", changes)
         return None
     passes = len(state["history"])
     if passes > max_passes:
@@ -222,20 +309,22 @@ def run(setup: Setup) -> Dict[str, Any]:
     cfg = setup.cfg
     setup, holdout = split_holdout(setup)
     generative = issubclass(engine_class(setup.attack.method), GAP)
-    if generative:  # more passes continue the same training: max_passes stays out of the fingerprint
-        fingerprint = settings_fingerprint(cfg, setup.datamodule.fingerprint(), ignored=("max_passes",))
+    # more passes continue the same training of a generator: max_passes stays out of its fingerprint
+    settings = fingerprinted_settings(cfg, setup.datamodule.fingerprint(), ("max_passes",) if generative else ())
+    fingerprint = keyed_hash(settings)
+    if generative:
         state = None
         resume_passes = _resumable_generator(
-            setup.output_dir / GENERATOR_CHECKPOINT, fingerprint, cfg.attack.resume, setup.attack.max_passes
+            setup.output_dir / GENERATOR_CHECKPOINT, fingerprint, cfg.attack.resume, setup.attack.max_passes, settings
         )
     else:
-        fingerprint = settings_fingerprint(cfg, setup.datamodule.fingerprint())
-        state = _resumable(setup.output_dir / STATE_FILE, fingerprint, cfg.attack.resume)
+        state = _resumable(setup.output_dir / STATE_FILE, fingerprint, cfg.attack.resume, settings)
         resume_passes = None
     if state is None and resume_passes is None:
         move_aside(setup.output_dir)  # before any logger writes into the run folder
     else:
         (setup.output_dir / METRICS_FILE).unlink(missing_ok=True)
+    record_settings(setup.output_dir, fingerprint, flat_settings(settings))  # beside the state the loop saves
     fabric = make_fabric(cfg, setup)
     loop = attack_loop(setup, fabric, fingerprint)
     net, members = setup.attacked()  # batch norm folded: the same function, faster to run and differentiate

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +24,9 @@ import scipy.io
 import torch
 from torch import Tensor
 
+from uap_lightning import tensors_only
 from uap_lightning.atomic import atomic_write
 from uap_lightning.errors import ConfigError, DamagedFileError, NotFoundError, UntrustedFileError, UserError
-from uap_lightning.models.checkpoint import SAFE_CHECKPOINT_GLOBALS, _unsafe_globals
 from uap_lightning.units import PIXEL_SCALE, to_pixel_units
 
 LAYOUTS = ("hwc", "chw")  # perturbation.layout: axis order of a 3-D array in the file
@@ -261,16 +259,11 @@ def _load_mat(path: Path) -> Mapping[str, Any]:
 
 def _load_torch(path: Path, key: Optional[str]) -> Tuple[Tensor, str]:
     """The tensor of a ``.pt``/``.pth`` file: the object itself, or a dict's tensor. Read tensors-only
-    with the checkpoint loader's allow-list; a file wanting other Python objects is refused, naming them."""
+    (:mod:`uap_lightning.tensors_only`); a file wanting other Python objects is refused, naming them."""
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            warnings.filterwarnings(
-                "ignore", message="Detected pickle protocol"
-            )  # a raw pickle: read or refused anyway
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        unsafe = _unsafe_globals(str(path), err)
-        raise (_untrusted(path, unsafe) if unsafe else _damaged(path, err)) from None
+        obj = tensors_only.load(path)
+    except tensors_only.Refused as refused:
+        raise (_untrusted(path, refused.unsafe) if refused.unsafe else _damaged(path, refused.error)) from None
     except Exception as err:  # torch raises many types for a truncated or foreign file
         raise _damaged(path, err) from None
     if isinstance(obj, Tensor):
@@ -376,8 +369,8 @@ def _untrusted(path: Path, names: Sequence[str] = ()) -> UntrustedFileError:
 
 
 def _damaged(path: Path, err: BaseException) -> DamagedFileError:
-    """The error for an unreadable file, with the reader's first sentence unless it suggests unsafe loading."""
-    detail = str(err).splitlines()[0].split(". ")[0] if str(err).strip() else "no detail"
+    """The error for an unreadable file, with the reader's first sentence unless it speaks of pickling."""
+    detail = tensors_only.reason(err)
     if any(word in detail for word in ("weights_only", "pickle")):
         detail = "not a readable array"
     return DamagedFileError(

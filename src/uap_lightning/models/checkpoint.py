@@ -1,27 +1,20 @@
 """Load a user's weights into a backbone, a ``net`` or a victim, whatever the file's layout.
 
-Files are read tensors-only (``torch.load(weights_only=True)``): unpickling a file can run
+Files are read tensors-only (:mod:`uap_lightning.tensors_only`): unpickling a file can run
 code, so a file that needs more than tensors, containers and a few allow-listed
 configuration types is refused unless the user declares it trusted.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
-import pickle
-import pickletools
-import re
-import typing
-import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from lightning.fabric.utilities.data import AttributeDict
-from omegaconf import DictConfig, ListConfig, base, nodes
 from torch import nn
 
+from uap_lightning import tensors_only
 from uap_lightning.errors import (
     DamagedFileError,
     NotFoundError,
@@ -39,33 +32,6 @@ _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # and its ``Sequential(Normalize, backbone)`` index.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "1.")
 _SHOWN = 5
-# Types Lightning checkpoints of Hydra projects carry in their hyperparameters; unpickling
-# them only fills containers (interpolations are never resolved here).
-SAFE_CHECKPOINT_GLOBALS: List[Union[Callable[..., Any], Tuple[Callable[..., Any], str]]] = [
-    # Lightning's AttributeDict is a dict subclass, which tensors-only loading cannot fill: read it as a dict
-    (dict, f"{AttributeDict.__module__}.{AttributeDict.__qualname__}"),
-    (dict, "lightning.pytorch.utilities.parsing.AttributeDict"),
-    DictConfig,
-    ListConfig,
-    base.Metadata,
-    base.ContainerMetadata,
-    nodes.AnyNode,
-    nodes.StringNode,
-    nodes.IntegerNode,
-    nodes.FloatNode,
-    nodes.BooleanNode,
-    nodes.BytesNode,
-    nodes.PathNode,
-    collections.defaultdict,
-    collections.OrderedDict,
-    typing.Any,
-    dict,
-    list,
-]
-
-
-# What torch.load raises on a file it cannot read (truncated, foreign, a raw pickle).
-_READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError)
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -81,81 +47,28 @@ def read_checkpoint(path: str, *, trust: bool = False, key: str = "model.checkpo
     ``key`` names the setting in messages.
     """
     try:
-        # torch's warnings here concern its tensors-only unpickler (e.g. a raw pickle's protocol);
-        # what the user must know is said by the errors below.
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            unsafe = _unsafe_globals(path, err)
-        if not unsafe:
-            raise _damaged(path, key, err) from None
+        return tensors_only.load(path)
+    except tensors_only.Refused as refused:
+        if not refused.unsafe:
+            raise _damaged(path, key, refused) from None
         if not trust:
             raise UntrustedFileError(
-                f"{key}={path} holds Python objects beyond tensors ({', '.join(unsafe[:_SHOWN])}); "
+                f"{key}={path} holds Python objects beyond tensors ({', '.join(refused.unsafe[:_SHOWN])}); "
                 "loading them would run code from the file, so it is refused. Save the weights "
                 "alone (torch.save(model.state_dict(), PATH)), or, for a file you trust, set "
                 "model.trust_checkpoint=true"
             ) from None
-        log.warning("%s=%s is loaded with full unpickling (model.trust_checkpoint=true): it can run code", key, path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except _READ_ERRORS as full_err:  # e.g. a raw pickle, which torch.load cannot read at all
-            raise _damaged(path, key, full_err) from None
-    except _READ_ERRORS as err:
-        raise _damaged(path, key, err) from None
-
-
-def _unsafe_globals(path: str, err: pickle.UnpicklingError) -> List[str]:
-    """The non-allow-listed globals a checkpoint refers to ([] when it names none: a damaged file).
-
-    Zip-format files are scanned whole by torch; other files (the legacy format, a raw pickle)
-    are read as a pickle opcode stream, never executed, and their globals collected; the global the
-    tensors-only unpickler stopped at (named in ``err``) counts too."""
-    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_CHECKPOINT_GLOBALS}
+    log.warning("%s=%s is loaded with full unpickling (model.trust_checkpoint=true): it can run code", key, path)
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint
-        found = re.findall(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
-        found += [name for name in _pickle_globals(path) if name not in found]
-    return [name for name in found if name not in allowed]
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except tensors_only.READ_ERRORS as err:  # e.g. a raw pickle, which torch.load cannot read at all
+        raise _damaged(path, key, tensors_only.Refused(err)) from None
 
 
-def _pickle_globals(path: str) -> List[str]:
-    """The ``module.name`` globals a pickle stream at the start of ``path`` refers to, read with
-    pickletools (nothing is built or run); [] when the file is no pickle."""
-    names: List[str] = []
-    strings: List[str] = []
-    try:
-        with open(path, "rb") as handle:
-            for opcode, argument, _ in pickletools.genops(handle):
-                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                    strings.append(str(argument))
-                elif opcode.name == "GLOBAL":
-                    names.append(str(argument).replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-    except Exception:  # pickletools stops at the first byte that is no opcode: what was read counts
-        pass
-    return list(dict.fromkeys(names))
-
-
-def _damaged(path: str, key: str, err: BaseException) -> DamagedFileError:
+def _damaged(path: str, key: str, refused: tensors_only.Refused) -> DamagedFileError:
     return DamagedFileError(
-        f"cannot read {key}={path}: the file is truncated, damaged or not a PyTorch weights file "
-        f"({type(err).__name__}: {_reason(err)})"
+        f"cannot read {key}={path}: the file is truncated, damaged or not a PyTorch weights file ({refused})"
     )
-
-
-def _reason(err: BaseException) -> str:
-    """What went wrong reading a file, in one line: the unpickler's own complaint when there is one,
-    and never torch's advice to load with weights_only=False (which would run the file's code)."""
-    text = str(err)
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    line = found.group(1).strip() if found else (text.splitlines()[0] if text else "no detail")
-    return "not a plain tensors file" if "weights_only" in line else line
 
 
 def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:

@@ -92,24 +92,9 @@ def compute_uap(
     the model alone: give ``image_shape`` (C, H, W); it stops when the engine reports that v has
     settled or after ``max_passes`` passes, and returns the last pass.
     """
+    keywords = dict(locals())  # the settings' fields by name, for AttackSettings.from_values
     with api_names():
-        settings = AttackSettings(
-            threat_of(eps, p, eps_scale),
-            method=method,
-            options=options,
-            delta=delta,
-            max_passes=max_passes,
-            keep=keep,
-            clip=clip,
-            target_class=target_class,
-            seed=seed,
-            augment=bool(augment),
-            eval_batch_size=eval_batch_size,
-            compile=bool(compile),
-            input_diversity=input_diversity,
-            resolution=resolution,
-            precision=str(precision),
-        )
+        settings = AttackSettings.from_values(threat_of(eps, p, eps_scale), keywords, options)
         # a list or tuple of victims is the only sequence compute_uap takes
         victim = Ensemble(model) if isinstance(model, (list, tuple)) else cast(nn.Module, model)
         check_takes(settings.engine(), victim)

@@ -159,23 +159,8 @@ def attack_settings(cfg: DictConfig) -> AttackSettings:
     attack = cfg.attack
     try:
         options = {name: attack[name] for name in engine_class(attack.method).option_names()}
-        return AttackSettings(
-            resolve_threat(cfg),
-            method=attack.method,
-            options=options,
-            delta=attack.delta,
-            max_passes=attack.max_passes,
-            keep=attack.keep,
-            clip=attack.clip,
-            target_class=attack.target_class,
-            seed=int(cfg.seed if attack.seed is None else attack.seed),
-            augment=attack.augment,
-            eval_batch_size=attack.eval_batch_size,
-            compile=attack.compile,
-            input_diversity=attack.input_diversity,
-            resolution=attack.resolution,
-            precision=str(attack.precision),
-        )
+        values = {**attack, "seed": int(cfg.seed if attack.seed is None else attack.seed)}
+        return AttackSettings.from_values(resolve_threat(cfg), values, options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"attack settings: {err}") from None
 

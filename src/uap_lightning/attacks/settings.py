@@ -119,6 +119,23 @@ class AttackSettings:
         """A new engine of ``method`` with these settings."""
         return engine_class(self.method).from_settings(self).at_resolution(self.resolution)
 
+    @classmethod
+    def from_values(
+        cls, threat: ThreatModel, values: Mapping[str, Any], options: Mapping[str, Any]
+    ) -> "AttackSettings":
+        """The one way callers build settings: ``threat``, the engine's ``options``, and the other
+        fields taken by name from ``values`` (a run's ``attack`` config, compute_uap's keywords;
+        absent ones take their defaults; other keys are ignored); switches become bools and the
+        precision its name ("32", "bf16", "16")."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("threat", "options")}
+        chosen = {name: values[name] for name in fields if name in values}
+        for name in ("augment", "compile"):
+            if name in chosen:
+                chosen[name] = bool(chosen[name])
+        if "precision" in chosen:
+            chosen["precision"] = str(chosen["precision"])
+        return cls(threat, options=options, **chosen)
+
     def generator(self) -> torch.Generator:
         """A CPU generator seeded with ``seed``: the attack's order and randomness."""
         return torch.Generator().manual_seed(int(self.seed))

@@ -4,7 +4,9 @@ random vectors in their top-k subspace, and ``task=geometry`` on digits."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -128,9 +130,11 @@ def test_the_figure_skips_singular_values_of_zero(tmp_path):
 SMALL = ("trainer.max_epochs=1", "data.attack_images=100", "logger=none", "attack.p=2", "attack.eps=400")
 
 
-def test_geometry_task_on_digits(make_cfg, tmp_path):
+def test_geometry_task_on_digits(make_cfg, tmp_path, caplog):
     cfg = make_cfg(*SMALL, "task=geometry", "task.ks=[2,5,100]", "task.images=60", "task.draws=2", "task.batch_size=16")
-    m = run_task(cfg)
+    with caplog.at_level(logging.WARNING):
+        m = run_task(cfg)
+    assert "ℓ2 norm" not in caplog.text  # under ℓ2 the vectors compared have the same energy
     run_dir = Path(cfg.paths.output_dir)
     assert m["n_normals"] + m["n_dropped"] == m["normals_images"] == 60 and m["dimension"] == 64
     assert m["ks"] == [2, 5, 60]  # capped at min(n, d) = 60
@@ -152,6 +156,30 @@ def test_geometry_task_on_digits(make_cfg, tmp_path):
     repeated = run_task(again)
     for key in ("subspace_fooling_rate", "whole_space_fooling_rate", "singular_values_normals"):
         assert repeated[key] == m[key]  # same settings and seed, same numbers
+
+
+def test_geometry_under_linf_warns_that_the_vectors_differ_in_l2_norm(make_cfg, caplog):
+    """attack.p=inf: the subspace and whole-space vectors share their ℓ∞ norm, not their ℓ2 norm: a
+    warning gives the mean ℓ2 norm of each and points to attack.p=2 for an equal-energy comparison."""
+    cfg = make_cfg(
+        "trainer.max_epochs=1",
+        "data.attack_images=100",
+        "logger=none",
+        "attack.p=inf",
+        "attack.eps=10",
+        "task=geometry",
+        "task.ks=[2,5]",
+        "task.images=30",
+        "task.draws=2",
+        "task.batch_size=16",
+    )
+    with caplog.at_level(logging.WARNING):
+        run_task(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "ℓ2" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    found = re.search(r"mean ℓ2 norm ([0-9.]+) .*whole space.* ([0-9.]+) .*k=2", warnings[0])
+    assert found and float(found[1]) != float(found[2]), warnings[0]
+    assert "same ℓ∞ norm ε=10" in warnings[0] and "attack.p=2" in warnings[0], warnings[0]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ many random unit vectors, and the fooling rate on the eval set of a random vecto
 from the span of N's top-k singular vectors (k of ``task.ks``) with that of a random vector of the
 same norm drawn from the whole space, each the mean of ``task.draws`` seeded draws. For p ≠ 2 each
 vector is drawn uniformly on the unit ℓ2 sphere of its space and then scaled to ‖·‖p = ε (the
-paper's setting is ℓ2). Writes ``geometry.csv`` (a row per k), ``geometry.png``, ``geometry.pdf``
+paper's setting is ℓ2): the vectors compared then share their ℓp norm but not their ℓ2 norm, which
+a warning gives. Writes ``geometry.csv`` (a row per k), ``geometry.png``, ``geometry.pdf``
 and ``metrics.json``.
 """
 
@@ -17,7 +18,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -41,6 +42,7 @@ from uap_lightning.errors import ConfigError, UserError
 from uap_lightning.report.geometry_figure import geometry_figure
 from uap_lightning.rundir import move_aside
 from uap_lightning.tasks.setup import Setup, Task
+from uap_lightning.units import to_pixel_units
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +91,27 @@ def _deepfool_options(attack: AttackSettings) -> Dict[str, Any]:
     }
 
 
-def _rates(setup: Setup, net: nn.Module, clean: Tensor, directions: List[Tensor]) -> List[float]:
-    """Eval-set fooling rate of each unit direction (d,) scaled to the run's ℓp norm ε."""
+def _rates(setup: Setup, net: nn.Module, clean: Tensor, directions: List[Tensor]) -> Tuple[List[float], float]:
+    """Eval-set fooling rate of each unit direction (d,) scaled to the run's ℓp norm ε, and the
+    mean ℓ2 norm of the scaled vectors (0–255 units)."""
     shape = setup.eval_images.shape[1:]
     threat = setup.threat
-    return [
-        metrics.fooling_rate(
-            clean, setup.predict(net, setup.eval_images, scaled_to_norm(u, threat.radius, threat.p).float().view(shape))
-        )
-        for u in directions
-    ]
+    vectors = [scaled_to_norm(u, threat.radius, threat.p).float().view(shape) for u in directions]
+    rates = [metrics.fooling_rate(clean, setup.predict(net, setup.eval_images, v)) for v in vectors]
+    l2 = statistics.fmean(to_pixel_units(float(torch.linalg.vector_norm(v))) for v in vectors)
+    return rates, l2
+
+
+def _unequal_energy_warning(threat: Any, whole_l2: float, subspace_l2: Dict[int, float]) -> str:
+    """For p ≠ 2: the vectors compared share their ℓp norm ε, not their ℓ2 norm (the measured means
+    of each), and what to run for a comparison at equal ℓ2 energy."""
+    subspace = ", ".join(f"{l2:.1f} (k={k})" for k, l2 in subspace_l2.items())
+    return (
+        f"under {threat.symbol} the vectors compared have the same {threat.symbol} norm ε={threat.eps:g} but not the "
+        f"same ℓ2 norm: mean ℓ2 norm {whole_l2:.1f} for the whole space vs {subspace} for the top-k subspace "
+        "(0–255 units), so their fooling rates are not compared at equal ℓ2 energy; for an equal-energy "
+        "comparison (the paper's setting) run with attack.p=2 (and attack.eps an ℓ2 radius)"
+    )
 
 
 def _summary(rates: List[float]) -> Dict[str, Any]:
@@ -160,14 +173,19 @@ def run(setup: Setup) -> Dict[str, Any]:
             threat.eps,
         )
     clean = setup.predict(net, setup.eval_images)
-    whole = _summary(_rates(setup, net, clean, [random_direction(d, generator) for _ in range(draws)]))
+    whole_rates, whole_l2 = _rates(setup, net, clean, [random_direction(d, generator) for _ in range(draws)])
+    whole = _summary(whole_rates)
     rows: List[Dict[str, Any]] = []
+    subspace_l2: Dict[int, float] = {}
     for k in ks:
         basis = principal_subspace(found.normals, k)
-        subspace = _summary(_rates(setup, net, clean, [random_direction(d, generator, basis) for _ in range(draws)]))
+        rates, subspace_l2[k] = _rates(setup, net, clean, [random_direction(d, generator, basis) for _ in range(draws)])
+        subspace = _summary(rates)
         energy = float(normal_values[:k].square().sum() / normal_values.square().sum())
         random_energy = float(random_values[:k].square().sum() / random_values.square().sum())
         rows.append({"k": k, "subspace": subspace, "normals_energy": energy, "random_energy": random_energy})
+    if threat.p != 2.0:
+        log.warning("%s", _unequal_energy_warning(threat, whole_l2, subspace_l2))
 
     table = pd.DataFrame(
         {

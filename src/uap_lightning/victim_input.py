@@ -11,6 +11,7 @@ import logging
 from typing import Collection, FrozenSet, Optional
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from uap_lightning.data import ImageFolderDataModule, dataset_class
@@ -27,7 +28,8 @@ def command_line_keys() -> FrozenSet[str]:
     empty outside a Hydra job (configs composed in Python)."""
     if not HydraConfig.initialized():
         return frozenset()
-    return frozenset(str(o).split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+    overrides = OverridesParser.create().parse_overrides([str(o) for o in HydraConfig.get().overrides.task])
+    return frozenset(override.key_or_group for override in overrides)
 
 
 def victim_label(model_cfg: DictConfig) -> str:

@@ -5,7 +5,9 @@ architectures and random weights written to temporary files."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +26,18 @@ import uap_lightning  # noqa: E402
 from uap_lightning.config import ModelConfig, TrainerConfig  # noqa: E402
 from uap_lightning.data import build_datamodule  # noqa: E402
 from uap_lightning.errors import ConfigError, UserError  # noqa: E402
-from uap_lightning.models import PretrainedWeightsNotFoundError, build_backbone, output_classes  # noqa: E402
+from uap_lightning.models import (  # noqa: E402
+    PretrainedWeightsNotFoundError,
+    build_backbone,
+    load_weights,
+    output_classes,
+)
 from uap_lightning.models.checkpoint import CheckpointMismatchError  # noqa: E402
 from uap_lightning.models.preprocessing import Preprocessing  # noqa: E402
 from uap_lightning.tasks import run_task  # noqa: E402
 from uap_lightning.training import build_victim  # noqa: E402
 from uap_lightning.validation import validate  # noqa: E402
-from uap_lightning.victim_input import fit_data_to_victim  # noqa: E402
+from uap_lightning.victim_input import fit_data_to_victim, victim_input  # noqa: E402
 
 ARCH = "test_resnet"  # timm's smallest ResNet: 0.47 M parameters, pretrained input 160 px, crop 0.95, mean 0.5
 REPO = "timm/test_resnet.r160_in1k"  # its weights on the Hugging Face hub
@@ -137,12 +144,56 @@ def test_a_weights_file_gives_the_source_models_outputs(tmp_path, form):
     assert "state_dict" not in net.pretrained_cfg  # no second copy of the weights is kept
 
 
-def test_a_weights_file_of_another_model_is_refused_with_its_keys(tmp_path):
+def assert_short_key_report(message: str) -> None:
+    """One message of under 1,000 characters naming at most 5 keys of each kind, with their counts."""
+    assert len(message) < 1000, f"{len(message)} characters: {message[:300]}"
+    listed = re.findall(r"^\d+ (?:missing|unexpected) key\(s\): (.*)$", message, re.MULTILINE)
+    assert listed, message
+    assert all(len(keys.split(", ")) <= 5 for keys in listed), message
+    mismatched = re.findall(r"^  \S+: expected \(.*\), found \(.*\)$", message, re.MULTILINE)
+    assert len(mismatched) <= 5, message
+
+
+@pytest.mark.parametrize("setting", ["model.weights", "model.checkpoint"])
+def test_a_weights_file_of_another_model_is_refused_naming_a_few_keys(tmp_path, setting):
+    """Weights of another architecture (model.weights of pretrained timm, or model.checkpoint): one
+    short message naming the first keys of each kind and their counts, not PyTorch's whole key list."""
+    path = tmp_path / "other.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    with pytest.raises(CheckpointMismatchError, match=f"{setting}=") as info:
+        if setting == "model.weights":
+            cfg = ModelConfig(name="timm", arch=ARCH, pretrained=True, weights=str(path))
+            build_backbone(cfg, num_classes=4, in_channels=3, image_size=64)
+        else:
+            net = build_backbone(ModelConfig(name="timm", arch=ARCH), num_classes=4, in_channels=3, image_size=64)
+            load_weights(net, str(path), model_name="timm")
+    message = str(info.value)
+    assert_short_key_report(message)
+    assert "missing key(s): conv1" in message and "unexpected key(s): conv_stem.weight" in message, message
+
+
+def test_a_safetensors_file_of_another_model_is_refused_with_its_keys(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(timm.create_model("test_efficientnet").state_dict(), str(path))
     cfg = ModelConfig(name="timm", arch=ARCH, pretrained=True, weights=str(path))
-    with pytest.raises(CheckpointMismatchError, match="model.weights="):
+    with pytest.raises(CheckpointMismatchError, match="model.weights=") as info:
         build_backbone(cfg, num_classes=4, in_channels=3, image_size=64)
+    assert_short_key_report(str(info.value))
+
+
+def test_timm_says_nothing_on_the_console_when_it_loads_weights(tmp_path, caplog):
+    """timm's own "Loading pretrained weights from ..." information line stays off the console."""
+    path = tmp_path / "weights.pth"
+    torch.save(source_model().state_dict(), path)
+    with caplog.at_level(logging.INFO):
+        build_backbone(
+            ModelConfig(name="timm", arch=ARCH, pretrained=True, weights=str(path)),
+            num_classes=4,
+            in_channels=3,
+            image_size=64,
+        )
+    assert "Loading pretrained weights" not in caplog.text, caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("timm") and r.levelno < logging.WARNING]
 
 
 def test_weights_absent_from_the_cache_are_refused_before_any_data_is_read(tmp_path, hf_home):
@@ -193,6 +244,9 @@ def test_image_folder_data_follows_the_victims_input_size(tmp_path):
     cfg = photos_cfg(tmp_path, f"model.weights={path}")
     assert (cfg.data.image_size, cfg.data.resize) == (224, 256)  # the preset's
     validate(cfg)
+    assert (cfg.data.image_size, cfg.data.resize) == (224, 256)  # checked, not changed
+    assert (victim_input(cfg).image_size, victim_input(cfg).resize) == (160, 168)
+    fit_data_to_victim(cfg)  # when the run is prepared
     assert (cfg.data.image_size, cfg.data.resize) == (160, 168)  # 160 px, ⌊160 / 0.95⌋
     given = photos_cfg(tmp_path / "given", f"model.weights={path}", "data.image_size=64")
     declared = fit_data_to_victim(given, given=("data.image_size",))
@@ -213,6 +267,7 @@ def test_a_pretrained_victim_is_attacked_through_the_python_api(tmp_path, hf_hom
     put_in_hub_cache(hf_home, source_model())
     cfg = photos_cfg(tmp_path)
     validate(cfg)
+    fit_data_to_victim(cfg)
     datamodule = build_datamodule(cfg.data, cache_dir=cfg.paths.cache_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")

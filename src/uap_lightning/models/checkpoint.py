@@ -149,19 +149,29 @@ def _shape(t: torch.Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _mismatch_report(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> List[str]:
-    """Lines describing shape mismatches, missing keys and unexpected keys (a few each)."""
+Shapes = Tuple[str, Tuple[int, ...], Tuple[int, ...]]  # a key, the shape the model expects, the file's
+
+
+def key_report(wrong: Sequence[Shapes], missing: Sequence[str], unexpected: Sequence[str]) -> List[str]:
+    """Lines giving how many keys have another shape, are missing or are unexpected, naming the
+    first few of each kind (a model's whole key list runs to kilobytes)."""
     lines = []
-    wrong = [k for k in expected if k in found and _shape(expected[k]) != _shape(found[k])]
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
     if wrong:
         lines.append(f"{len(wrong)} shape mismatch(es):")
-        lines += [f"  {k}: expected {_shape(expected[k])}, found {_shape(found[k])}" for k in wrong[:_SHOWN]]
+        lines += [f"  {k}: expected {expected}, found {found}" for k, expected, found in wrong[:_SHOWN]]
     if missing:
         lines.append(f"{len(missing)} missing key(s): {', '.join(missing[:_SHOWN])}")
     if unexpected:
         lines.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:_SHOWN])}")
+    return lines
+
+
+def _mismatch_report(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> List[str]:
+    """Lines describing shape mismatches, missing keys and unexpected keys (a few each)."""
+    wrong = [(k, _shape(expected[k]), _shape(found[k])) for k in expected if k in found]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    lines = key_report([w for w in wrong if w[1] != w[2]], missing, unexpected)
     if missing or unexpected:
         lines.append(
             "keys are compared after stripping wrapper prefixes (module., ...) and renaming; if the "

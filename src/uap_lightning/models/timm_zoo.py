@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple, cast
 
@@ -20,7 +22,7 @@ from torch import nn
 
 from uap_lightning.errors import ConfigError, DamagedFileError, NotFoundError
 
-from .checkpoint import CheckpointMismatchError, read_checkpoint
+from .checkpoint import CheckpointMismatchError, Shapes, key_report, read_checkpoint
 from .efficientnet_lite import EXTRA_HINT, MissingExtraError
 from .preprocessing import Preprocessing
 from .torchvision_zoo import PretrainedWeightsNotFoundError
@@ -32,10 +34,16 @@ _NESTING_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 def _timm() -> Any:
+    """The timm package, its information lines ("Loading pretrained weights from ...") kept off the
+    console: the run says where the weights come from."""
     try:
-        return importlib.import_module("timm")
+        timm = importlib.import_module("timm")
     except ImportError:
         raise MissingExtraError(f"model=timm needs the package timm of the `imagenet` extra: {EXTRA_HINT}") from None
+    logger = logging.getLogger("timm")
+    if logger.level < logging.WARNING:  # NOTSET or INFO: timm's own modules log under "timm."
+        logger.setLevel(logging.WARNING)
+    return timm
 
 
 def check_arch(arch: str) -> str:
@@ -204,13 +212,49 @@ def timm_classifier(
     try:
         model = _create(timm, arch, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **options)
     except (RuntimeError, KeyError) as err:
-        lines: List[str] = str(err).strip().splitlines()[:4]
-        raise CheckpointMismatchError(
-            f"{key}={path} does not fit timm model {arch}: " + " ".join(line.strip() for line in lines)
-        ) from None
+        raise CheckpointMismatchError(f"{key}={path} does not fit timm model {arch}:\n" + _load_error(err)) from None
     pretrained_cfg = cast(Dict[str, Any], model.pretrained_cfg)  # a timm model's settings
     pretrained_cfg.pop("state_dict", None)  # the loaded copy of the weights is not kept twice
     return model
+
+
+# The parts of load_state_dict's error (torch.nn.Module), which lists every key.
+_KEYS = re.compile(r'"([^"]*)"')
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<key>\S+): copying a param with shape torch\.Size\(\[(?P<found>[^\]]*)\]\) from "
+    r"checkpoint, the shape in current model is torch\.Size\(\[(?P<expected>[^\]]*)\]\)"
+)
+_LONGEST = 300  # characters of another error shown
+
+
+def _load_error(err: BaseException) -> str:
+    """The error of loading a state dict into a timm model, as :func:`load_weights` reports a
+    mismatch: how many keys are missing, unexpected or of another shape, naming the first few."""
+    text = str(err).strip()
+    header, _, details = text.partition("\n\t")
+    wrong: List[Shapes] = []
+    missing: List[str] = []
+    unexpected: List[str] = []
+    other: List[str] = []
+    for part in details.split("\n\t") if details else []:
+        size = _SIZE_MISMATCH.match(part)
+        if size:
+            wrong.append((size["key"], _shape(size["expected"]), _shape(size["found"])))
+        elif part.startswith("Missing key(s)"):
+            missing += _KEYS.findall(part)
+        elif part.startswith("Unexpected key(s)"):
+            unexpected += _KEYS.findall(part)
+        else:
+            other.append(part.strip())
+    lines = key_report(wrong, missing, unexpected) + other[:3]
+    if not lines:  # not load_state_dict's error: its first line, cut short
+        first = text.splitlines()[0] if text else type(err).__name__
+        return first if len(first) <= _LONGEST else first[:_LONGEST] + " ..."
+    return "\n".join(line if len(line) <= _LONGEST else line[:_LONGEST] + " ..." for line in lines)
+
+
+def _shape(sizes: str) -> Tuple[int, ...]:
+    return tuple(int(size) for size in sizes.split(",") if size.strip())
 
 
 def _create(timm: Any, arch: str, **options: Any) -> nn.Module:

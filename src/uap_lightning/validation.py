@@ -26,7 +26,7 @@ from uap_lightning.models.layouts import renames
 from uap_lightning.models.zoo import IMAGENET_PRETRAINED, check_weights_source
 from uap_lightning.training import check_training_processes, resolve_adversarial
 from uap_lightning.units import to_pixel_units
-from uap_lightning.victim_input import command_line_keys, fit_data_to_victim
+from uap_lightning.victim_input import command_line_keys, victim_input
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,9 @@ def check_attack_devices(attack_cfg: Any, accelerator: str) -> None:
 
 
 def validate(cfg: DictConfig) -> AttackSettings:
-    """Check every setting that can be checked without data or a model, fit image-file data to a
-    pretrained victim's input size (:func:`fit_data_to_victim`); return the attack's settings."""
+    """Check every setting that can be checked without data or a model, image sizes as they will be
+    once image-file data is fitted to a pretrained victim's input (:func:`victim_input`); return the
+    attack's settings. ``cfg`` is only read: the fitting is part of preparing the run."""
     check_schema(cfg)
     attack = attack_settings(cfg)
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
@@ -245,11 +246,12 @@ def validate(cfg: DictConfig) -> AttackSettings:
     check_accelerator(cfg.trainer.accelerator)
     check_training_processes(cfg.trainer)
     check_attack_devices(cfg.attack, cfg.trainer.accelerator)
-    fit_data_to_victim(cfg, command_line_keys())
+    fitted = victim_input(cfg, command_line_keys())
     check_ensemble(cfg, attack)
-    if cfg.data.get("image_size") is not None:
+    image_size = cfg.data.get("image_size") if fitted is None else fitted.image_size
+    if image_size is not None:
         try:
-            check_resolution(attack.resolution, (cfg.data.image_size, cfg.data.image_size))
+            check_resolution(attack.resolution, (image_size, image_size))
         except ValueError as err:
             raise ConfigError(str(err)) from None
     return attack

@@ -2,12 +2,14 @@
 
 A pretrained timm model or EfficientNet-Lite declares its input (side S, centre-crop share c): image-folder data then
 takes ``data.image_size`` = S and ``data.resize`` = ⌊S / c⌋ (when the preset resizes), unless the
-command line sets them. Resolved once, before any data is read.
+command line sets them. :func:`victim_input` tells them (the settings checks use it, changing
+nothing); :func:`fit_data_to_victim` sets them, once, when the run is prepared, before any data is read.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Collection, FrozenSet, Optional
 
 from hydra.core.hydra_config import HydraConfig
@@ -37,18 +39,40 @@ def victim_label(model_cfg: DictConfig) -> str:
     return f"model.arch={model_cfg.arch}" if model_cfg.get("arch") else f"model={model_cfg.name}"
 
 
-def fit_data_to_victim(cfg: DictConfig, given: Collection[str] = ()) -> Optional[Preprocessing]:
-    """Set ``cfg.data.image_size`` and ``cfg.data.resize`` (in place) to the input the run's
-    pretrained victim was evaluated on, when the data is decoded from image files; keys in
-    ``given`` (see :func:`command_line_keys`) keep their values. The victim's declared input,
-    or None when it declares none or the data is not image files (nothing changes then)."""
+@dataclass(frozen=True)
+class VictimInput:
+    """The image-file data settings a pretrained victim asks for: ``data.image_size`` and
+    ``data.resize``, and the input the victim declares."""
+
+    image_size: int
+    resize: Optional[int]
+    declared: Preprocessing
+
+
+def victim_input(cfg: DictConfig, given: Collection[str] = ()) -> Optional[VictimInput]:
+    """The ``data.image_size`` and ``data.resize`` the run's pretrained victim was evaluated on, when the
+    data is decoded from image files; keys in ``given`` (see :func:`command_line_keys`) keep their
+    values. None when the victim declares no input or the data is not image files. ``cfg`` is only read."""
     declared = model_preprocessing(cfg.model)
     if declared is None or not issubclass(dataset_class(cfg.data.name), ImageFolderDataModule):
         return None
-    if "data.image_size" not in given:
-        cfg.data.image_size = declared.image_size
-    if "data.resize" not in given and cfg.data.resize is not None:
-        cfg.data.resize = declared.resize_for(cfg.data.image_size)
+    image_size = cfg.data.image_size if "data.image_size" in given else declared.image_size
+    resize = cfg.data.resize
+    if "data.resize" not in given and resize is not None:
+        resize = declared.resize_for(image_size)
+    return VictimInput(image_size, resize, declared)
+
+
+def fit_data_to_victim(cfg: DictConfig, given: Collection[str] = ()) -> Optional[Preprocessing]:
+    """Set ``cfg.data.image_size`` and ``cfg.data.resize`` (in place) to :func:`victim_input`, and log
+    them; part of preparing the run, after its settings were checked. The victim's declared input,
+    or None when it declares none or the data is not image files (nothing changes then)."""
+    fitted = victim_input(cfg, given)
+    if fitted is None:
+        return None
+    declared = fitted.declared
+    cfg.data.image_size = fitted.image_size
+    cfg.data.resize = fitted.resize
     filters = (
         ""
         if declared.interpolation == _DATA_DECODE_FILTER

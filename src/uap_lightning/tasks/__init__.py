@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from uap_lightning.tasks.setup import Setup, Task, prepare
 from uap_lightning.validation import validate
+from uap_lightning.victim_input import command_line_keys, fit_data_to_victim
 
 _NOT_TASKS = ("setup",)
 
@@ -40,8 +41,13 @@ def task_schemas() -> Dict[str, type]:
 
 
 def run_task(cfg: DictConfig) -> Dict[str, Any]:
-    """Check ``cfg``, prepare the shared setup and run the task ``task.name``; its metrics."""
+    """Check ``cfg``, prepare the shared setup and run the task ``task.name``; its metrics.
+
+    Preparing starts by fitting image-file data to a pretrained victim's input
+    (:func:`fit_data_to_victim`, which sets ``data.image_size`` and ``data.resize``), before the
+    task's own check, which sees the data's settings as the task will."""
     attack = validate(cfg)
+    fit_data_to_victim(cfg, command_line_keys())
     task = TASKS[cfg.task.name]
     if task.check is not None:
         task.check(cfg, attack)

@@ -15,7 +15,7 @@ from attack_helpers import random_conv_net, single_thread
 from conftest import compose_config
 from uap_lightning import metrics
 from uap_lightning.attacks import ENGINES, AttackSettings, ThreatModel, deepfool_single, frozen_eval, run_passes
-from uap_lightning.benchmarking.naive import naive_deepfool, naive_uap
+from uap_lightning.bench_parts.naive import naive_deepfool, naive_uap
 from uap_lightning.tasks import bench as bench_task
 from uap_lightning.validation import ConfigError, validate
 

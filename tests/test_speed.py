@@ -15,7 +15,7 @@ from uap_lightning.attacks import (
     frozen_eval,
     run_passes,
 )
-from uap_lightning.benchmarking.profile import forward_backward_rate, profile_pass
+from uap_lightning.bench_parts.profile import forward_backward_rate, profile_pass
 
 
 @pytest.mark.slow

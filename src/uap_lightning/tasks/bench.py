@@ -1,5 +1,7 @@
-"""The benchmark task (``task=bench``; ``python -m uap_lightning.bench``): ART, a naive
-reference and the engines side by side on one victim, one X and one eval set, in one process.
+"""The benchmark's task, ``task=bench``: ART, a naive reference and the engines side by side on one
+victim, one X and one eval set, in one process. Its entry is ``python -m uap_lightning.bench``
+(``uap_lightning.bench``); the rows, the profile and the efficiency measure it composes are the
+benchmark's parts (``uap_lightning.bench_parts``).
 
 The naive and ART rows follow the run's DeepFool settings (the ``attack`` keys of a DeepFool
 engine, or DeepFool's defaults); each engine row takes the run's ``attack`` settings it knows,
@@ -21,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from uap_lightning.attacks import ENGINES, AttackSettings, BatchedDeepFoolUAP, engine_class, folded_copy
 from uap_lightning.attacks.deepfool import DeepFoolOptions
 from uap_lightning.baselines import DRAWS, mean_fooling_rate, same_l2_fooling_rate
-from uap_lightning.benchmarking.art_peer import require_art
-from uap_lightning.benchmarking.efficiency import batched_efficiency
-from uap_lightning.benchmarking.profile import PassProfile, forward_backward_rate, profile_pass
-from uap_lightning.benchmarking.rows import (
+from uap_lightning.bench_parts.art_peer import require_art
+from uap_lightning.bench_parts.efficiency import batched_efficiency
+from uap_lightning.bench_parts.profile import PassProfile, forward_backward_rate, profile_pass
+from uap_lightning.bench_parts.rows import (
     PEERS,
     REACH_TOLERANCE,
     REFERENCE_METHOD,

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from uap_lightning import metrics
 from uap_lightning.attacks import AttackSettings, PassReport, frozen_eval, run_passes
-from uap_lightning.benchmarking.art_peer import art_uap
-from uap_lightning.benchmarking.naive import naive_uap
+from uap_lightning.bench_parts.art_peer import art_uap
+from uap_lightning.bench_parts.naive import naive_uap
 
 
 @dataclass

@@ -1,3 +1,0 @@
-"""The benchmark's parts: a naive reference, the ART peer, rows, the profile and the efficiency
-measure. The benchmark itself is the task ``task=bench`` (``uap_lightning.tasks.bench``).
-"""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -287,6 +287,33 @@ def log_outcome(
     logger.log_hyperparams(dict(hparams))
     if metrics:
         logger.log_metrics(dict(metrics), step=step)
+
+
+def report_to_loggers(
+    loggers: Iterable[Logger],
+    hparams: Mapping[str, HParam],
+    final: Mapping[str, float],
+    *,
+    prefix: str,
+    figures: Optional[Mapping[str, Any]] = None,
+    step: Optional[int] = None,
+    steps: Optional[Mapping[int, Mapping[str, float]]] = None,
+    text: Optional[str] = None,
+) -> None:
+    """A finished run's report to each of ``loggers``, which it then finalises: ``steps`` (step →
+    {tag: value}) at their steps, then the ``hparams`` with the ``final`` numbers
+    (:func:`log_outcome`, at ``step``); TensorBoard also gets the ``figures`` (matplotlib figures,
+    ``<prefix>/<name>`` at ``step``) and ``text`` (``<prefix>/table``)."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for name, figure in (figures or {}).items():
+                logger.experiment.add_figure(f"{prefix}/{name}", figure, global_step=step, close=False)
+            if text is not None:
+                logger.experiment.add_text(f"{prefix}/table", text)
+        for at, values in sorted((steps or {}).items()):
+            logger.log_metrics(dict(values), step=at)
+        log_outcome(logger, hparams, final, step=step)
+        logger.finalize("success")
 
 
 def log_session(logger: TensorBoardLogger, hparams: Mapping[str, HParam], metrics: Mapping[str, float]) -> None:

@@ -26,7 +26,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -43,7 +42,13 @@ from uap_lightning.baselines import RandomBaselines, random_baselines
 from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError, DamagedFileError, UserError
 from uap_lightning.keys import keyed_hash
-from uap_lightning.loggers import engine_label, instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
+from uap_lightning.loggers import (
+    engine_label,
+    instantiate_callbacks,
+    instantiate_loggers,
+    report_to_loggers,
+    run_hparams,
+)
 from uap_lightning.loop import (
     AttackLoop,
     AttackOutcome,
@@ -372,12 +377,15 @@ def run(setup: Setup) -> Dict[str, Any]:
     results["objective"] = objective(selected, setup.threat.eps, cfg.task.target_fooling_rate)
     run_figures = attack_figures(setup, eval_labels, outcome, results, dominant, label_names)
     final = {f"final/{k}": float(results[k]) for k in _FINAL_KEYS + _TARGETED_KEYS if k in results}
-    for logger in fabric.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            for name, figure in run_figures.items():
-                logger.experiment.add_figure(f"attack/{name}", figure, global_step=results["passes"], close=False)
-        log_outcome(logger, run_hparams(cfg, setup.attack), final, step=results["passes"])
-        logger.finalize("success")
+    # the loggers the passes went to: the figures and final numbers at the last pass of the same run
+    report_to_loggers(
+        fabric.loggers,
+        run_hparams(cfg, setup.attack),
+        final,
+        prefix="attack",
+        figures=run_figures,
+        step=results["passes"],
+    )
     write_run_outputs(setup.output_dir, outcome.result.perturbation, run_figures, results)
     for line in attack_summary(results, setup.output_dir):
         log.info(line)

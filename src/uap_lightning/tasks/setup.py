@@ -16,7 +16,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -38,7 +37,7 @@ from uap_lightning.config import model_preset
 from uap_lightning.data import ImageFolderDataModule, build_datamodule, dataset_class
 from uap_lightning.data.base import UAPDataModule
 from uap_lightning.errors import ConfigError
-from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, log_outcome, run_hparams
+from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers, report_to_loggers, run_hparams
 from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.progress import PassProgress
 from uap_lightning.report.outputs import write_figures, write_metrics
@@ -152,33 +151,19 @@ class Setup:
         results = {**self.settings(), **results}
         write_figures(self.output_dir, figures or {})
         text = table.to_markdown(**{"floatfmt": ".3f", **markdown})
-        self._report_to_loggers(final, steps or {}, title, text, figures or {})
+        report_to_loggers(  # a run named after the task in every logger of the run
+            instantiate_loggers(self.cfg.logger, task),
+            run_hparams(self.cfg, self.attack),
+            final,
+            prefix=task,
+            figures=figures,
+            steps=steps,
+            text=f"{title}\n\n{text}",
+        )
         write_metrics(self.output_dir, results)
         log.info("%s\n%s", title, text)
         log.info("files    %s", self.output_dir.resolve())
         return results
-
-    def _report_to_loggers(
-        self,
-        final: Mapping[str, float],
-        steps: Mapping[int, Mapping[str, float]],
-        title: str,
-        text: str,
-        figures: Mapping[str, Figure],
-    ) -> None:
-        """The task's numbers to every logger of the run (a run named after the task): ``steps`` at
-        their steps, then the run's hparams with the ``final`` numbers; TensorBoard also gets the
-        figures and the table (as text)."""
-        task = self.cfg.task.name
-        for logger in instantiate_loggers(self.cfg.logger, task):
-            if isinstance(logger, TensorBoardLogger):
-                for name, figure in figures.items():
-                    logger.experiment.add_figure(f"{task}/{name}", figure, close=False)
-                logger.experiment.add_text(f"{task}/table", f"{title}\n\n{text}")
-            for step, values in sorted(steps.items()):
-                logger.log_metrics(dict(values), step=step)
-            log_outcome(logger, run_hparams(self.cfg, self.attack), final)
-            logger.finalize("success")
 
     def predict(self, net: nn.Module, images: Tensor, perturbation: Optional[Tensor] = None) -> Tensor:
         """Labels (N,) of ``net`` (in eval mode) on ``images`` (+ ``perturbation``, C×H×W), in batches

@@ -50,7 +50,7 @@ def test_every_attack_preset_validates(make_cfg, attack, p):
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_every_experiment_composes(make_cfg, experiment):
-    from uap_lightning.models.torchvision_zoo import PretrainedWeightsNotFoundError
+    from uap_lightning.models import PretrainedWeightsNotFoundError
 
     cfg = make_cfg(f"experiment={experiment}")
     try:
@@ -207,7 +207,7 @@ def test_settings_hydra_cannot_compose_are_said_in_one_line(tmp_path, overrides,
 
 
 def test_missing_torchvision_weights_are_said_before_any_data_is_read(make_cfg, tmp_path, monkeypatch):
-    from uap_lightning.models.torchvision_zoo import PretrainedWeightsNotFoundError
+    from uap_lightning.models import PretrainedWeightsNotFoundError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = make_cfg("data=imagenet_samples", "model=torchvision", "model.arch=resnet50", "model.pretrained=true")

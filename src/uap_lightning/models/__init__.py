@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointMismatchError, load_weights
 from .normalize import Normalize
-from .torchvision_zoo import PretrainedWeightsNotFoundError
+from .pretrained import PretrainedWeightsNotFoundError
 from .victim import VictimClassifier
 from .zoo import MODEL_NAMES, build_backbone, output_classes
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
-import os
 import re
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple, cast
@@ -20,12 +19,12 @@ from typing import Any, Dict, List, Optional, Tuple, cast
 import torch
 from torch import nn
 
-from uap_lightning.errors import ConfigError, DamagedFileError, NotFoundError
+from uap_lightning.errors import ConfigError, DamagedFileError
 
 from .checkpoint import CheckpointMismatchError, Shapes, key_report, read_checkpoint
 from .efficientnet_lite import EXTRA_HINT, MissingExtraError
 from .preprocessing import Preprocessing
-from .torchvision_zoo import PretrainedWeightsNotFoundError
+from .pretrained import PretrainedWeightsNotFoundError, pretrained_weights_file
 
 # Files a timm repository on the Hugging Face hub holds its weights in, in the order timm reads them.
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -128,28 +127,6 @@ def cached_weights(arch: str) -> Optional[str]:
     return None
 
 
-def weights_path(arch: str, weights: Optional[str]) -> str:
-    """The weight file of pretrained ``arch``: ``weights`` (model.weights) when given, else the
-    file in the local Hugging Face cache; PretrainedWeightsNotFoundError saying where it was
-    looked for and how to give it otherwise."""
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise NotFoundError(f"model.weights={weights}: no such file; give the path of the weights")
-        return weights
-    found = cached_weights(arch)
-    if found is None:
-        repo, _ = _hub_repo(arch)
-        raise PretrainedWeightsNotFoundError(
-            f"model.pretrained=true needs the weights of timm model {arch!r}, Hugging Face repository {repo}: "
-            f"none of {', '.join(HUB_WEIGHT_FILES)} is in the local Hugging Face cache {hub_cache()} "
-            "(set by HF_HOME=DIR, which reads DIR/hub, or HF_HUB_CACHE / HUGGINGFACE_HUB_CACHE). Nothing is "
-            "downloaded: point HF_HOME at a cache that holds it (filled on a machine with internet, e.g. by "
-            f"timm.create_model({repo.split('/')[-1]!r}, pretrained=True)), or give the file as "
-            "model.weights=PATH (.safetensors, .pth or .bin)"
-        )
-    return found
-
-
 def read_weights(path: str, *, key: str, trust: bool = False) -> Dict[str, torch.Tensor]:
     """The state dict in the file ``path``: a ``.safetensors`` file, or a PyTorch file read
     tensors-only (``trust`` as in :func:`read_checkpoint`) holding a state dict, possibly nested
@@ -173,13 +150,25 @@ def read_weights(path: str, *, key: str, trust: bool = False) -> Dict[str, torch
 
 
 def resolve_weights(arch: str, *, pretrained: bool, weights: Optional[str]) -> Optional[str]:
-    """The weight file ``arch`` loads (None when not ``pretrained``), found before any heavy work:
-    ConfigError for an unknown ``arch`` or weights given without ``pretrained``, and the errors of
-    :func:`weights_path` when pretrained weights cannot be found."""
+    """The weight file ``arch`` loads (None when not ``pretrained``), found before any heavy work
+    (:func:`~uap_lightning.models.pretrained.pretrained_weights_file`): ``weights`` (model.weights)
+    when given, else the file in the local Hugging Face cache; ConfigError for an unknown ``arch``."""
     check_arch(arch)
-    if weights is not None and not pretrained:
-        raise ConfigError("model.weights needs model.pretrained=true (or use model.checkpoint for your own weights)")
-    return weights_path(arch, weights) if pretrained else None
+
+    def not_cached() -> str:
+        repo, _ = _hub_repo(arch)
+        return (
+            f"model.pretrained=true needs the weights of timm model {arch!r}, Hugging Face repository {repo}: "
+            f"none of {', '.join(HUB_WEIGHT_FILES)} is in the local Hugging Face cache {hub_cache()} "
+            "(set by HF_HOME=DIR, which reads DIR/hub, or HF_HUB_CACHE / HUGGINGFACE_HUB_CACHE). Nothing is "
+            "downloaded: point HF_HOME at a cache that holds it (filled on a machine with internet, e.g. by "
+            f"timm.create_model({repo.split('/')[-1]!r}, pretrained=True)), or give the file as "
+            "model.weights=PATH (.safetensors, .pth or .bin)"
+        )
+
+    return pretrained_weights_file(
+        pretrained=pretrained, weights=weights, cached=lambda: cached_weights(arch), not_cached=not_cached
+    )
 
 
 def timm_classifier(

@@ -13,15 +13,12 @@ import torch
 import torchvision
 from torch import nn
 
-from uap_lightning.errors import ConfigError, NotFoundError
+from uap_lightning.errors import ConfigError
 
 from .checkpoint import read_checkpoint
+from .pretrained import pretrained_weights_file
 
 IMAGENET_CLASSES = 1000
-
-
-class PretrainedWeightsNotFoundError(NotFoundError):
-    """The ImageNet weight file of a torchvision model is not in the local hub cache."""
 
 
 class RepeatChannels(nn.Module):
@@ -66,22 +63,20 @@ def weights_file(arch: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", name)
 
 
-def pretrained_weights_path(arch: str, weights: Optional[str]) -> str:
-    """The ImageNet weight file of ``arch``: ``weights`` (model.weights) when given, else the
-    default file in the local hub cache; PretrainedWeightsNotFoundError when it is absent."""
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise PretrainedWeightsNotFoundError(f"model.weights={weights}: no such file; give the path of the weights")
-        return weights
-    path = weights_file(arch)
-    if not os.path.isfile(path):
-        raise PretrainedWeightsNotFoundError(
+def pretrained_weights_path(arch: str, weights: Optional[str], pretrained: bool = True) -> Optional[str]:
+    """The ImageNet weight file of ``arch`` (:func:`~uap_lightning.models.pretrained.pretrained_weights_file`):
+    ``weights`` (model.weights) when given, else the default file in the local torch hub cache."""
+    path = weights_file(arch) if pretrained and weights is None else ""
+
+    def not_cached() -> str:
+        return (
             f"model.pretrained=true needs the ImageNet weights of {arch!r}: file "
             f"{os.path.basename(path)!r} is not in {os.path.dirname(path)!r}. Put it there (or set "
             "TORCH_HOME to a folder whose hub/checkpoints/ holds it), or give the file as model.weights=PATH; "
             "nothing is downloaded."
         )
-    return path
+
+    return pretrained_weights_file(pretrained=pretrained, weights=weights, cached=lambda: path, not_cached=not_cached)
 
 
 def torchvision_classifier(
@@ -100,10 +95,8 @@ def torchvision_classifier(
         raise ConfigError(f"unknown torchvision classifier model.arch={arch!r}.{hint} Known: {', '.join(names)}")
     if in_channels not in (1, 3):
         raise ConfigError(f"model=torchvision takes 1- or 3-channel images, the data has {in_channels}")
-    if weights is not None and not pretrained:
-        raise ConfigError("model.weights needs model.pretrained=true (or use model.checkpoint for your own weights)")
-    if pretrained:
-        path = pretrained_weights_path(arch, weights)
+    path = pretrained_weights_path(arch, weights, pretrained)
+    if path is not None:
         if num_classes != IMAGENET_CLASSES:
             warnings.warn(
                 f"pretrained {arch!r} keeps its {IMAGENET_CLASSES}-way ImageNet head: its "

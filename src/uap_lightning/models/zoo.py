@@ -120,8 +120,8 @@ def check_weights_source(cfg: Any) -> None:
     timm architecture, model.weights without model.pretrained, pretrained weights not found."""
     if cfg.name == "timm":
         timm_resolve_weights(_require_arch(cfg), pretrained=bool(cfg.pretrained), weights=getattr(cfg, "weights", None))
-    if cfg.name == "torchvision" and cfg.pretrained:
-        pretrained_weights_path(_require_arch(cfg), getattr(cfg, "weights", None))
+    if cfg.name == "torchvision":
+        pretrained_weights_path(_require_arch(cfg), getattr(cfg, "weights", None), bool(cfg.pretrained))
 
 
 def build_backbone(cfg: Any, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

@@ -39,8 +39,8 @@ format: $(STAMP) ## Format the code and sort imports with ruff
 	$(BIN)/ruff check --select I --fix src tests
 	$(BIN)/ruff format src tests
 
-test: $(STAMP) ## Run the test suite (offline, CPU; slow tests deselected)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test: $(STAMP) ## Run the test suite (offline, CPU; slow tests deselected; one worker per core)
+	$(BIN)/python -m pytest -m "not slow" -n auto $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## Run only the slow tests (use the CIFAR-10 copy when UAP_DATA_DIR points at it)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

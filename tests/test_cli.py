@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from cli_runner import run_in_process
 from uap_lightning.validation import ConfigError, validate
+
+
+def cli_in_process(monkeypatch, capfd, tmp_path: Path, *overrides: str):
+    """:func:`cli` run in this process (the same entry, arguments, environment and folder)."""
+    monkeypatch.delenv("UAP_DATA_DIR", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    arguments = (f"hydra.run.dir={tmp_path / 'run'}", "logger=none", *overrides)
+    return run_in_process(monkeypatch, capfd, tmp_path, *arguments, env={"UAP_CACHE_DIR": str(tmp_path / "cache")})
 
 
 def cli(tmp_path: Path, *overrides: str, module: str = "uap_lightning.run", env_extra=None):
@@ -27,14 +36,14 @@ def cli(tmp_path: Path, *overrides: str, module: str = "uap_lightning.run", env_
     [
         ("attack.delta=1.5", "attack.delta"),  # found by the checks
         ("+attack.epss=3", "attack.epss"),  # a key Hydra lets through with +
-        pytest.param("attack.beta=5", "beta", marks=pytest.mark.slow),  # a key of another engine, refused by Hydra
-        pytest.param("attack.epz=3", "epz", marks=pytest.mark.slow),  # a typo, refused by Hydra
-        pytest.param("data=nosuchdata", "nosuchdata", marks=pytest.mark.slow),
+        ("attack.beta=5", "beta"),  # a key of another engine, refused by Hydra
+        ("attack.epz=3", "epz"),  # a typo, refused by Hydra
+        ("data=nosuchdata", "nosuchdata"),
         ("model.checkpoint=/no/such/file.pt", "model.checkpoint"),
     ],
 )
-def test_bad_settings_end_with_one_message_and_exit_code_2(tmp_path, override, fragment):
-    done = cli(tmp_path, override)
+def test_bad_settings_end_with_one_message_and_exit_code_2(tmp_path, monkeypatch, capfd, override, fragment):
+    done = cli_in_process(monkeypatch, capfd, tmp_path, override)
     assert done.returncode == 2, done.stderr[-2000:]
     output = done.stdout + done.stderr
     assert fragment in output
@@ -47,12 +56,12 @@ def test_bad_settings_end_with_one_message_and_exit_code_2(tmp_path, override, f
     [
         ("attack.eps=8/255", "attack.eps is in 0–255 pixel units: use attack.eps=8 (not 8/255)"),
         ("attack.epss=10", "did you mean attack.eps=10?"),
-        pytest.param("atack.eps=10", "did you mean attack.eps=10?", marks=pytest.mark.slow),
+        ("atack.eps=10", "did you mean attack.eps=10?"),
     ],
 )
-def test_settings_hydra_cannot_compose_get_our_message(tmp_path, override, expected):
+def test_settings_hydra_cannot_compose_get_our_message(tmp_path, monkeypatch, capfd, override, expected):
     """A value or key Hydra refuses: one line saying what to type, never Hydra's `+key` advice."""
-    done = cli(tmp_path, override)
+    done = cli_in_process(monkeypatch, capfd, tmp_path, override)
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-2000:]
     assert expected in output
@@ -67,13 +76,13 @@ def test_full_error_still_shows_the_traceback(tmp_path):
     assert done.returncode != 0 and "Traceback" in done.stderr
 
 
-def test_gpu_trainer_without_a_gpu_fails_before_any_work_and_leaves_nothing(tmp_path):
+def test_gpu_trainer_without_a_gpu_fails_before_any_work_and_leaves_nothing(tmp_path, monkeypatch, capfd):
     pytest.importorskip("torch")
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    done = cli(tmp_path, "trainer=gpu")
+    done = cli_in_process(monkeypatch, capfd, tmp_path, "trainer=gpu")
     assert done.returncode == 2
     assert "trainer=default" in done.stdout + done.stderr
     assert not (tmp_path / "run").exists()

@@ -192,7 +192,7 @@ def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_group_options_from_outside_the_config_tree_are_refused(tmp_path):
+def test_group_options_from_outside_the_config_tree_are_refused(tmp_path, monkeypatch, capfd):
     """experiment=../../x is refused with one message before any YAML is read; nothing it names runs."""
     evil = tmp_path / "x"
     evil.mkdir()
@@ -201,7 +201,10 @@ def test_group_options_from_outside_the_config_tree_are_refused(tmp_path):
         "# @package _global_\nhydra:\n  callbacks:\n    touch:\n      _target_: pathlib.Path.touch\n"
         f"      self: {marker}\n"
     )
-    done = cli(tmp_path, f"experiment=../../../../..{evil / 'evil'}")
+    from cli_runner import run_in_process
+
+    env = {"UAP_CACHE_DIR": str(tmp_path / "cache")}
+    done = run_in_process(monkeypatch, capfd, tmp_path, f"experiment=../../../../..{evil / 'evil'}", env=env)
     assert done.returncode == 2 and "is a name in the config tree" in done.stdout + done.stderr
     assert not marker.exists()
 

@@ -126,8 +126,12 @@ def test_tensorboard_has_scalars_images_and_hparams(cli_runs):
     assert any(b"_hparams_/session_start_info" in p.read_bytes() for p in hparams_runs)
 
 
-def test_cli_rejects_a_typo_naming_the_key(tmp_path):
-    done = cli(tmp_path / "run", tmp_path / "cache", "attack.epz=3", cwd=tmp_path)
+def test_cli_rejects_a_typo_naming_the_key(tmp_path, monkeypatch, capfd):
+    from cli_runner import run_in_process
+
+    monkeypatch.delenv("UAP_DATA_DIR", raising=False)
+    arguments = (f"hydra.run.dir={tmp_path / 'run'}", *FAST, "attack.epz=3")
+    done = run_in_process(monkeypatch, capfd, tmp_path, *arguments, env={"UAP_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode != 0
     assert "epz" in done.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()

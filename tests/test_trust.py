@@ -67,26 +67,18 @@ def test_payload_checkpoint_is_refused_and_never_runs(tmp_path, zip_format):
     assert not marker.exists()
 
 
-def test_cli_refuses_a_payload_checkpoint_with_one_message(tmp_path):
+def test_cli_refuses_a_payload_checkpoint_with_one_message(tmp_path, monkeypatch, capfd):
+    from cli_runner import run_in_process
+
     path, marker = payload_checkpoint(tmp_path)
-    env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "uap_lightning.run",
-            f"model.checkpoint={path}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            "attack.max_passes=1",
-            "data.attack_images=20",
-            "logger=none",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    arguments = (
+        f"model.checkpoint={path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "attack.max_passes=1",
+        "data.attack_images=20",
+        "logger=none",
     )
+    done = run_in_process(monkeypatch, capfd, tmp_path, *arguments, env={"UAP_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 2, done.stderr[-2000:]
     assert "trust_checkpoint" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr

@@ -30,6 +30,7 @@ from uap_lightning.atomic import atomic_write_text
 from uap_lightning.attacks import AttackSettings
 from uap_lightning.attacks.deepfool import DeepFoolOptions
 from uap_lightning.attacks.geometry import (
+    BoundaryNormals,
     boundary_normals,
     principal_subspace,
     random_direction,
@@ -123,44 +124,13 @@ def run(setup: Setup) -> Dict[str, Any]:
     table, the figure and metrics.json."""
     cfg, threat = setup.cfg, setup.threat
     draws = int(cfg.task.draws)
-    if cfg.task.images is None:
-        images = setup.attack_images
-    elif int(cfg.task.images) > len(setup.attack_images):
-        raise ConfigError(
-            f"task.images={cfg.task.images} exceeds X's {len(setup.attack_images)} images; "
-            f"lower task.images or raise data.attack_images"
-        )
-    else:
-        images, _ = setup.attack_set(int(cfg.task.images))
+    images = _normals_images(setup)
     move_aside(setup.output_dir)
     net = setup.victim().net
-    deepfool = _deepfool_options(setup.attack)
-
-    log.info(
-        "normals  DeepFool (%d candidates, overshoot %g) on %d images of X ...",
-        deepfool["num_candidates"],
-        deepfool["overshoot"],
-        len(images),
-    )
-    started = time.perf_counter()
-    batch_size = setup.attack.eval_batch_size if cfg.task.batch_size is None else int(cfg.task.batch_size)
-    found = boundary_normals(net, images, batch_size=batch_size, **deepfool)
-    seconds = time.perf_counter() - started
-    log.info(
-        "normals  %d of %d images of X (DeepFool did not converge on %d) in %.1f s",
-        found.count,
-        len(images),
-        found.dropped,
-        seconds,
-    )
-    if found.count < 2:
-        raise UserError(
-            f"DeepFool converged on {found.count} of {len(images)} images of X, too few to study their normals; "
-            f"raise attack.max_deepfool_iters or task.images"
-        )
-    n, d = found.normals.shape
+    normals = _boundary_normals(setup, net, images)
+    n, d = normals.found.normals.shape
     generator = torch.Generator().manual_seed(setup.seed)
-    normal_values = singular_values(found.normals)
+    normal_values = singular_values(normals.found.normals)
     random_values = singular_values(random_unit_vectors(n, d, generator))
 
     ks = sorted({min(int(k), n, d) for k in cfg.task.ks})
@@ -178,27 +148,14 @@ def run(setup: Setup) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     subspace_l2: Dict[int, float] = {}
     for k in ks:
-        basis = principal_subspace(found.normals, k)
+        basis = principal_subspace(normals.found.normals, k)
         rates, subspace_l2[k] = _rates(setup, net, clean, [random_direction(d, generator, basis) for _ in range(draws)])
-        subspace = _summary(rates)
         energy = float(normal_values[:k].square().sum() / normal_values.square().sum())
         random_energy = float(random_values[:k].square().sum() / random_values.square().sum())
-        rows.append({"k": k, "subspace": subspace, "normals_energy": energy, "random_energy": random_energy})
+        rows.append({"k": k, "subspace": _summary(rates), "normals_energy": energy, "random_energy": random_energy})
     if threat.p != 2.0:
         log.warning("%s", _unequal_energy_warning(threat, whole_l2, subspace_l2))
 
-    table = pd.DataFrame(
-        {
-            "k": [row["k"] for row in rows],
-            "subspace": [row["subspace"]["mean"] for row in rows],
-            "subspace std": [row["subspace"]["std"] for row in rows],
-            "whole space": [whole["mean"]] * len(rows),
-            "whole space std": [whole["std"]] * len(rows),
-            "ratio": [row["subspace"]["mean"] / whole["mean"] if whole["mean"] > 0 else float("inf") for row in rows],
-            "normals' energy in top k": [row["normals_energy"] for row in rows],
-            "random's energy in top k": [row["random_energy"] for row in rows],
-        }
-    ).set_index("k")
     figure = geometry_figure(
         normal_values.tolist(),
         random_values.tolist(),
@@ -213,7 +170,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     )
     results = {
         "n_normals": n,
-        "n_dropped": found.dropped,
+        "n_dropped": normals.found.dropped,
         "normals_images": len(images),
         "dimension": d,
         "singular_values_normals": normal_values.tolist(),
@@ -224,9 +181,9 @@ def run(setup: Setup) -> Dict[str, Any]:
         "random_energy": {str(row["k"]): row["random_energy"] for row in rows},
         "ks": ks,
         "draws": draws,
-        "deepfool": deepfool,
-        "deepfool_batch_size": batch_size,
-        "deepfool_seconds": seconds,
+        "deepfool": normals.options,
+        "deepfool_batch_size": normals.batch_size,
+        "deepfool_seconds": normals.seconds,
         "vector_norm": (
             f"{threat.symbol} norm ε"
             if threat.p == 2.0
@@ -239,8 +196,81 @@ def run(setup: Setup) -> Dict[str, Any]:
         f"ε={threat.eps:g} from the top-k singular subspace of {n} boundary normals vs the whole space "
         f"(mean ± std of {draws} draws)"
     )
+    table = _table(rows, whole)
     atomic_write_text(setup.output_dir / GEOMETRY_CSV, table.to_csv())
     return setup.finish(results, title, table, figures={GEOMETRY_FIGURE: figure})
+
+
+def _normals_images(setup: Setup) -> Tensor:
+    """The images whose boundary normals are computed: X, or the first ``task.images`` of it."""
+    wanted = setup.cfg.task.images
+    if wanted is None:
+        return setup.attack_images
+    if int(wanted) > len(setup.attack_images):
+        raise ConfigError(
+            f"task.images={wanted} exceeds X's {len(setup.attack_images)} images; "
+            f"lower task.images or raise data.attack_images"
+        )
+    images, _ = setup.attack_set(int(wanted))
+    return images
+
+
+@dataclass
+class _Normals:
+    """The boundary normals found (:func:`boundary_normals`), with the DeepFool ``options`` and
+    ``batch_size`` that found them in ``seconds``."""
+
+    found: BoundaryNormals
+    options: Dict[str, Any]
+    batch_size: int
+    seconds: float
+
+
+def _boundary_normals(setup: Setup, net: nn.Module, images: Tensor) -> _Normals:
+    """The normals of ``net``'s decision boundary at ``images`` by batched DeepFool (the attack's
+    options), logged and timed; UserError when DeepFool converged on fewer than two."""
+    options = _deepfool_options(setup.attack)
+    log.info(
+        "normals  DeepFool (%d candidates, overshoot %g) on %d images of X ...",
+        options["num_candidates"],
+        options["overshoot"],
+        len(images),
+    )
+    task_batch = setup.cfg.task.batch_size
+    batch_size = setup.attack.eval_batch_size if task_batch is None else int(task_batch)
+    started = time.perf_counter()
+    found = boundary_normals(net, images, batch_size=batch_size, **options)
+    seconds = time.perf_counter() - started
+    log.info(
+        "normals  %d of %d images of X (DeepFool did not converge on %d) in %.1f s",
+        found.count,
+        len(images),
+        found.dropped,
+        seconds,
+    )
+    if found.count < 2:
+        raise UserError(
+            f"DeepFool converged on {found.count} of {len(images)} images of X, too few to study their normals; "
+            f"raise attack.max_deepfool_iters or task.images"
+        )
+    return _Normals(found, options, batch_size, seconds)
+
+
+def _table(rows: List[Dict[str, Any]], whole: Dict[str, float]) -> pd.DataFrame:
+    """geometry.csv: per k the subspace's and the whole space's fooling rates (mean, std), their
+    ratio, and the share of the normals' and of random vectors' energy in the top k."""
+    return pd.DataFrame(
+        {
+            "k": [row["k"] for row in rows],
+            "subspace": [row["subspace"]["mean"] for row in rows],
+            "subspace std": [row["subspace"]["std"] for row in rows],
+            "whole space": [whole["mean"]] * len(rows),
+            "whole space std": [whole["std"]] * len(rows),
+            "ratio": [row["subspace"]["mean"] / whole["mean"] if whole["mean"] > 0 else float("inf") for row in rows],
+            "normals' energy in top k": [row["normals_energy"] for row in rows],
+            "random's energy in top k": [row["random_energy"] for row in rows],
+        }
+    ).set_index("k")
 
 
 TASK = Task("geometry", GeometryTaskConfig, run, check)

@@ -151,3 +151,35 @@ def test_a_file_above_eps_is_scored_projected_with_a_warning(caplog):
         out = within_budget(torch.full((3, 8, 8), 128 / 255), "b.npy", threat)
     assert abs(float(out.max()) * 255 - 64) < 1e-3
     assert "b.npy has ℓ∞ norm 128, above attack.eps=64" in caplog.text
+
+
+def test_each_victim_is_built_for_the_size_it_is_fed(tmp_path, monkeypatch):
+    """EfficientNet pads for the input size it is built for (Lite2's padding at 260 px differs from
+    its padding at 224 px), so every victim a transfer scores and every member of an ensemble is
+    built for the images it is fed: Lite2 at 260 px when the run's data is Lite0's 224 px."""
+    from uap_lightning.models import zoo
+
+    built = []
+    build = zoo.efficientnet_lite
+
+    def recording(name, **options):
+        built.append((name, options["image_size"]))
+        return build(name, **options)
+
+    monkeypatch.setattr(zoo, "efficientnet_lite", recording)
+    base = [
+        "data=imagenet_samples",
+        f"data.root={make_photos(tmp_path / 'photos')}",
+        "data.class_names_file=null",
+        "data.attack_images=4",
+        "data.eval_images=4",
+        "model=efficientnet_lite0",
+        "attack=sgd_uap",
+        "attack.max_passes=1",
+        "logger=none",
+    ]
+    transfer = ["task=transfer", "task.victims=[efficientnet_lite0,efficientnet_lite2]"]
+    run_task(compose_config([*base, *transfer], tmp_path / "transfer"))
+    run_task(compose_config([*base, "attack.ensemble=[efficientnet_lite0,efficientnet_lite2]"], tmp_path / "ensemble"))
+    assert ("efficientnet_lite2", 260) in built
+    assert set(built) == {("efficientnet_lite0", 224), ("efficientnet_lite2", 260)}

@@ -288,8 +288,8 @@ def run(setup: Setup) -> Dict[str, Any]:
     move_aside(setup.output_dir)
     configs = [model_preset(entry) for entry in cfg.task.victims]
     labels = ensemble_labels(configs)
-    inputs = victim_inputs(setup, configs)  # the setup each victim is scored on
-    victims = [setup.victim(config, log_training=False) for config in configs]
+    inputs = victim_inputs(setup, configs)  # the setup each victim is scored on, and built for
+    victims = [own.victim(config, log_training=False) for config, own in zip(configs, inputs)]
     net, _ = setup.attacked()
     started = time.perf_counter()
     result = universal_perturbation(setup, net)

@@ -77,7 +77,8 @@ class Setup:
     eval_images: Tensor
     eval_labels: Tensor
     output_dir: Path
-    _victims: Dict[str, Victim] = field(default_factory=dict)
+    _victims: Dict[str, Victim] = field(default_factory=dict)  # by input size and settings
+    _inputs: Dict[int, "Setup"] = field(default_factory=dict)  # the setups at other input sizes
 
     @property
     def threat(self) -> ThreatModel:
@@ -178,10 +179,13 @@ class Setup:
         return self.datamodule.attack_set(count, seed=self.seed)
 
     def victim(self, model_cfg: Optional[Any] = None, *, log_training: bool = True) -> Victim:
-        """The victim of ``model_cfg`` (default: the run's ``model``), trained with the run's
-        ``trainer`` settings and seed, through the cache; the same object for equal settings."""
+        """The victim of ``model_cfg`` (default: the run's ``model``) built for this setup's images
+        (an architecture may depend on its input size, as EfficientNet's "same" padding does),
+        trained with the run's ``trainer`` settings and seed, through the cache; the same object
+        for equal settings and size. A victim fed images of another size comes from the setup of
+        that size (:meth:`input_for`)."""
         model_cfg = self.cfg.model if model_cfg is None else model_cfg
-        key = repr(sorted(dict(model_cfg).items()))
+        key = repr((self.image_size, sorted(dict(model_cfg).items())))
         if key not in self._victims:
             logs = TrainingLogs(
                 loggers=instantiate_loggers(self.cfg.logger, "victim") if log_training else [],
@@ -213,12 +217,9 @@ class Setup:
             victim = self.victim()
             return folded_copy(victim.net), [victim]
         configs = [model_preset(entry) for entry in entries]
-        victims = [self.victim(config, log_training=False) for config in configs]
-        files = issubclass(dataset_class(self.cfg.data.name), ImageFolderDataModule)
-        sizes = []
-        for config in configs:
-            declared = model_preprocessing(config) if files else None
-            sizes.append(None if declared is None or declared.image_size == self.image_size else declared.image_size)
+        inputs = [self.input_for(config) for config in configs]
+        victims = [own.victim(config, log_training=False) for own, config in zip(inputs, configs)]
+        sizes = [None if own is self else own.image_size for own in inputs]
         names = ensemble_labels(configs)
         for name, size in zip(names, sizes):
             log.info("ensemble member %s sees the images at %s px", name, size or self.image_size)
@@ -237,8 +238,23 @@ class Setup:
             torch.equal(moved.attack_labels, self.attack_labels) and torch.equal(moved.eval_labels, self.eval_labels)
         ):
             raise RuntimeError(f"decoding {cfg.data.name} at {image_size} px drew other images; this is a bug")
-        moved._victims = self._victims
+        moved._victims, moved._inputs = self._victims, self._inputs
         return moved
+
+    def input_for(self, model_cfg: Any) -> "Setup":
+        """The setup whose images a victim of ``model_cfg`` is fed: on image-file data, the run's
+        photographs decoded at the input size its pretrained weights declare (one setup per size,
+        kept: :meth:`at_input`); otherwise, or at this setup's size, this setup."""
+        files = issubclass(dataset_class(self.cfg.data.name), ImageFolderDataModule)
+        declared = model_preprocessing(model_cfg) if files else None
+        if declared is None or declared.image_size == self.image_size:
+            return self
+        size = declared.image_size
+        if size not in self._inputs:
+            resize = declared.resize_for(size) if self.cfg.data.get("resize") is not None else None
+            log.info("decoding the photographs at %d px (resize %s) for model=%s", size, resize, model_cfg.name)
+            self._inputs[size] = self.at_input(size, resize)
+        return self._inputs[size]
 
     @property
     def image_size(self) -> int:

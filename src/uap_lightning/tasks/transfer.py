@@ -31,9 +31,7 @@ from uap_lightning.atomic import atomic_write, atomic_write_text
 from uap_lightning.attacks import AttackSettings, ThreatModel, project_lp
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.config import TaskConfig, model_preset
-from uap_lightning.data import ImageFolderDataModule, dataset_class
 from uap_lightning.errors import ConfigError
-from uap_lightning.models.zoo import model_preprocessing
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report.figures import transfer_figure
 from uap_lightning.rundir import METRICS_FILE, move_aside
@@ -107,9 +105,9 @@ def run(setup: Setup) -> Dict[str, Any]:
     move_aside(setup.output_dir)
     configs = [model_preset(entry) for entry in cfg.task.victims]
     victim_labels = _labels([c.name for c in configs])
-    victims: List[Victim] = [setup.victim(c, log_training=False) for c in configs]
+    inputs = victim_inputs(setup, configs)  # the setup each victim is scored on, and built for
+    victims: List[Victim] = [own.victim(c, log_training=False) for c, own in zip(configs, inputs)]
     shape = cast(Tuple[int, int, int], tuple(setup.eval_images.shape[1:]))  # eval images are N×C×H×W
-    inputs = victim_inputs(setup, configs)  # the setup each victim is scored on
 
     if cfg.task.perturbations:
         read = [_read_perturbation(Path(source), shape, cfg.perturbation) for source in cfg.task.perturbations]
@@ -187,22 +185,11 @@ def run(setup: Setup) -> Dict[str, Any]:
 
 
 def victim_inputs(setup: Setup, configs: List[Any]) -> List[Setup]:
-    """The setup each victim of ``configs`` is scored on: the run's, or with ``task.native_sizes``
-    on image-file data, the run's photographs decoded at the input size the victim's pretrained
-    weights declare (one setup per size)."""
-    native = setup.cfg.task.native_sizes and issubclass(dataset_class(setup.cfg.data.name), ImageFolderDataModule)
-    by_size = {setup.image_size: setup}
-    inputs = []
-    for config in configs:
-        declared = model_preprocessing(config) if native else None
-        if declared is not None and declared.image_size not in by_size:
-            resize = declared.resize_for(declared.image_size) if setup.cfg.data.get("resize") is not None else None
-            log.info(
-                "decoding the photographs at %d px (resize %s) for model=%s", declared.image_size, resize, config.name
-            )
-            by_size[declared.image_size] = setup.at_input(declared.image_size, resize)
-        inputs.append(by_size[declared.image_size] if declared is not None else setup)
-    return inputs
+    """The setup each victim of ``configs`` is scored on and built for: with ``task.native_sizes``
+    the photographs at the input size its pretrained weights declare (:meth:`Setup.input_for`),
+    else the run's."""
+    native = bool(setup.cfg.task.native_sizes)
+    return [setup.input_for(config) if native else setup for config in configs]
 
 
 def within_budget(v: Tensor, label: str, threat: ThreatModel) -> Tensor:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -150,3 +151,26 @@ def test_generalisation_table_prints_counts_as_integers():
     text = generalisation.printable(table).to_markdown(floatfmt=".3f", index=False)  # as Setup.finish prints
     last = [cell.strip() for cell in text.splitlines()[-1].strip("|").split("|")]
     assert last == ["100", "0.500", "2", "4", "640.000"]
+
+
+def test_transfer_says_what_it_scores_while_it_takes_long(make_cfg, caplog, monkeypatch):
+    """Scoring perturbations and noise on every victim is a phase: lines name the victim and the
+    perturbation while it runs longer than the heartbeat (minutes on the ImageNet victims)."""
+    import logging
+
+    from uap_lightning import progress
+    from uap_lightning.tasks import setup as task_setup
+
+    monkeypatch.setattr(progress, "PHASE_HEARTBEAT_SECONDS", 0.05)
+    predict = task_setup.Setup.predict
+
+    def slow_predict(self, *args, **kwargs):
+        time.sleep(0.06)
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(task_setup.Setup, "predict", slow_predict)
+    with caplog.at_level(logging.INFO, logger="uap_lightning"):
+        run_task(make_cfg(*SMALL, "task=transfer", "task.victims=[cnn,lenet]", "attack.max_passes=1"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring 2 perturbation(s)")]
+    assert any(": lenet: perturbation 2 of 2 (" in line for line in lines)
+    assert lines[-1].startswith("scoring 2 perturbation(s) and random noise on") and " done in " in lines[-1]

@@ -33,6 +33,7 @@ from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.config import TaskConfig, model_preset
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
+from uap_lightning.progress import Phase
 from uap_lightning.report.figures import transfer_figure
 from uap_lightning.rundir import METRICS_FILE, move_aside
 from uap_lightning.tasks.setup import Setup, Task, eval_fooling_rate, universal_perturbation
@@ -129,28 +130,26 @@ def run(setup: Setup) -> Dict[str, Any]:
             path = setup.output_dir / PERTURBATIONS_DIR / f"{label}.pt"
             atomic_write(path, functools.partial(torch.save, v.contiguous()))
 
-    cleans = [own.predict(victim.net, own.eval_images) for victim, own in zip(victims, inputs)]
-    table = pd.DataFrame(
-        [
-            [
-                eval_fooling_rate(own, victim.net, fit_to_size(v, own.image_size, threat), clean)
-                for victim, own, clean in zip(victims, inputs, cleans)
-            ]
-            for v in perturbations
-        ],
-        index=[f"perturbation from {label}" for label in source_labels],
-        columns=victim_labels,
-    )
+    rates: List[List[float]] = [[] for _ in perturbations]
     random_rates, accuracies = {}, {}
-    for label, victim, own, clean in zip(victim_labels, victims, inputs, cleans):
-        accuracies[label] = metrics.accuracy(clean, own.eval_labels_for(victim))
-        random_rates[label] = mean_fooling_rate(
-            functools.partial(own.predict, victim.net, own.eval_images),
-            clean,
-            tuple(own.eval_images.shape[1:]),
-            threat,
-            torch.Generator().manual_seed(setup.seed + 1),
-        )
+    count = len(setup.eval_images)
+    with Phase(log, f"scoring {len(perturbations)} perturbation(s) and random noise on {count} eval images") as phase:
+        for label, victim, own in zip(victim_labels, victims, inputs):
+            phase.part(f"{label}: its predictions")
+            clean = own.predict(victim.net, own.eval_images)
+            accuracies[label] = metrics.accuracy(clean, own.eval_labels_for(victim))
+            for index, (row, v) in enumerate(zip(rates, perturbations)):
+                phase.part(f"{label}: perturbation {index + 1} of {len(perturbations)}")
+                row.append(eval_fooling_rate(own, victim.net, fit_to_size(v, own.image_size, threat), clean))
+            phase.part(f"{label}: random {threat.symbol} noise")
+            random_rates[label] = mean_fooling_rate(
+                functools.partial(own.predict, victim.net, own.eval_images),
+                clean,
+                tuple(own.eval_images.shape[1:]),
+                threat,
+                torch.Generator().manual_seed(setup.seed + 1),
+            )
+    table = pd.DataFrame(rates, index=[f"perturbation from {label}" for label in source_labels], columns=victim_labels)
     table.loc[f"random {threat.symbol} noise"] = [random_rates[label] for label in victim_labels]
     table.index.name = "fooling rate"
 

@@ -30,20 +30,23 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor
 
 from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write
-from uap_lightning.attacks import AttackSettings, engine_class, ensemble_engines
+from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class, ensemble_engines
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
 from uap_lightning.config import CONF_DIR, TaskConfig, model_preset
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import write_perturbation_npy
+from uap_lightning.progress import Phase
 from uap_lightning.report.compare import TASK_NAME, cell_name, source_label, write_plan
 from uap_lightning.report.outputs import PERTURBATION_FILE, PERTURBATION_NPY
 from uap_lightning.rundir import METRICS_FILE, move_aside
 from uap_lightning.tasks.attack import settings_fingerprint
 from uap_lightning.tasks.setup import Setup, Task, ensemble_labels, eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.transfer import fit_to_size, victim_inputs
+from uap_lightning.training import Victim
 from uap_lightning.validation import check_victim_source
 from uap_lightning.victim_input import fit_data_to_victim
 
@@ -280,6 +283,29 @@ def check(cfg: DictConfig, attack: AttackSettings) -> None:
     cell_of(cfg)
 
 
+def _score(
+    own: Setup, victim: Victim, config: Any, sources: List[Any], v: Tensor, threat: ThreatModel
+) -> Dict[str, Any]:
+    """The cell's perturbation ``v`` on ``victim`` (fed ``own``'s eval images, v resized to them):
+    its fooling rate beside the victim's random ℓp noise, whether it is white-box (the victim is,
+    or is in, the ``sources``), the victim's accuracies and input size."""
+    clean = own.predict(victim.net, own.eval_images)
+    return {
+        "fooling_rate": eval_fooling_rate(own, victim.net, fit_to_size(v, own.image_size, threat), clean),
+        "white_box": any(_same_model(config, source) for source in sources),
+        "random_fooling_rate": mean_fooling_rate(
+            functools.partial(own.predict, victim.net, own.eval_images),
+            clean,
+            tuple(own.eval_images.shape[1:]),
+            threat,
+            torch.Generator().manual_seed(own.seed + 1),
+        ),
+        "clean_accuracy": metrics.accuracy(clean, own.eval_labels_for(victim)),
+        "victim_accuracy": victim.test_accuracy,
+        "input_size": own.image_size,
+    }
+
+
 def run(setup: Setup) -> Dict[str, Any]:
     """Compute the cell's perturbation, score it on every victim, write it and metrics.json."""
     cfg, threat = setup.cfg, setup.threat
@@ -297,22 +323,10 @@ def run(setup: Setup) -> Dict[str, Any]:
     v = result.perturbation
     sources = [model_preset(m) for m in cell.source] if len(cell.source) > 1 else [cfg.model]
     scores: Dict[str, Dict[str, Any]] = {}
-    for label, config, victim, own in zip(labels, configs, victims, inputs):
-        clean = own.predict(victim.net, own.eval_images)
-        scores[label] = {
-            "fooling_rate": eval_fooling_rate(own, victim.net, fit_to_size(v, own.image_size, threat), clean),
-            "white_box": any(_same_model(config, source) for source in sources),
-            "random_fooling_rate": mean_fooling_rate(
-                functools.partial(own.predict, victim.net, own.eval_images),
-                clean,
-                tuple(own.eval_images.shape[1:]),
-                threat,
-                torch.Generator().manual_seed(setup.seed + 1),
-            ),
-            "clean_accuracy": metrics.accuracy(clean, own.eval_labels_for(victim)),
-            "victim_accuracy": victim.test_accuracy,
-            "input_size": own.image_size,
-        }
+    with Phase(log, f"scoring the perturbation and random noise on {len(victims)} victim(s)") as phase:
+        for label, config, victim, own in zip(labels, configs, victims, inputs):
+            phase.part(label)
+            scores[label] = _score(own, victim, config, sources, v, threat)
     _write_perturbation(setup.output_dir, v)
     results = {
         "task": TASK_NAME,

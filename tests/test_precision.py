@@ -51,3 +51,20 @@ def test_bf16_finds_nearly_the_float32_perturbation(one_thread):
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision must be one of 32, bf16, 16"):
         AttackSettings(ThreatModel.parse(10, "inf"), method="sgd_uap", precision="fp8")
+
+
+def test_channels_last_is_a_setting_of_the_result_and_of_every_task(make_cfg):
+    """The memory format changes the convolutions' rounding, so it changes a sign-step attack's
+    path: a state saved in one format is not resumed in the other, and every task's victims are
+    attacked and scored in the run's format, as the attack task's are."""
+    from uap_lightning.tasks import prepare
+    from uap_lightning.tasks.attack import settings_fingerprint
+    from uap_lightning.validation import validate
+
+    plain, stored = make_cfg("attack.channels_last=false"), make_cfg("attack.channels_last=true")
+    assert settings_fingerprint(plain, "data") != settings_fingerprint(stored, "data")
+    setup = prepare(stored, validate(stored))
+    convolutions = [m for m in setup.victim().net.modules() if isinstance(m, torch.nn.Conv2d)]
+    convolution = next(m for m in convolutions if m.in_channels > 1)
+    assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not convolution.weight.is_contiguous()  # 4-D weights with more than one channel: not both

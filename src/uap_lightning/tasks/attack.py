@@ -85,7 +85,8 @@ class AttackTaskConfig(TaskConfig):
 
 # The settings whose change makes an earlier attack state of no use.
 _FINGERPRINT_KEYS = ("data", "model", "trainer", "attack", "task", "seed")
-_NOT_IN_FINGERPRINT = ("resume", "progress", "eval_batch_size", "channels_last", "compile", "devices", "strategy")
+# channels_last stays in: the memory format changes the convolutions' rounding, and a sign-step attack's path
+_NOT_IN_FINGERPRINT = ("resume", "progress", "eval_batch_size", "compile", "devices", "strategy")
 _FINAL_KEYS = (
     "fooling_rate",
     "fooling_rate_attack_set",

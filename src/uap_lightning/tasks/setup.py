@@ -168,10 +168,17 @@ class Setup:
 
     def predict(self, net: nn.Module, images: Tensor, perturbation: Optional[Tensor] = None) -> Tensor:
         """Labels (N,) of ``net`` (in eval mode) on ``images`` (+ ``perturbation``, C×H×W), in batches
-        of the attack's ``eval_batch_size``, x + v clipped as the attack clips it."""
+        of the attack's ``eval_batch_size``, x + v clipped, in the precision and memory format the
+        attack predicts in."""
         with frozen_eval(net):
             return metrics.predict(
-                net, images, perturbation, batch_size=self.attack.eval_batch_size, clip=self.attack.clip
+                net,
+                images,
+                perturbation,
+                batch_size=self.attack.eval_batch_size,
+                clip=self.attack.clip,
+                precision=self.attack.precision,
+                channels_last=bool(self.cfg.attack.channels_last),
             )
 
     def attack_set(self, count: int) -> Tuple[Tensor, Tensor]:
@@ -204,6 +211,8 @@ class Setup:
                 callbacks_cfg=self.cfg.callbacks,
             )
             victim.module.net.eval()
+            if self.cfg.attack.channels_last:  # every task attacks and scores it in one memory format
+                victim.module.net.to(memory_format=torch.channels_last)
             check_logits(victim.net, self.attack_images[:2])  # finite N×K logits, before any attack
             self._victims[key] = victim
         return self._victims[key]

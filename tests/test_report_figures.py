@@ -261,6 +261,14 @@ def test_transfer_figure_frames_each_perturbation_on_its_own_victim():
     assert framed == [(0.0, 0.0), (1.0, 1.0)]
 
 
+def test_transfer_figure_frames_each_member_of_an_ensemble():
+    """A perturbation computed on an ensemble ("cnn+lenet") is white-box on each of its members."""
+    sources = ["perturbation from sgd_uap on cnn+lenet", "random ℓ∞ noise"]
+    fig = transfer_figure([[0.4, 0.5, 0.2], [0.1, 0.1, 0.1]], sources, ["cnn", "lenet", "vgg"], "t", ["cnn+lenet"])
+    framed = [(p.get_x() + 0.5, p.get_y() + 0.5) for p in fig.axes[0].patches if isinstance(p, Rectangle)]
+    assert framed == [(0.0, 0.0), (1.0, 0.0)]
+
+
 @pytest.mark.parametrize(
     "sizes, expected",
     [

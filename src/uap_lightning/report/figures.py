@@ -144,7 +144,8 @@ def transfer_figure(
 ) -> Figure:
     """A heatmap of fooling rates: row i is the perturbation ``sources[i]``, column j the victim
     ``victims[j]`` it is scored on; each cell annotated (the paper's Table 2). ``computed_on[i]``
-    names the victim row i was computed on (None: unknown); that cell is framed in red.
+    names the victim row i was computed on (None: unknown; "a+b": an ensemble); that cell (each
+    member's) is framed in red.
     ``input_sizes[j]`` (pixels), when the victims are scored at different sizes, goes under
     column j's name. ``baseline[j]``, victim j's random-noise rate (the last row of ``matrix``): a
     perturbation's cell at or below it is hatched and marked "≤ noise"."""
@@ -155,7 +156,9 @@ def transfer_figure(
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for (i, j), value in np.ndenumerate(values):
-        own = i < len(computed_on) and computed_on[i] == victims[j]  # a perturbation scored on its own victim
+        # a perturbation scored on its own victim, or on a member of the ensemble it was computed on ("a+b")
+        source = computed_on[i] if i < len(computed_on) else None
+        own = source is not None and victims[j] in source.split("+")
         weak = i < len(values) - 1 and j < len(baseline) and value <= baseline[j]
         if weak:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="0.75", linewidth=0))

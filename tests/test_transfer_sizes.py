@@ -23,6 +23,18 @@ from safetensors.torch import save_file  # noqa: E402  (installed with timm)
 from test_timm import ARCH, make_photos, source_model  # noqa: E402
 
 
+def photo_run(tmp_path):
+    """A Lite0 run on 4 + 4 generated photographs."""
+    return [
+        "data=imagenet_samples",
+        f"data.root={make_photos(tmp_path / 'photos')}",
+        "data.class_names_file=null",
+        "data.attack_images=4",
+        "data.eval_images=4",
+        "model=efficientnet_lite0",
+    ]
+
+
 def test_the_lites_declare_their_native_input():
     sizes = {
         name: model_preprocessing(ModelConfig(name=name, pretrained=True))
@@ -56,12 +68,7 @@ def test_each_victim_is_scored_at_its_own_input_size(tmp_path):
     save_file(source_model().state_dict(), str(weights))
     small = f"{{preset: timm, arch: {ARCH}, pretrained: true, weights: '{weights}'}}"
     overrides = [
-        "data=imagenet_samples",
-        f"data.root={make_photos(tmp_path / 'photos')}",
-        "data.class_names_file=null",
-        "data.attack_images=4",
-        "data.eval_images=4",
-        "model=efficientnet_lite0",
+        *photo_run(tmp_path),
         "task=transfer",
         f"task.victims=[{small},efficientnet_lite0]",
         "attack=sgd_uap",
@@ -168,12 +175,7 @@ def test_each_victim_is_built_for_the_size_it_is_fed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zoo, "efficientnet_lite", recording)
     base = [
-        "data=imagenet_samples",
-        f"data.root={make_photos(tmp_path / 'photos')}",
-        "data.class_names_file=null",
-        "data.attack_images=4",
-        "data.eval_images=4",
-        "model=efficientnet_lite0",
+        *photo_run(tmp_path),
         "attack=sgd_uap",
         "attack.max_passes=1",
         "logger=none",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,6 +13,12 @@ from omegaconf import DictConfig, open_dict
 import uap_lightning
 from uap_lightning.config import register_configs
 from uap_lightning.tasks import task_schemas
+from uap_lightning.threads import THREADS_VARIABLE, available_cores
+
+# One thread count for every run of the suite (the cores shared among pytest-xdist's workers), so
+# that two runs of one config match bit for bit whatever the load when each starts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault(THREADS_VARIABLE, str(max(1, available_cores() // _WORKERS)))
 
 CONF_DIR = Path(uap_lightning.__file__).parent / "conf"
 

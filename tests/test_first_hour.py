@@ -49,6 +49,7 @@ def test_threads_are_set_and_recorded(make_cfg, monkeypatch):
     metrics.json records it and why."""
     before = torch.get_num_threads()
     monkeypatch.setattr("uap_lightning.threads.busy_cores", lambda: 0.0)  # a quiet machine
+    monkeypatch.delenv("UAP_THREADS", raising=False)
     monkeypatch.setattr("uap_lightning.threads.cpu_quota", lambda: None)
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1

@@ -17,6 +17,7 @@ from test_first_hour import synthetic_metrics
 from uap_lightning import progress, threads
 from uap_lightning.attacks.threat import ThreatModel
 from uap_lightning.baselines import random_baselines
+from uap_lightning.errors import ConfigError
 from uap_lightning.report import summary
 from uap_lightning.report.outputs import write_figures, write_metrics
 from uap_lightning.threads import (
@@ -82,6 +83,7 @@ def test_parallel_jobs_share_the_usable_cores_whatever_is_busy():
 
 def test_set_threads_applies_the_rule_to_what_it_measures(monkeypatch):
     before = torch.get_num_threads()
+    monkeypatch.delenv("UAP_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
     monkeypatch.setattr(threads, "cpu_quota", lambda: None)
     try:
@@ -104,6 +106,26 @@ def test_set_threads_applies_the_rule_to_what_it_measures(monkeypatch):
 
 
 # --- what the rule is given ---------------------------------------------------------------------
+
+
+def test_uap_threads_is_the_default_and_an_explicit_count_still_wins(monkeypatch):
+    """$UAP_THREADS pins the default without measuring the load; a bad value names the variable."""
+    before = torch.get_num_threads()
+
+    def unused() -> float:
+        raise AssertionError("a count from the environment measures no load")
+
+    monkeypatch.setattr(threads, "busy_cores", unused)
+    try:
+        monkeypatch.setenv("UAP_THREADS", "1")
+        assert set_threads(None) == 1 and threads.last_choice().describe() == "1 thread (UAP_THREADS=1)"
+        assert set_threads(2) == 2 and threads.last_choice().reason == "threads=2"
+        for bad in ("0", "two", "-1", "1.5"):
+            monkeypatch.setenv("UAP_THREADS", bad)
+            with pytest.raises(ConfigError, match="UAP_THREADS must be a whole number of threads"):
+                set_threads(None)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cgroup_v2_quota_is_the_smallest_of_the_cgroup_and_its_ancestors(tmp_path):
@@ -208,6 +230,7 @@ def test_the_summary_says_how_many_threads_ran_and_why(tmp_path):
 
 def test_metrics_json_records_why_the_threads(tmp_path, monkeypatch):
     before = torch.get_num_threads()
+    monkeypatch.delenv("UAP_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
     monkeypatch.setattr(threads, "cpu_quota", lambda: None)
     monkeypatch.setattr(threads, "busy_cores", lambda: 1.0)

@@ -2,8 +2,10 @@
 depend on it (float reductions split differently across threads), so a run sets it at start and
 records it, with the reason for the count (:class:`ThreadChoice`).
 
-The default (``threads=null``) is :func:`choose_threads` of what this process may use now: the
-cores of its affinity mask, any cgroup CPU quota, and the cores other processes keep busy. More
+The default (``threads=null``) is ``$UAP_THREADS`` where that is set (one count for every run of a
+machine or a CI job, so that reruns match bit for bit), else :func:`choose_threads` of what this
+process may use now: the cores of its affinity mask, any cgroup CPU quota, and the cores other
+processes keep busy. More
 threads than free cores is the costly mistake: the threads of a parallel region wait for the one
 that shares its core with another job, and an OpenMP thread that waits actively spins on a core
 the others need (the digits attack ran over ten times slower). Hence :func:`passive_openmp_wait`.
@@ -19,11 +21,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, MutableMapping, Optional, Sequence
+from typing import Dict, List, Mapping, MutableMapping, Optional, Sequence
 
 from uap_lightning.errors import ConfigError
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
+THREADS_VARIABLE = "UAP_THREADS"  # the default thread count, where set
 SAMPLE_SECONDS = 0.3  # how long :func:`busy_cores` watches the CPUs
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -225,16 +228,33 @@ def thread_reason(count: int) -> Optional[str]:
     return choice.reason if choice is not None and choice.count == count else None
 
 
+def threads_from_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The count ``$UAP_THREADS`` sets (None where it is unset or empty); ConfigError, naming the
+    variable, for anything but a whole number of at least 1."""
+    text = (os.environ if environ is None else environ).get(THREADS_VARIABLE, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"{THREADS_VARIABLE} must be a whole number of threads, at least 1; got {text!r} "
+            f"(unset it to let each run choose from the cores free)"
+        )
+    return int(text)
+
+
 def set_threads(threads: Optional[int], parallel_jobs: int = 1) -> int:
-    """Set torch's intra-op threads to ``threads``, or (None) to :func:`choose_threads` of this
-    process's cores, CPU quota and the cores others keep busy, with ``parallel_jobs`` jobs running
-    at once; return the count set (:func:`last_choice` holds it with its reason). ConfigError for a
-    count below 1."""
+    """Set torch's intra-op threads to ``threads``, or (None) to ``$UAP_THREADS`` where set, else
+    to :func:`choose_threads` of this process's cores, CPU quota and the cores others keep busy,
+    with ``parallel_jobs`` jobs running at once; return the count set (:func:`last_choice` holds
+    it with its reason). ConfigError for a count below 1."""
     global _chosen
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1 (or null: the cores this process may use); got {threads}")
+    from_environment = threads_from_environment() if threads is None else None
     if threads is not None:
         choice = ThreadChoice(int(threads), f"threads={threads}")
+    elif from_environment is not None:
+        choice = ThreadChoice(from_environment, f"{THREADS_VARIABLE}={from_environment}")
     else:
         busy = busy_cores() if parallel_jobs <= 1 else 0.0
         choice = choose_threads(available_cores(), cpu_quota(), busy, parallel_jobs)

@@ -271,6 +271,14 @@ def test_the_table_is_mean_and_sd_over_seeds_with_white_box_marked(tmp_path):
     assert len(collect_runs(sweep)) == 6  # the report's own folders are no runs
 
 
+@pytest.mark.parametrize(("seeds", "says"), [([0], "attack seed 0:"), ([0, 1], "mean ± sd over attack seeds 0, 1:")])
+def test_the_heatmap_title_speaks_of_a_spread_only_over_several_seeds(seeds, says):
+    cells = [cell_metrics("sgd_uap", "cnn", seed, {"cnn": 0.4 + 0.1 * seed}, ["cnn"]) for seed in seeds]
+    figure = report.heatmap(report.compare_table(cells), cells)
+    title = " ".join(figure.axes[0].get_title().split())
+    assert title.startswith(f"Fooling rate, {says}") and ("± sd" in title) == (len(seeds) > 1)
+
+
 def cli(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
     """``python -m uap_lightning.run`` in ``tmp_path`` with a victim cache shared by this module's tests."""
     env = {**os.environ, "UAP_CACHE_DIR": str(tmp_path.parent / "compare-cache")}

@@ -242,14 +242,16 @@ def heatmap(table: pd.DataFrame, cells: Sequence[Mapping[str, Any]]) -> Any:
             f"{row['engine']} on {row['source']}\n{row['attack_seconds_mean']:.1f} s, "
             f"‖v‖₂ {row['norm_l2_mean']:.0f}, ‖v‖∞ {row['norm_linf_mean']:.0f}"
         )
-    seeds = _seeds_text(int(c["attack_seed"]) for c in cells).replace(" ", ", ")
+    seed_list = sorted({int(c["attack_seed"]) for c in cells})
+    seeds = _seeds_text(seed_list).replace(" ", ", ")
+    over = f"mean ± sd over attack seeds {seeds}" if len(seed_list) > 1 else f"attack seed {seeds}"
     return compare_figure(
         table[[f"{v}_mean" for v in victims]].to_numpy(dtype=float),
         table[[f"{v}_sd" for v in victims]].to_numpy(dtype=float),
         table[[f"{v}_white_box" for v in victims]].to_numpy(dtype=bool),
         rows,
         victims,
-        f"Fooling rate, mean ± sd over attack seeds {seeds}: {_settings(cells)}",
+        f"Fooling rate, {over}: {_settings(cells)}",
     )
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR
-from uap_lightning import validation
+from uap_lightning.config_errors import composition_error_message
 from uap_lightning.data import dataset_class
 from uap_lightning.validation import ConfigError, resolve_threat, validate
 
@@ -119,7 +122,7 @@ def composition_message(make_cfg, *overrides: str) -> str:
     """What the command line says of ``overrides`` that Hydra cannot compose."""
     with pytest.raises(ConfigCompositionException) as err:
         make_cfg(*overrides)
-    return validation.composition_error_message(err.value, list(overrides))
+    return composition_error_message(err.value, list(overrides))
 
 
 def test_eps_as_a_fraction_says_the_units_and_the_value_meant(make_cfg):
@@ -198,7 +201,6 @@ def test_a_width_below_one_channel_is_refused_before_any_work(make_cfg, override
 )
 def test_settings_hydra_cannot_compose_are_said_in_one_line(tmp_path, overrides, expected):
     from conftest import compose_config
-    from uap_lightning.validation import composition_error_message
 
     with pytest.raises(Exception) as err:
         compose_config(overrides, tmp_path)
@@ -213,3 +215,26 @@ def test_missing_torchvision_weights_are_said_before_any_data_is_read(make_cfg, 
     cfg = make_cfg("data=imagenet_samples", "model=torchvision", "model.arch=resnet50", "model.pretrained=true")
     with pytest.raises(PretrainedWeightsNotFoundError, match="needs the ImageNet weights of 'resnet50'"):
         validate(cfg)
+
+
+def test_every_task_declares_the_schema_the_command_line_composes_with():
+    from uap_lightning.task_configs import TASK_SCHEMAS
+    from uap_lightning.tasks import task_schemas
+
+    assert TASK_SCHEMAS == task_schemas()
+
+
+def test_a_typo_is_refused_before_lightning_is_imported():
+    """The command line composes and checks its settings from schemas free of Lightning, so that it
+    refuses a typo in about the time torch takes to load."""
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['uap_lightning.run', 'attack.esp=1']\n"
+        "try:\n"
+        "    runpy.run_module('uap_lightning.run', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    print('exit', done.code, sorted(m for m in ('lightning', 'pytorch_lightning') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "did you mean attack.eps=1?" in done.stderr
+    assert done.stdout.strip() == "exit 2 []"

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from uap_lightning.attacks import ENGINES, AttackSettings, UniversalAttack
-from uap_lightning.attacks.threat import p_name
+from uap_lightning.attacks.threat import ThreatModel, p_name
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra tree, shipped inside the package
 
@@ -280,7 +280,7 @@ def register_configs(task_schemas: Mapping[str, type]) -> None:
     """Register the schemas: ``run_schema`` for the primary configs, ``<name>_schema`` in the
     ``attack`` group for every engine and in the ``task`` group for every task of
     ``task_schemas`` (name → its :class:`TaskConfig` subclass, the entry's registry:
-    ``uap_lightning.tasks.task_schemas()``); and the ``uap_safe`` resolver."""
+    ``uap_lightning.task_configs.TASK_SCHEMAS``); and the ``uap_safe`` resolver."""
     OmegaConf.register_new_resolver("uap_safe", safe_folder_name, replace=True)
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
@@ -291,3 +291,50 @@ def register_configs(task_schemas: Mapping[str, type]) -> None:
 
 
 attack_schemas()  # every engine's schema a module attribute from the start (see attack_schema)
+
+
+def _eps_in_pixel_units(attack: DictConfig) -> Optional[float]:
+    """The run's ε in 0–255 units (the threat model's unit rule), None when it has none or it is
+    not a valid ε (the checks before the run say so); an ε that interpolates the data preset's
+    default is in 0–255 units already."""
+    eps = attack.get("eps")
+    if eps is None:
+        return None
+    scale = 255 if OmegaConf.is_interpolation(attack, "eps") else attack.get("eps_scale", 255)
+    try:
+        return ThreatModel.in_units(eps, attack.get("p", "inf"), scale).eps
+    except (TypeError, ValueError):
+        return None
+
+
+def run_name(*, _root_: DictConfig) -> str:
+    """What a run computes, as one folder name (the ``uap_run_name`` resolver): engine (with its inner
+    attack, loss or prior when not the default), norm, ε in 0–255 units, victim (its architecture
+    when the preset names one; the members of an ensemble) and data, e.g.
+    ``deepfool_uap-linf-eps10-cnn-digits``, ``deepfool_uap-inner_fgsm-linf-eps64-cnn-digits``."""
+    attack, model = _root_.attack, _root_.model
+    eps = _eps_in_pixel_units(attack)
+    victim = model.get("arch") or model.name
+    ensemble = attack.get("ensemble") or []
+    if ensemble:
+        victim = "+".join(str(entry if isinstance(entry, str) else entry.get("preset")) for entry in ensemble)
+    eps_part = "" if eps is None else f"-eps{eps:g}"
+    return safe_folder_name(f"{engine_label(attack)}-l{attack.p}{eps_part}-{victim}-{_root_.data.name}")
+
+
+# The options that change what an engine computes, named in run names and summaries when not their default
+LABELLED_OPTIONS = {"inner": "deepfool", "loss": "ce", "prior": "none"}
+
+
+def engine_label(attack: Any) -> str:
+    """The engine with the options that change what it computes, when not their defaults (``attack`` a
+    config node or mapping): ``deepfool_uap``, ``deepfool_uap-inner_fgsm``, ``sgd_uap-loss_logit_margin``."""
+    parts = [str(attack.get("method"))]
+    for key, default in LABELLED_OPTIONS.items():
+        value = attack.get(key)
+        if value is not None and value != default:
+            parts.append(f"{key}_{value}")
+    return "-".join(parts)
+
+
+OmegaConf.register_new_resolver("uap_run_name", run_name, replace=True)

@@ -35,13 +35,12 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from uap_lightning.config import CONF_DIR, register_configs
+from uap_lightning.config_errors import composition_error_message
 from uap_lightning.console import print_config_tree, quiet_libraries
 from uap_lightning.errors import DISK_FULL, DISK_FULL_CAUSES, ConfigError, UserError
-from uap_lightning.report.sweep import SweepSummaryCallback
 from uap_lightning.rundir import discard_outputs_since, make_folder, remove_if_only_hydra, write_failure
-from uap_lightning.tasks import TASKS, run_task, task_schemas
+from uap_lightning.task_configs import TASK_SCHEMAS
 from uap_lightning.threads import available_cores, set_threads
-from uap_lightning.validation import composition_error_message
 
 log = logging.getLogger("uap_lightning")
 
@@ -88,6 +87,8 @@ def execute(cfg: DictConfig) -> Optional[float]:
     A single run ends with SystemExit(2) on a user error; in a multirun any failure is
     recorded in the job's ``failure.json`` and NaN returned so the sweep goes on.
     """
+    from uap_lightning.tasks import TASKS, run_task  # Lightning loads here, once the settings are composed
+
     _Started.value = True
     _Composing.stop()
     _quiet_disk_full_in_threads()
@@ -310,7 +311,7 @@ def _refuse(message: str) -> None:
 
 def entry(config_name: str) -> Any:
     """Run Hydra with ``config_name`` from the packaged configs, mapping outcomes to exit codes."""
-    register_configs(task_schemas())
+    register_configs(TASK_SCHEMAS)
     quiet_libraries()
     try:
         check_group_options(sys.argv[1:])
@@ -344,6 +345,8 @@ def entry(config_name: str) -> Any:
         _refuse(disk_full_message(full, setting) + _discard_hydra_record(full, started))
     finally:
         _Composing.stop()
+    from uap_lightning.report.sweep import SweepSummaryCallback  # pandas and matplotlib: only after a run
+
     if SweepSummaryCallback.failed:
         log.error("%d job(s) of the sweep failed: see summary.md in the sweep folder", SweepSummaryCallback.failed)
         raise SystemExit(EXIT_FAILED_JOBS)

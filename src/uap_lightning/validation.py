@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
-import re
 from pathlib import Path
-from typing import Any, Sequence, cast
+from typing import Any
 
 import torch
-from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class, ensemble_engines
 from uap_lightning.attacks.projections import check_resolution
 from uap_lightning.attacks.threat import p_name
 from uap_lightning.config import attack_schemas, model_preset
+from uap_lightning.config_errors import unknown_key_message
 from uap_lightning.data import dataset_class
 from uap_lightning.data.sample_folder import no_training_split_message
 from uap_lightning.errors import ConfigError
@@ -25,7 +22,6 @@ from uap_lightning.loggers import check_targets
 from uap_lightning.models.layouts import renames
 from uap_lightning.models.zoo import IMAGENET_PRETRAINED, check_weights_source
 from uap_lightning.training import check_training_processes, resolve_adversarial
-from uap_lightning.units import to_pixel_units
 from uap_lightning.victim_input import command_line_keys, victim_input
 
 log = logging.getLogger(__name__)
@@ -71,63 +67,6 @@ def _check_known_keys(node: Any, prefix: str) -> None:
     for key in node.keys():
         if key != "hydra":
             _check_known_keys(node._get_node(key), f"{prefix}{key!s}.")
-
-
-def unknown_key_message(prefix: str, key: str, known: Sequence[str], rest: str = "") -> str:
-    """What to say of the unknown ``key`` under ``prefix`` (``"attack."``, or ``""`` at the top): the
-    closest of the ``known`` keys as a did-you-mean, keeping ``rest`` (what followed the key in the
-    override: ``".eps=10"``, ``"=10"``), and the keys that node takes."""
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {prefix}{close[0]}{rest}?" if close else ""
-    return f"unknown setting {prefix}{key}{rest}{hint} ({prefix.rstrip('.') or 'the config'} takes: {', '.join(known)})"
-
-
-_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")  # "8/255"
-
-
-def eps_text_message(key: str, text: str) -> str:
-    """What to say of an ε setting ``key`` (0–255 pixel units) given as the text ``text``: for a
-    fraction such as 8/255 ([0,1] units), the value in 0–255 units to type instead."""
-    fraction = _FRACTION.match(text)
-    if fraction and float(fraction[2]) > 0:
-        numerator, denominator = float(fraction[1]), float(fraction[2])
-        pixels = numerator if denominator == 255 else to_pixel_units(numerator / denominator)
-        return f"{key} is in 0–255 pixel units: use {key}={pixels:.4g} (not {text.strip()})"
-    return f"{key} must be a number in 0–255 pixel units (e.g. {key}=10); got {text!r}"
-
-
-def composition_error_message(err: BaseException, overrides: Sequence[str]) -> str:
-    """What to tell of ``err``, raised by Hydra composing the config from the command line's
-    ``overrides``: a did-you-mean for an unknown key (never Hydra's advice to add it with ``+``),
-    the units for an ε given as text such as 8/255; else Hydra's message and its cause's."""
-    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
-        group, _, option = err.missing_cfg_file.rpartition("/")
-        options = [str(o) for o in err.options or []]
-        close = difflib.get_close_matches(option, options, n=1, cutoff=0.6)
-        hint = f"; did you mean {group}={close[0]}?" if close else ""
-        return f"{group}={option} is not an option of {group}{hint} ({group}: {', '.join(options)})"
-    cause = err.__cause__
-    full_key = str(getattr(cause, "full_key", "") or "")
-    if (
-        isinstance(cause, (ConfigKeyError, ConfigAttributeError))
-        and isinstance(cause.parent_node, DictConfig)
-        and full_key
-    ):
-        key = str(cause.key)
-        prefix = full_key[: -len(key)] if full_key.endswith(key) else ""
-        typed = [o for o in overrides if re.match(rf"{re.escape(full_key)}(?=[.=])", o)]
-        rest = typed[0][len(full_key) :] if typed else ""
-        root = cast(DictConfig, cause.parent_node._get_root())  # a run's config: a mapping at its root
-        top = [str(k) for k in root.keys()]
-        if prefix and key in top:  # a section put under another one: model.trainer.max_epochs
-            return f"unknown setting {full_key}{rest}; {key} is a section of its own: {key}{rest}"
-        return unknown_key_message(prefix, key, [str(k) for k in cause.parent_node.keys()], rest)
-    if isinstance(cause, ValidationError) and isinstance(cause.value, str) and full_key.endswith("eps"):
-        return eps_text_message(full_key, cause.value)
-    if isinstance(cause, OmegaConfBaseException) and full_key:
-        reason = str(cause).splitlines()[0].strip()
-        return f"{full_key}: {reason}"
-    return f"{err}\n{cause}" if isinstance(cause, OmegaConfBaseException) else str(err)
 
 
 def resolve_threat(cfg: DictConfig) -> ThreatModel:

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from uap_lightning.atomic import atomic_write_text
 from uap_lightning.config import safe_folder_name
+from uap_lightning.config_errors import composition_error_message
 from uap_lightning.rundir import write_failure
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ class SafeBasicLauncher(BasicLauncher):
     def _failed(sweep_dir: Path, index: int, overrides: List[str], err: BaseException) -> JobReturn:
         """The folder of a job that could not be composed: its overrides and failure.json; a return
         whose value (NaN) tells sweepers nothing was measured."""
-        from uap_lightning.validation import composition_error_message  # heavy: only when a job fails
-
         folder = sweep_dir / f"{index}-{safe_folder_name(','.join(filter_overrides(overrides)))}"
         atomic_write_text(folder / ".hydra" / "overrides.yaml", yaml.safe_dump(overrides))
         write_failure(folder, err)

@@ -2,7 +2,8 @@
 
 Every module of this package but ``setup`` is a task and declares itself as ``TASK`` (a
 :class:`Task`: name, settings schema, run, check, objective), so adding a task is adding its
-module (and its ``conf/task/<name>.yaml``). ``task=NAME`` picks one; :func:`run_task` checks
+module, its schema in :mod:`uap_lightning.task_configs` (which the command line composes with
+before importing this package) and its ``conf/task/<name>.yaml``. ``task=NAME`` picks one; :func:`run_task` checks
 the settings, prepares the shared setup (data, X, the evaluation set; victims on demand) and
 runs it.
 """

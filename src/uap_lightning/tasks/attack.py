@@ -19,7 +19,6 @@ import logging
 import math
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
@@ -39,11 +38,10 @@ from uap_lightning.attacks import (
 )
 from uap_lightning.attacks.engines.gap import GAP
 from uap_lightning.baselines import RandomBaselines, random_baselines
-from uap_lightning.config import TaskConfig
+from uap_lightning.config import engine_label
 from uap_lightning.errors import ConfigError, DamagedFileError, UserError
 from uap_lightning.keys import keyed_hash
 from uap_lightning.loggers import (
-    engine_label,
     instantiate_callbacks,
     instantiate_loggers,
     report_to_loggers,
@@ -62,25 +60,11 @@ from uap_lightning.report import figures
 from uap_lightning.report.outputs import write_run_outputs
 from uap_lightning.report.summary import attack_summary, result_warnings, victim_name
 from uap_lightning.rundir import GENERATOR_CHECKPOINT, METRICS_FILE, SETTINGS_FILE, STATE_FILE, move_aside
+from uap_lightning.task_configs import AttackTaskConfig
 from uap_lightning.tasks.setup import Setup, Task, progress_bars, victim_label_names
 from uap_lightning.training import Victim
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AttackTaskConfig(TaskConfig):
-    """Compute one universal perturbation and evaluate it (the default).
-
-    The objective returned to Hydra sweepers is a fooling rate r, or, with a target fooling rate
-    T, ε + 255·max(0, T − r)/T: ε itself once T is reached (to minimise). r never looks at the
-    evaluation set: it is the rate on X (``selection=attack_set``), or on a part of X held out
-    from the attack (``selection=holdout``: ``holdout_fraction`` of X, drawn with the attack seed)."""
-
-    name: str = "attack"
-    target_fooling_rate: Optional[float] = None
-    selection: str = "attack_set"  # attack_set | holdout: the images the sweepers' objective is measured on
-    holdout_fraction: float = 0.2  # selection=holdout: the share of X kept out of the attack
 
 
 # The settings whose change makes an earlier attack state of no use.

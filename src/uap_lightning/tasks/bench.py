@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, cast
 
 import pandas as pd
@@ -37,32 +36,15 @@ from uap_lightning.bench_parts.rows import (
     rows_table,
     run_row,
 )
-from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
 from uap_lightning.report.outputs import write_json
 from uap_lightning.rundir import move_aside
+from uap_lightning.task_configs import BenchTaskConfig, bench_rows
 from uap_lightning.tasks.setup import Setup, Task
 
 log = logging.getLogger(__name__)
 
 BENCH_FILE = "bench.json"
-
-
-def bench_rows() -> List[str]:
-    """Every row the benchmark can run: the peers, then every engine."""
-    return [*PEERS, *ENGINES]
-
-
-@dataclass
-class BenchTaskConfig(TaskConfig):
-    """Run ART, a naive reference and the engines side by side on one victim and one X."""
-
-    name: str = "bench"
-    rows: List[str] = field(default_factory=bench_rows)  # any of the peers and engines, in order
-    # per-engine settings over the shared ``attack`` settings, e.g. {sgd_uap: {max_passes: 5}}
-    engines: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    art_batch_size: int = 128  # ART's prediction batch size (its end-of-pass check runs at 1)
-    efficiency_batches: int = 4  # batches of X timed for the batched engine's efficiency
 
 
 def reference_settings(cfg: DictConfig, attack: AttackSettings) -> AttackSettings:

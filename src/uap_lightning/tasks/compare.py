@@ -19,7 +19,7 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
@@ -36,13 +36,14 @@ from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write
 from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class, ensemble_engines
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
-from uap_lightning.config import CONF_DIR, TaskConfig, model_preset
+from uap_lightning.config import CONF_DIR, model_preset
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import write_perturbation_npy
 from uap_lightning.progress import Phase
 from uap_lightning.report.compare import TASK_NAME, cell_name, source_label, write_plan
 from uap_lightning.report.outputs import PERTURBATION_FILE, PERTURBATION_NPY
 from uap_lightning.rundir import METRICS_FILE, move_aside
+from uap_lightning.task_configs import CompareTaskConfig
 from uap_lightning.tasks.attack import settings_fingerprint
 from uap_lightning.tasks.setup import Setup, Task, ensemble_labels, eval_fooling_rate, universal_perturbation
 from uap_lightning.tasks.transfer import fit_to_size, victim_inputs
@@ -60,21 +61,6 @@ EXAMPLE = (
     "python -m uap_lightning.run -m task=compare 'task.engines=[sgd_uap,gd_uap]' 'task.sources=[cnn,lenet]' "
     "'task.seeds=[0,1]' 'task.victims=[cnn,lenet]'"
 )
-
-
-@dataclass
-class CompareTaskConfig(TaskConfig):
-    """Engines × sources × seeds, each perturbation scored on every victim (a multirun: ``-m``)."""
-
-    name: str = "compare"
-    engines: List[str] = field(default_factory=lambda: ["sgd_uap", "gd_uap", "sga", "deepfool_uap"])  # attack presets
-    # model presets the perturbations are computed on; a list of presets is an ensemble: [cnn,[cnn,lenet]]
-    sources: List[Any] = field(default_factory=lambda: ["cnn", "lenet"])
-    seeds: List[Any] = field(default_factory=lambda: [0, 1])  # attack seeds (attack.seed), integers
-    # model presets (names of conf/model/*.yaml) or mappings {preset: NAME, <model key>: value, ...}
-    victims: List[Any] = field(default_factory=lambda: ["cnn", "lenet"])
-    # as task=transfer's: each pretrained victim sees image-file data at its declared input size
-    native_sizes: bool = True
 
 
 @dataclass(frozen=True)

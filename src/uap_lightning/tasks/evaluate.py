@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
@@ -23,22 +22,15 @@ from torch import Tensor
 from uap_lightning import metrics
 from uap_lightning.attacks import AttackSettings, ThreatModel, folded_copy
 from uap_lightning.baselines import random_baselines
-from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.report import figures
 from uap_lightning.rundir import move_aside
+from uap_lightning.task_configs import EvaluateTaskConfig
 from uap_lightning.tasks.setup import Setup, Task, victim_label_names
 from uap_lightning.training import Victim
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateTaskConfig(TaskConfig):
-    """Score one perturbation file (``perturbation.path``) on the run's victim and eval set."""
-
-    name: str = "evaluate"
 
 
 def check(cfg: DictConfig, attack: AttackSettings) -> None:

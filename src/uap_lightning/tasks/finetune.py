@@ -25,8 +25,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import lightning as L
 import pandas as pd
@@ -39,31 +38,18 @@ from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write_text
 from uap_lightning.attacks import AttackSettings
 from uap_lightning.baselines import mean_fooling_rate
-from uap_lightning.config import TaskConfig
 from uap_lightning.data import dataset_class
 from uap_lightning.errors import ConfigError
 from uap_lightning.loggers import instantiate_callbacks, instantiate_loggers
 from uap_lightning.models import VictimClassifier
 from uap_lightning.rundir import move_aside
+from uap_lightning.task_configs import FinetuneTaskConfig
 from uap_lightning.tasks.setup import Setup, Task, eval_fooling_rate, progress_bars, universal_perturbation
 from uap_lightning.training import TrainingLogs, lightning_trainer
 
 log = logging.getLogger(__name__)
 
 FINETUNE_CSV = "finetune.csv"
-
-
-@dataclass
-class FinetuneTaskConfig(TaskConfig):
-    """Fine-tune the victim on images perturbed by a pool of universal perturbations, recomputed
-    every round, and attack it afresh (the paper's §3 defence)."""
-
-    name: str = "finetune"
-    rounds: int = 2  # the pool is recomputed on the current network at the start of every round
-    epochs: int = 3  # fine-tuning epochs per round
-    pool_size: int = 4  # universal perturbations in the pool, each from its own draw of X
-    probability: float = 0.5  # chance that a training image is perturbed by a pool member
-    lr: Optional[float] = None  # fine-tuning learning rate; None: model.lr / 10
 
 
 def check(cfg: DictConfig, attack: AttackSettings) -> None:

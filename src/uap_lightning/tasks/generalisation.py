@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 import pandas as pd
@@ -20,24 +19,16 @@ from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write_text
 from uap_lightning.attacks import AttackSettings
 from uap_lightning.baselines import random_baselines
-from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError
 from uap_lightning.report.figures import size_curve_figure
 from uap_lightning.rundir import move_aside
+from uap_lightning.task_configs import GeneralisationTaskConfig
 from uap_lightning.tasks.setup import Setup, Task, eval_fooling_rate, universal_perturbation
 
 log = logging.getLogger(__name__)
 
 GENERALISATION_CSV = "generalisation.csv"
 GENERALISATION_FIGURE = "generalisation"  # generalisation.png and generalisation.pdf
-
-
-@dataclass
-class GeneralisationTaskConfig(TaskConfig):
-    """Fooling rate on the eval set against the size of X (the paper's Fig. 6)."""
-
-    name: str = "generalisation"
-    sizes: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # sizes of X, images
 
 
 def check(cfg: DictConfig, attack: AttackSettings) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 import pandas as pd
 import torch
@@ -38,10 +38,10 @@ from uap_lightning.attacks.geometry import (
     scaled_to_norm,
     singular_values,
 )
-from uap_lightning.config import TaskConfig
 from uap_lightning.errors import ConfigError, UserError
 from uap_lightning.report.geometry_figure import geometry_figure
 from uap_lightning.rundir import move_aside
+from uap_lightning.task_configs import GeometryTaskConfig
 from uap_lightning.tasks.setup import Setup, Task
 from uap_lightning.units import to_pixel_units
 
@@ -49,19 +49,6 @@ log = logging.getLogger(__name__)
 
 GEOMETRY_FIGURE = "geometry"  # geometry.png and geometry.pdf
 GEOMETRY_CSV = "geometry.csv"
-
-
-@dataclass
-class GeometryTaskConfig(TaskConfig):
-    """Boundary normals near X: their singular values, and random vectors in their top-k span."""
-
-    name: str = "geometry"
-    ks: List[int] = field(default_factory=lambda: [50, 100, 200])  # subspace dimensions, capped at min(n, d)
-    draws: int = 5  # seeded random vectors per k and for the whole space
-    images: Optional[int] = None  # images of X to compute normals for (a class-balanced part of X); null: all of X
-    # images per batched DeepFool call; null: attack.eval_batch_size. On a CPU, 1 is fastest for large
-    # victims (a batch iterates until its slowest image has crossed its boundary)
-    batch_size: Optional[int] = None
 
 
 def check(cfg: DictConfig, attack: AttackSettings) -> None:

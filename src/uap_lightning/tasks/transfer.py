@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, cast
 
@@ -30,12 +29,13 @@ from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write, atomic_write_text
 from uap_lightning.attacks import AttackSettings, ThreatModel, project_lp
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
-from uap_lightning.config import TaskConfig, model_preset
+from uap_lightning.config import model_preset
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import check_reading, read_perturbation_source
 from uap_lightning.progress import Phase
 from uap_lightning.report.figures import transfer_figure
 from uap_lightning.rundir import METRICS_FILE, move_aside
+from uap_lightning.task_configs import TransferTaskConfig
 from uap_lightning.tasks.setup import Setup, Task, eval_fooling_rate, universal_perturbation
 from uap_lightning.training import Victim
 from uap_lightning.validation import check_victim_source
@@ -45,22 +45,6 @@ log = logging.getLogger(__name__)
 TRANSFER_CSV = "transfer.csv"
 TRANSFER_FIGURE = "transfer"  # transfer.png and transfer.pdf
 PERTURBATIONS_DIR = "perturbations"
-
-
-@dataclass
-class TransferTaskConfig(TaskConfig):
-    """Score every perturbation on every victim (the paper's Table 2)."""
-
-    name: str = "transfer"
-    # model presets (names of conf/model/*.yaml) or mappings {preset: NAME, <model key>: value, ...}
-    victims: List[Any] = field(default_factory=lambda: ["cnn", "lenet"])
-    # perturbation files (read as ``perturbation`` says) or run folders holding perturbation.pt;
-    # empty: compute one on each victim
-    perturbations: List[str] = field(default_factory=list)
-    # image-file data: each pretrained victim that declares its input size (EfficientNet-Lite1 240 px,
-    # timm models) sees the photographs decoded at that size, and perturbations of another size are
-    # resized to it (bilinear) and projected onto the ε-ball; false: every victim at data.image_size
-    native_sizes: bool = True
 
 
 def check(cfg: DictConfig, attack: AttackSettings) -> None:

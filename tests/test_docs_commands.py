@@ -135,3 +135,15 @@ def test_documented_command_composes_and_passes_the_settings_checks(label, confi
     cfg = compose_config(overrides, tmp_path, config_name=config)
     check_schema(cfg)
     attack_settings(cfg)
+
+
+@pytest.mark.parametrize(
+    "group", ["task", "experiment", "attack", "model", "data", "logger", "callbacks", "trainer", "hparams_search"]
+)
+def test_the_configuration_table_lists_every_option_of_its_group(group):
+    """docs/running.md's table of config groups names every yaml of the group in conf/."""
+    text = (ROOT / "docs" / "running.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{group}` |"))
+    options = sorted(path.stem for path in (ROOT / "src" / "uap_lightning" / "conf" / group).glob("*.yaml"))
+    missing = [name for name in options if f"`{name}`" not in row]
+    assert not missing, f"docs/running.md's {group} row misses {missing}"

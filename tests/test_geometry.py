@@ -15,7 +15,7 @@ import torch
 from matplotlib.image import imread
 from torch import nn
 
-from uap_lightning import metrics
+from uap_lightning import metrics, progress
 from uap_lightning.attacks.geometry import (
     boundary_normals,
     principal_subspace,
@@ -128,6 +128,23 @@ def test_the_figure_skips_singular_values_of_zero(tmp_path):
 
 
 SMALL = ("trainer.max_epochs=1", "data.attack_images=100", "logger=none", "attack.p=2", "attack.eps=400")
+
+
+def test_each_batch_of_normals_reports_the_images_done(linear):
+    model, images = linear
+    seen = []
+    boundary_normals(model, images[:7], batch_size=3, on_batch=lambda done, total: seen.append((done, total)))
+    assert seen == [(3, 7), (6, 7), (7, 7)]
+
+
+def test_a_long_normals_phase_says_how_many_images_are_done(make_cfg, caplog, monkeypatch):
+    monkeypatch.setattr(progress, "PHASE_HEARTBEAT_SECONDS", 0.01)
+    cfg = make_cfg(*SMALL, "task=geometry", "task.ks=[2]", "task.images=40", "task.draws=1", "task.batch_size=4")
+    with caplog.at_level(logging.INFO, logger="uap_lightning"):
+        run_task(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "uap_lightning.tasks.geometry"]
+    assert any(re.match(r"normals: \d+ of 40 images of X done \(\d+ s so far\)", line) for line in lines), lines
+    assert any(line.startswith("normals done in ") for line in lines)
 
 
 def test_geometry_task_on_digits(make_cfg, tmp_path, caplog):

@@ -14,7 +14,7 @@ right singular vectors. Vectors are flat (d,) in [0,1] image scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,11 +51,13 @@ def boundary_normals(
     num_candidates: int = DeepFoolOptions.num_candidates,
     overshoot: float = DeepFoolOptions.overshoot,
     max_iters: int = DeepFoolOptions.max_deepfool_iters,
+    on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> BoundaryNormals:
     """The normal r(x)/‖r(x)‖₂ to the decision boundary near each image of ``images`` (N×C×H×W),
     r(x) the minimal ℓ2 DeepFool perturbation (untargeted, from x itself, not clipped), in batches
     of ``batch_size`` images with the model in eval mode. Images where DeepFool did not change the
-    label within ``max_iters`` iterations give no normal."""
+    label within ``max_iters`` iterations give no normal. ``on_batch(done, total)`` is called after
+    each batch with the images done so far and N (a progress display)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
     device = model_device(model)
@@ -70,6 +72,8 @@ def boundary_normals(
             kept = result.converged & (lp_norm(r, 2.0) > 0)
             normals.append(r[kept] / lp_norm(r[kept], 2.0).unsqueeze(1))
             converged.append(kept)
+            if on_batch is not None:
+                on_batch(start + batch.shape[0], images.shape[0])
     dim = int(images[0].numel()) if images.shape[0] else 0
     if not normals:
         return BoundaryNormals(torch.empty(0, dim, dtype=torch.float64), torch.empty(0, dtype=torch.bool))

@@ -39,6 +39,7 @@ from uap_lightning.attacks.geometry import (
     singular_values,
 )
 from uap_lightning.errors import ConfigError, UserError
+from uap_lightning.progress import Phase
 from uap_lightning.report.geometry_figure import geometry_figure
 from uap_lightning.rundir import move_aside
 from uap_lightning.task_configs import GeometryTaskConfig
@@ -226,7 +227,14 @@ def _boundary_normals(setup: Setup, net: nn.Module, images: Tensor) -> _Normals:
     task_batch = setup.cfg.task.batch_size
     batch_size = setup.attack.eval_batch_size if task_batch is None else int(task_batch)
     started = time.perf_counter()
-    found = boundary_normals(net, images, batch_size=batch_size, **options)
+    with Phase(log, "normals") as phase:
+        found = boundary_normals(
+            net,
+            images,
+            batch_size=batch_size,
+            on_batch=lambda done, total: phase.part(f"{done} of {total} images of X done"),
+            **options,
+        )
     seconds = time.perf_counter() - started
     log.info(
         "normals  %d of %d images of X (DeepFool did not converge on %d) in %.1f s",

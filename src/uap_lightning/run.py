@@ -94,6 +94,7 @@ def execute(cfg: DictConfig) -> Optional[float]:
     _quiet_disk_full_in_threads()
     started = time.time()
     hydra_cfg = HydraConfig.get()
+    _reapply_logger_levels(hydra_cfg.job_logging)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -129,6 +130,15 @@ def execute(cfg: DictConfig) -> Optional[float]:
     objective = TASKS[cfg.task.name].objective
     value = metrics.get(objective) if objective else None
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _reapply_logger_levels(job_logging: Any) -> None:
+    """Set the levels the job's logging config gives named loggers again: importing Lightning (after
+    Hydra configured logging) sets its own loggers back to INFO, which would bring its banners and
+    tips to the console."""
+    for name, spec in (job_logging.get("loggers") or {}).items():
+        if spec is not None and spec.get("level") is not None:
+            logging.getLogger(str(name)).setLevel(spec.level)
 
 
 def _disk_full(error: Optional[BaseException]) -> Optional[OSError]:

@@ -5,10 +5,10 @@ records it, with the reason for the count (:class:`ThreadChoice`).
 The default (``threads=null``) is ``$UAP_THREADS`` where that is set (one count for every run of a
 machine or a CI job, so that reruns match bit for bit), else :func:`choose_threads` of what this
 process may use now: the cores of its affinity mask, any cgroup CPU quota, and the cores other
-processes keep busy. More
-threads than free cores is the costly mistake: the threads of a parallel region wait for the one
-that shares its core with another job, and an OpenMP thread that waits actively spins on a core
-the others need (the digits attack ran over ten times slower). Hence :func:`passive_openmp_wait`.
+processes keep busy. More threads than free cores is the costly mistake: the threads of a parallel
+region wait for the one that shares its core with another job, and an OpenMP thread that waits
+actively spins on a core the others need (the digits attack ran over ten times slower). Hence
+:func:`passive_openmp_wait`.
 
 This module imports no torch at import time: ``uap_lightning/__init__`` calls
 :func:`passive_openmp_wait` before torch loads its OpenMP runtime, which reads the setting once.

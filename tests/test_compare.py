@@ -271,6 +271,24 @@ def test_the_table_is_mean_and_sd_over_seeds_with_white_box_marked(tmp_path):
     assert len(collect_runs(sweep)) == 6  # the report's own folders are no runs
 
 
+def test_the_rows_name_the_options_that_change_what_an_engine_computes(tmp_path):
+    sweep = tmp_path / "sweep"
+    margin = cell_metrics("sgd_uap", "cnn", 0, {"cnn": 0.4}, ["cnn"])
+    margin["engine_label"] = "sgd_uap-loss_logit_margin"
+    write_cell(sweep, margin, "sgd_uap-cnn-seed0")
+    write_cell(
+        sweep, cell_metrics("gd_uap", "cnn", 0, {"cnn": 0.3}, ["cnn"]), "gd_uap-cnn-seed0"
+    )  # no label: the engine
+
+    assert report_main([str(sweep)]) == 0
+    table = pd.read_csv(sweep / "compare.csv")
+    assert table["label"].tolist() == ["gd_uap", "sgd_uap-loss_logit_margin", "random"]  # no plan: as found
+    assert "| sgd_uap-loss_logit_margin | cnn | 0.400 (white-box) |" in (sweep / "compare.md").read_text()
+    assert "compare/sgd_uap-loss_logit_margin_on_cnn/cnn" in report.scalars(table)
+    figure = report.heatmap(report.compare_table([margin]), [margin])
+    assert figure.axes[0].get_yticklabels()[0].get_text().startswith("sgd_uap-loss_logit_margin on cnn\n")
+
+
 @pytest.mark.parametrize(("seeds", "says"), [([0], "attack seed 0:"), ([0, 1], "mean ± sd over attack seeds 0, 1:")])
 def test_the_heatmap_title_speaks_of_a_spread_only_over_several_seeds(seeds, says):
     cells = [cell_metrics("sgd_uap", "cnn", seed, {"cnn": 0.4 + 0.1 * seed}, ["cnn"]) for seed in seeds]
@@ -328,6 +346,7 @@ def test_a_compare_from_the_command_line_and_its_resumption(tmp_path):
     for cell in ("sgd_uap-cnn-seed0", "gd_uap-cnn-seed0"):
         metrics = json.loads((sweep / cell / "metrics.json").read_text())
         assert metrics["cell"] == cell and set(metrics["victims"]) == {"cnn", "lenet"}
+        assert metrics["engine_label"].split("-")[0] == metrics["engine"]  # the engine and its options
         assert (sweep / cell / "perturbation.pt").is_file()
     assert (sweep / "compare.png").is_file() and (sweep / "compare.md").is_file()
     assert list((sweep / "tensorboard" / "compare").glob("events.out.tfevents.*"))

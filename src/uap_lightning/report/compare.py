@@ -7,9 +7,11 @@ its ``fooling_rate``, ``white_box`` (the victim is, or is in, the source) and
 pairs not run) beside them. :func:`write_compare` assembles, from the cells found (a partial
 compare too):
 
-- ``compare.csv``: a row per (engine, source), columns ``<victim>_mean``, ``<victim>_sd``,
-  ``<victim>_white_box`` per victim, ``n`` (seeds), ``seeds``, and the mean and sd of
-  ``attack_seconds``, ``norm_l2``, ``norm_linf`` (0–255 units) and ``fooling_rate_attack_set``;
+- ``compare.csv``: a row per (engine, source), its ``label`` (the engine with the options that
+  change what it computes, e.g. ``sgd_uap-loss_logit_margin``: the cells' ``engine_label``), columns
+  ``<victim>_mean``, ``<victim>_sd``, ``<victim>_white_box`` per victim, ``n`` (seeds), ``seeds``,
+  and the mean and sd of ``attack_seconds``, ``norm_l2``, ``norm_linf`` (0–255 units) and
+  ``fooling_rate_attack_set``;
   a last row (engine ``random``) holds each victim's random ℓp-noise baseline over the seeds;
 - ``compare.md``: the same as mean ± sd cells, the missing cells listed;
 - ``compare.png`` (and ``.pdf``): the heatmap;
@@ -107,6 +109,7 @@ def compare_table(cells: Sequence[Mapping[str, Any]], order: Sequence[Tuple[str,
             baseline.setdefault(int(cell["attack_seed"]), {})[victim] = scores["random_fooling_rate"]
     random_row: Dict[str, Any] = {
         "engine": RANDOM_ROW,
+        "label": RANDOM_ROW,
         "source": _noise_name(cells),
         "n": len(baseline),
         "seeds": _seeds_text(baseline),
@@ -119,8 +122,10 @@ def compare_table(cells: Sequence[Mapping[str, Any]], order: Sequence[Tuple[str,
 
 def _row(engine: str, source: str, group: Sequence[Mapping[str, Any]], victims: Sequence[str]) -> Dict[str, Any]:
     """The row of one (engine, source): mean and sd over its cells (one per seed)."""
+    labels = dict.fromkeys(str(c.get("engine_label") or engine) for c in group)
     row: Dict[str, Any] = {
         "engine": engine,
+        "label": ", ".join(labels),
         "source": source,
         "n": len(group),
         "seeds": _seeds_text(int(c["attack_seed"]) for c in group),
@@ -183,7 +188,7 @@ def markdown(table: pd.DataFrame, cells: Sequence[Mapping[str, Any]], plan: Mapp
         lines.append(
             "| "
             + " | ".join(
-                [str(row["engine"]), str(row["source"]), *fooling, *numbers, str(row["seeds"]).replace(" ", ", ")]
+                [str(row["label"]), str(row["source"]), *fooling, *numbers, str(row["seeds"]).replace(" ", ", ")]
             )
             + " |"
         )
@@ -239,7 +244,7 @@ def heatmap(table: pd.DataFrame, cells: Sequence[Mapping[str, Any]]) -> Any:
             rows.append(f"random {row['source']}")
             continue
         rows.append(
-            f"{row['engine']} on {row['source']}\n{row['attack_seconds_mean']:.1f} s, "
+            f"{row['label']} on {row['source']}\n{row['attack_seconds_mean']:.1f} s, "
             f"‖v‖₂ {row['norm_l2_mean']:.0f}, ‖v‖∞ {row['norm_linf_mean']:.0f}"
         )
     seed_list = sorted({int(c["attack_seed"]) for c in cells})
@@ -284,7 +289,7 @@ def write_compare(root: str | os.PathLike, runs: pd.DataFrame) -> Dict[str, Path
 
 def write_tensorboard(logdir: Path, table: pd.DataFrame, text: str, figure: Any) -> Path:
     """The table as TensorBoard text, the heatmap as an image and, per row, each victim's mean
-    fooling rate and sd, attack seconds and norms as scalars (``compare/<engine> on
+    fooling rate and sd, attack seconds and norms as scalars (``compare/<label> on
     <source>/<what>``), in ``logdir`` (replacing what an earlier report wrote there)."""
     from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard: only when writing
 
@@ -304,13 +309,13 @@ def write_tensorboard(logdir: Path, table: pd.DataFrame, text: str, figure: Any)
 
 
 def scalars(table: pd.DataFrame) -> Dict[str, float]:
-    """The defined numbers of ``table`` as TensorBoard tags: ``compare/<engine> on <source>/<victim>``
+    """The defined numbers of ``table`` as TensorBoard tags: ``compare/<label> on <source>/<victim>``
     (mean fooling rate), ``.../<victim>_sd``, ``.../attack_seconds``, ``.../norm_l2``,
     ``.../norm_linf``; the random baseline's row as ``compare/random <noise>/<victim>``."""
     values = {}
     for _, row in table.iterrows():
         name = (
-            f"{row['engine']} {row['source']}" if row["engine"] == RANDOM_ROW else f"{row['engine']} on {row['source']}"
+            f"{row['label']} {row['source']}" if row["engine"] == RANDOM_ROW else f"{row['label']} on {row['source']}"
         )
         prefix = f"compare/{_tag(name)}"
         for victim in victim_names(table):

@@ -36,7 +36,7 @@ from uap_lightning import metrics
 from uap_lightning.atomic import atomic_write
 from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class, ensemble_engines
 from uap_lightning.baselines import DRAWS, mean_fooling_rate
-from uap_lightning.config import CONF_DIR, model_preset
+from uap_lightning.config import CONF_DIR, engine_label, model_preset
 from uap_lightning.errors import ConfigError
 from uap_lightning.perturbation_io import write_perturbation_npy
 from uap_lightning.progress import Phase
@@ -318,6 +318,7 @@ def run(setup: Setup) -> Dict[str, Any]:
         "task": TASK_NAME,
         "cell": cell.name,
         "engine": cell.engine,
+        "engine_label": engine_label(cfg.attack),
         "source": cell.label,
         "model": cell.label,
         "fingerprint": fingerprint,
@@ -332,7 +333,7 @@ def run(setup: Setup) -> Dict[str, Any]:
     }
     table = pd.DataFrame(scores).T[["fooling_rate", "white_box", "random_fooling_rate", "clean_accuracy", "input_size"]]
     title = (
-        f"{cell.engine} {threat.symbol} ε={threat.eps:g} on {cell.label}, attack seed {cell.seed} "
+        f"{results['engine_label']} {threat.symbol} ε={threat.eps:g} on {cell.label}, attack seed {cell.seed} "
         f"({seconds:.1f} s, ‖v‖₂ {results['norm_l2']:.1f}): fooling rate on each victim"
     )
     return setup.finish(results, title, table.astype(object), scalars=_scalars(scores))

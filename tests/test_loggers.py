@@ -310,6 +310,9 @@ def test_run_names_tell_apart_what_changes_the_computation(make_cfg):
             ("attack=deepfool_uap", "attack.inner=fgsm"),
             ("attack=sgd_uap", "attack.loss=logit_margin"),
             ("attack=sgd_uap", "attack.ensemble=[cnn,lenet]"),
+            ("attack=trm_uap",),  # its default prior, gauss, is not named
+            ("attack=trm_uap", "attack.prior=jigsaw"),
+            ("attack=gd_uap", "attack.prior=data"),
         ]
     }
     assert list(names.values()) == [
@@ -317,6 +320,9 @@ def test_run_names_tell_apart_what_changes_the_computation(make_cfg):
         "tensorboard/deepfool_uap-inner_fgsm-linf-eps64-cnn-digits",
         "tensorboard/sgd_uap-loss_logit_margin-linf-eps64-cnn-digits",
         "tensorboard/sgd_uap-linf-eps64-cnn+lenet-digits",
+        "tensorboard/trm_uap-linf-eps64-cnn-digits",
+        "tensorboard/trm_uap-prior_jigsaw-linf-eps64-cnn-digits",
+        "tensorboard/gd_uap-prior_data-linf-eps64-cnn-digits",
     ]
 
 

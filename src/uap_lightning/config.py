@@ -323,16 +323,19 @@ def run_name(*, _root_: DictConfig) -> str:
 
 
 # The options that change what an engine computes, named in run names and summaries when not their default
-LABELLED_OPTIONS = {"inner": "deepfool", "loss": "ce", "prior": "none"}
+LABELLED_OPTIONS = ("inner", "loss", "prior")
 
 
 def engine_label(attack: Any) -> str:
-    """The engine with the options that change what it computes, when not their defaults (``attack`` a
-    config node or mapping): ``deepfool_uap``, ``deepfool_uap-inner_fgsm``, ``sgd_uap-loss_logit_margin``."""
-    parts = [str(attack.get("method"))]
-    for key, default in LABELLED_OPTIONS.items():
+    """The engine with the options that change what it computes, when not the engine's defaults
+    (``attack`` a config node or mapping): ``deepfool_uap``, ``deepfool_uap-inner_fgsm``,
+    ``sgd_uap-loss_logit_margin``, ``trm_uap-prior_jigsaw``."""
+    method = str(attack.get("method"))
+    defaults = {f.name: f.default for f in dataclasses.fields(ENGINES[method].Options)} if method in ENGINES else {}
+    parts = [method]
+    for key in LABELLED_OPTIONS:
         value = attack.get(key)
-        if value is not None and value != default:
+        if value is not None and value != defaults.get(key):
             parts.append(f"{key}_{value}")
     return "-".join(parts)
 

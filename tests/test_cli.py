@@ -70,6 +70,16 @@ def test_settings_hydra_cannot_compose_get_our_message(tmp_path, monkeypatch, ca
     assert "Traceback" not in output and not (tmp_path / "run").exists()
 
 
+def test_an_option_of_other_engines_says_which_and_how_to_set_it(tmp_path, monkeypatch, capfd):
+    """attack.prior belongs to gd_uap and trm_uap: the default engine, deepfool_uap, has none."""
+    done = cli_in_process(monkeypatch, capfd, tmp_path, "attack.prior=jigsaw")
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-2000:]
+    assert "prior is an option of gd_uap, trm_uap, not of attack=deepfool_uap" in output
+    assert "attack=gd_uap attack.prior=jigsaw" in output and "write ++attack.prior=jigsaw" in output
+    assert "Traceback" not in output and not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_full_error_still_shows_the_traceback(tmp_path):
     done = cli(tmp_path, "attack.delta=1.5", env_extra={"HYDRA_FULL_ERROR": "1"})

@@ -12,6 +12,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from uap_lightning.attacks import ENGINES
 from uap_lightning.units import to_pixel_units
 
 
@@ -22,6 +23,17 @@ def unknown_key_message(prefix: str, key: str, known: Sequence[str], rest: str =
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {prefix}{close[0]}{rest}?" if close else ""
     return f"unknown setting {prefix}{key}{rest}{hint} ({prefix.rstrip('.') or 'the config'} takes: {', '.join(known)})"
+
+
+def other_engines_option_message(key: str, rest: str, owners: Sequence[str], method: str) -> str:
+    """What to say of ``attack.<key><rest>`` typed for ``attack=<method>`` when ``key`` is an option of
+    the engines ``owners`` only: choose one of them first, or, where the engine is chosen per job
+    (``task=compare``), set the key with ``++``."""
+    return (
+        f"unknown setting attack.{key}{rest}: {key} is an option of {', '.join(owners)}, not of attack={method}; "
+        f"choose the engine first (attack={owners[0]} attack.{key}{rest}), or with task=compare, where each cell "
+        f"chooses its engine, write ++attack.{key}{rest}"
+    )
 
 
 _FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")  # "8/255"
@@ -63,6 +75,9 @@ def composition_error_message(err: BaseException, overrides: Sequence[str]) -> s
         top = [str(k) for k in root.keys()]
         if prefix and key in top:  # a section put under another one: model.trainer.max_epochs
             return f"unknown setting {full_key}{rest}; {key} is a section of its own: {key}{rest}"
+        owners = [name for name, engine in ENGINES.items() if key in engine.option_names()]
+        if prefix == "attack." and owners:
+            return other_engines_option_message(key, rest, owners, str(root.get("attack", {}).get("method")))
         return unknown_key_message(prefix, key, [str(k) for k in cause.parent_node.keys()], rest)
     if isinstance(cause, ValidationError) and isinstance(cause.value, str) and full_key.endswith("eps"):
         return eps_text_message(full_key, cause.value)

@@ -106,6 +106,8 @@ def test_keys_added_with_plus_and_engine_mismatch_are_refused(make_cfg):
         validate(make_cfg("+data.foo=1"))
     with pytest.raises(ConfigError, match="attack=sgd_uap"):
         validate(make_cfg("attack.method=sgd_uap"))
+    with pytest.raises(ConfigError, match="prior is an option of gd_uap, trm_uap, not of attack=sgd_uap"):
+        validate(make_cfg("attack=sgd_uap", "++attack.prior=jigsaw"))
     with pytest.raises(ConfigCompositionException):
         make_cfg("attack.beta=5")
     validate(make_cfg("attack=sgd_uap", "attack.beta=5"))

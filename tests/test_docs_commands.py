@@ -95,6 +95,9 @@ def _command(words: List[str]) -> Tuple[str, List[str]] | None:
                 overrides = [
                     f"{key}={split_top_level(value)[0]}" for key, value in (o.split("=", 1) for o in overrides)
                 ]
+            engines = [o.split("=", 1)[1].strip("[]") for o in overrides if o.startswith("task.engines=")]
+            if "task=compare" in overrides and engines:  # a compare is checked at its first cell's engine
+                overrides.append(f"attack={split_top_level(engines[0])[0]}")
             return config, overrides
     return None
 
@@ -123,6 +126,12 @@ def test_a_sweep_is_checked_at_its_first_values():
     assert overrides_of("python -m uap_lightning.run -m attack.eps=32,64 'task.victims=[a,b]'") == (
         "config",
         ["attack.eps=32", "task.victims=[a,b]"],
+    )
+    assert overrides_of(
+        "python -m uap_lightning.run -m task=compare 'task.engines=[trm_uap,gd_uap]' ++attack.prior=jigsaw"
+    ) == (
+        "config",
+        ["task=compare", "task.engines=[trm_uap,gd_uap]", "++attack.prior=jigsaw", "attack=trm_uap"],
     )
     assert overrides_of('UAP_DATA_DIR=/d make imagenet ARGS="attack.max_passes=3"') == (
         "config",

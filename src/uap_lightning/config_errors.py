@@ -25,6 +25,11 @@ def unknown_key_message(prefix: str, key: str, known: Sequence[str], rest: str =
     return f"unknown setting {prefix}{key}{rest}{hint} ({prefix.rstrip('.') or 'the config'} takes: {', '.join(known)})"
 
 
+def engines_taking(key: str) -> list[str]:
+    """The engines that have an option named ``key``, in registry order."""
+    return [name for name, engine in ENGINES.items() if key in engine.option_names()]
+
+
 def other_engines_option_message(key: str, rest: str, owners: Sequence[str], method: str) -> str:
     """What to say of ``attack.<key><rest>`` typed for ``attack=<method>`` when ``key`` is an option of
     the engines ``owners`` only: choose one of them first, or, where the engine is chosen per job
@@ -75,7 +80,7 @@ def composition_error_message(err: BaseException, overrides: Sequence[str]) -> s
         top = [str(k) for k in root.keys()]
         if prefix and key in top:  # a section put under another one: model.trainer.max_epochs
             return f"unknown setting {full_key}{rest}; {key} is a section of its own: {key}{rest}"
-        owners = [name for name, engine in ENGINES.items() if key in engine.option_names()]
+        owners = engines_taking(key)
         if prefix == "attack." and owners:
             return other_engines_option_message(key, rest, owners, str(root.get("attack", {}).get("method")))
         return unknown_key_message(prefix, key, [str(k) for k in cause.parent_node.keys()], rest)

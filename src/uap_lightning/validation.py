@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from uap_lightning.attacks import ENGINES, AttackSettings, ThreatModel, engine_class, ensemble_engines
+from uap_lightning.attacks import AttackSettings, ThreatModel, engine_class, ensemble_engines
 from uap_lightning.attacks.projections import check_resolution
 from uap_lightning.attacks.threat import p_name
 from uap_lightning.config import attack_schemas, model_preset
-from uap_lightning.config_errors import other_engines_option_message, unknown_key_message
+from uap_lightning.config_errors import engines_taking, other_engines_option_message, unknown_key_message
 from uap_lightning.data import dataset_class
 from uap_lightning.data.sample_folder import no_training_split_message
 from uap_lightning.errors import ConfigError
@@ -64,7 +64,7 @@ def _check_known_keys(node: Any, prefix: str) -> None:
         unknown = [key for key in node.keys() if key not in known]
         if unknown:
             name = str(unknown[0])
-            owners = [method for method, engine in ENGINES.items() if name in engine.option_names()]
+            owners = engines_taking(name)
             if prefix == "attack." and owners:
                 raise ConfigError(other_engines_option_message(name, "", owners, str(node.get("method"))))
             raise ConfigError(unknown_key_message(prefix, name, known))
